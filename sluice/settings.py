@@ -1,0 +1,110 @@
+"""The one Settings tree (pydantic-settings, env prefix ``SLUICE_``, nested with ``__``).
+
+Example: ``SLUICE_KAFKA__BOOTSTRAP_SERVERS=broker:9092``, ``SLUICE_CLICKHOUSE__URL=http://ch:8123``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = [
+    "ClickHouseSettings",
+    "EngineSettings",
+    "KafkaSettings",
+    "ProcessorSettings",
+    "SchemaRegistrySettings",
+    "Settings",
+    "default_data_dir",
+]
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "sluice"
+
+
+class KafkaSettings(BaseModel):
+    """Connection settings; ``sluice.kafka_config`` turns these into librdkafka dicts."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    # Short sessions keep group joins quick on the embedded broker; raise them on real clusters.
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 1000
+    # A batch on a slow engine can run for minutes; the poll interval must outlast it.
+    max_poll_interval_ms: int = 900_000
+    linger_ms: int = 5
+    replication_factor: int = 1
+    partitions: int = 3
+    # Passthrough of any librdkafka property, e.g. {"ssl.ca.location": "/etc/ca.pem"}.
+    extra: dict[str, str] = Field(default_factory=dict)
+
+
+class SchemaRegistrySettings(BaseModel):
+    """Confluent Schema Registry; when ``url`` is unset the built-in local id table is used."""
+
+    url: str | None = None
+    basic_auth_user_info: str | None = None
+
+
+class ClickHouseSettings(BaseModel):
+    """``chdb://<dir>`` (embedded) or ``http(s)://host:8123`` (server); same DDL either way."""
+
+    url: str = ""
+    database: str = "sluice"
+    username: str = "default"
+    password: str = ""
+    sink_batch_size: int = 5000
+    sink_flush_ms: int = 500
+    # Where the process that owns an embedded chDB directory serves queries for the others.
+    query_host: str = "127.0.0.1"
+    query_port: int = 0
+
+
+class EngineSettings(BaseModel):
+    """How a GPU consumer runs its model."""
+
+    kind: Literal["vllm", "instant"] = "vllm"
+    dtype: str = "float32"
+    max_model_len: int = 1024
+    enforce_eager: bool = True
+    kv_cache_gib: int = 1
+    gpu_memory_utilization: float = 0.85
+    max_batch_size: int = 32
+    batch_wait_ms: int = 250
+    # Test double only: simulated seconds per batch for the instant engine.
+    instant_batch_seconds: float = 0.0
+
+
+class ProcessorSettings(BaseModel):
+    """Faust stream processor settings."""
+
+    app_id: str = "sluice-router"
+    max_prompt_chars: int = 200_000
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICE_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    topic_prefix: str = "sluice."
+    catalog_path: Path | None = None
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    schema_registry: SchemaRegistrySettings = Field(default_factory=SchemaRegistrySettings)
+    clickhouse: ClickHouseSettings = Field(default_factory=ClickHouseSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    processor: ProcessorSettings = Field(default_factory=ProcessorSettings)
+
+    def clickhouse_url(self) -> str:
+        """The configured URL, or the embedded chDB directory under ``data_dir``."""
+        if self.clickhouse.url:
+            return self.clickhouse.url
+        return f"chdb://{(self.data_dir / 'clickhouse').resolve()}"

@@ -1,0 +1,95 @@
+"""Topic names, derived from one prefix, and explicit topic creation.
+
+Topics are always created explicitly: auto-creation picks broker defaults (and on tansu,
+4 partitions on any metadata request), which would silently change keying and ordering.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from sluice.catalog import Catalog
+from sluice.errors import BrokerError
+from sluice.kafka_config import admin_config
+from sluice.settings import KafkaSettings
+
+__all__ = ["PRIORITIES", "Topics", "ensure_topics"]
+
+logger = logging.getLogger(__name__)
+
+PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str = "sluice."
+
+    def requests(self, priority: str) -> str:
+        return f"{self.prefix}requests.{priority}"
+
+    def all_requests(self) -> list[str]:
+        return [self.requests(p) for p in PRIORITIES]
+
+    def model(self, name: str) -> str:
+        return f"{self.prefix}model.{name}"
+
+    @property
+    def results(self) -> str:
+        return f"{self.prefix}results"
+
+    @property
+    def dead_letter(self) -> str:
+        return f"{self.prefix}dead-letter"
+
+    @property
+    def cost_metrics(self) -> str:
+        return f"{self.prefix}cost-metrics"
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}status"
+
+    def pipeline(self, catalog: Catalog) -> dict[str, dict[str, str]]:
+        """Every topic the pipeline needs, with its topic-level config."""
+        topics: dict[str, dict[str, str]] = {t: {} for t in self.all_requests()}
+        topics.update({self.model(m.name): {} for m in catalog})
+        topics[self.results] = {}
+        topics[self.dead_letter] = {}
+        topics[self.cost_metrics] = {}
+        topics[self.status] = {"cleanup.policy": "compact"}
+        return topics
+
+
+def ensure_topics(
+    kafka: KafkaSettings, topics: dict[str, dict[str, str]], timeout: float = 15.0
+) -> None:
+    """Create missing topics; existing ones are left as they are."""
+    admin = AdminClient(admin_config(kafka))
+    try:
+        existing = set(admin.list_topics(timeout=timeout).topics)
+    except KafkaException as exc:
+        raise BrokerError(f"cannot list topics on {kafka.bootstrap_servers}: {exc}") from exc
+    new = [
+        NewTopic(
+            name,
+            num_partitions=kafka.partitions,
+            replication_factor=kafka.replication_factor,
+            config=config,
+        )
+        for name, config in topics.items()
+        if name not in existing
+    ]
+    if not new:
+        return
+    for name, fut in admin.create_topics(new, operation_timeout=timeout).items():
+        try:
+            fut.result(timeout=timeout)
+            logger.debug("created topic %s", name)
+        except KafkaException as exc:
+            if exc.args and exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            raise BrokerError(f"cannot create topic {name}: {exc}") from exc
