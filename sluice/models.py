@@ -71,6 +71,10 @@ def convert_smollm2(out: Path) -> Path:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
         tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
         try:

@@ -23,9 +23,10 @@ from sluice.broker import EmbeddedBroker
 from sluice.catalog import Catalog, load_catalog
 from sluice.errors import SluiceError
 from sluice.settings import Settings
+from sluice.stackfile import write_stack_file
 from sluice.topics import Topics, ensure_topics
 
-__all__ = ["LocalStack", "child_env", "read_stack_file"]
+__all__ = ["LocalStack", "child_env"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,17 +42,6 @@ def child_env(settings: Settings) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("SLUICE_LOG_LEVEL", os.environ.get("SLUICE_LOG_LEVEL", "INFO"))
     return env
-
-
-def read_stack_file(data_dir: Path) -> dict[str, str] | None:
-    """The running stack's endpoints, if a live stack owns ``data_dir``."""
-    path = data_dir / "stack.json"
-    try:
-        info: dict[str, str] = json.loads(path.read_text())
-        os.kill(int(info["pid"]), 0)
-    except (OSError, ValueError, KeyError):
-        return None
-    return info
 
 
 class _Child:
@@ -169,13 +159,14 @@ class LocalStack:
 
     def _write_stack_file(self) -> None:
         assert self.query_server is not None
-        info = {
-            "pid": str(os.getpid()),
-            "query_url": self.query_server.url,
-            "bootstrap_servers": self.settings.kafka.bootstrap_servers,
-            "topic_prefix": self.settings.topic_prefix,
-        }
-        (self.settings.data_dir / "stack.json").write_text(json.dumps(info))
+        write_stack_file(
+            self.settings.data_dir,
+            {
+                "query_url": self.query_server.url,
+                "bootstrap_servers": self.settings.kafka.bootstrap_servers,
+                "topic_prefix": self.settings.topic_prefix,
+            },
+        )
 
     def check(self) -> None:
         """Raise if a child process died (with the end of its log)."""

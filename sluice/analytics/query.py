@@ -1,0 +1,76 @@
+"""Query the analytics tables from any process.
+
+* ``http(s)://`` ClickHouse: query the server directly.
+* ``chdb://`` while a stack owns the directory: go through its query endpoint.
+* ``chdb://`` with no stack running: open the directory directly.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from sluice.analytics.store import QueryResult, Store
+from sluice.errors import StoreError
+from sluice.settings import Settings
+from sluice.stackfile import read_stack_file
+
+__all__ = ["Query", "open_query", "stats_sql"]
+
+Query = Callable[[str, dict[str, Any] | None], QueryResult]
+
+
+def _http_query(url: str) -> Query:
+    def run(sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
+        body = json.dumps({"sql": sql, "parameters": parameters or {}}).encode()
+        req = urllib.request.Request(
+            f"{url}/query", data=body, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                data = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            raise StoreError(json.loads(exc.read() or b"{}").get("error", str(exc))) from exc
+        except OSError as exc:
+            raise StoreError(f"query endpoint {url} unreachable: {exc}") from exc
+        return QueryResult(data["columns"], data["rows"])
+
+    return run
+
+
+def open_query(settings: Settings) -> Query:
+    url = settings.clickhouse_url()
+    if url.startswith("chdb://"):
+        info = read_stack_file(settings.data_dir)
+        if info is not None:
+            return _http_query(info["query_url"])
+    ch = settings.clickhouse
+    store = Store(url, ch.database, ch.username, ch.password)
+    store.ensure_schema()
+    return store.query
+
+
+def stats_sql(database: str = "sluice", where: str = "1") -> str:
+    """p50/p95 latency, tokens and cost by model and priority, with the saving against running
+    the same tokens on the catalog's most capable model."""
+    return f"""
+        SELECT
+            r.model AS model,
+            r.priority AS priority,
+            count() AS requests,
+            countIf(r.status = 'failed') AS failed,
+            round(quantile(0.5)(r.latency_ms)) AS p50_ms,
+            round(quantile(0.95)(r.latency_ms)) AS p95_ms,
+            sum(c.input_tokens) AS input_tokens,
+            sum(c.output_tokens) AS output_tokens,
+            round(sum(c.cost_usd), 8) AS cost_usd,
+            round(sum(c.baseline_cost_usd) - sum(c.cost_usd), 8) AS saved_usd
+        FROM {database}.results AS r FINAL
+        LEFT JOIN (SELECT * FROM {database}.cost_metrics FINAL) AS c ON c.request_id = r.request_id
+        WHERE {where}
+        GROUP BY model, priority
+        ORDER BY model, indexOf(['high', 'normal', 'low'], priority)
+    """

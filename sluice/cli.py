@@ -1,0 +1,201 @@
+"""The ``sluice`` command line: thin wrappers over the packages (argparse; heavy imports lazy)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+from collections.abc import Callable, Sequence
+
+from rich.console import Console
+
+from sluice.errors import SluiceError
+from sluice.logs import setup_logging
+from sluice.settings import Settings
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+# Piped output (CI logs, `| tee`) would otherwise be cut at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = Settings()
+    if getattr(args, "bootstrap_servers", None):
+        settings.kafka.bootstrap_servers = args.bootstrap_servers
+    return settings
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sluice.demo import run_demo
+
+    return run_demo(_settings(args), console, max_tokens=args.max_tokens)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from sluice.stack import LocalStack
+
+    settings = _settings(args)
+    if args.engine:
+        settings.engine.kind = args.engine
+    host, _, port = settings.kafka.bootstrap_servers.rpartition(":")
+    stack = LocalStack(
+        settings,
+        embedded_broker=not args.external_kafka,
+        broker_port=int(port) if not args.external_kafka else None,
+    )
+    with console.status("starting the local stack…"):
+        stack.start()
+    console.print(
+        f"[green]Sluice is up[/]: Kafka {stack.bootstrap_servers}, ClickHouse {settings.clickhouse_url()}, "
+        f"queries/metrics {stack.query_server.url if stack.query_server else '-'}; logs in {stack.log_dir}. Ctrl-C stops."
+    )
+    try:
+        stack.wait()
+    except KeyboardInterrupt:
+        console.print("stopping…")
+    finally:
+        stack.stop()
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from producers import SluiceClient
+
+    with SluiceClient(_settings(args)) as client:
+        rid = client.submit(
+            args.prompt,
+            priority=args.priority,
+            model=args.model,
+            tenant=args.tenant,
+            max_tokens=args.max_tokens,
+            idempotency_key=args.idempotency_key,
+        )
+    print(rid)
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from schemas import InferenceResult
+    from sluice.follow import follow_results, openai_batch_line
+
+    stop = threading.Event()
+    seen = 0
+
+    def show(r: InferenceResult) -> None:
+        nonlocal seen
+        if args.format == "openai":
+            print(openai_batch_line(r), flush=True)
+        else:
+            text = r.output_text if r.status == "succeeded" else r.error
+            print(f"{r.request_id} {r.priority} {r.model} {r.status} {r.latency_ms}ms: {text}", flush=True)
+        seen += 1
+        if not args.follow and args.limit and seen >= args.limit:
+            stop.set()
+
+    timer = None
+    if not args.follow:
+        timer = threading.Timer(args.timeout, stop.set)
+        timer.start()
+    try:
+        follow_results(_settings(args), show, stop, group_id=args.group)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if timer:
+            timer.cancel()
+    return 0
+
+
+def _print_result(columns: list[str], rows: list[list[object]], fmt: str) -> None:
+    if fmt == "json":
+        for r in rows:
+            print(json.dumps(dict(zip(columns, r, strict=True)), default=str))
+        return
+    from rich.table import Table
+
+    table = Table()
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[str(v) for v in r])
+    console.print(table)
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from sluice.analytics.query import open_query
+
+    res = open_query(_settings(args))(args.query, None)
+    _print_result(res.columns, res.rows, args.format)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from sluice.analytics.query import open_query, stats_sql
+
+    settings = _settings(args)
+    where, params = "1", {}
+    if args.tenant:
+        where, params = "r.tenant = {tenant:String}", {"tenant": args.tenant}
+    res = open_query(settings)(stats_sql(settings.clickhouse.database, where), params)
+    _print_result(res.columns, res.rows, args.format)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sluice", description="Asynchronous LLM inference on Kafka.")
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: SLUICE_LOG_LEVEL or WARNING)")
+    p.add_argument("--bootstrap-servers", default=None, help="override SLUICE_KAFKA__BOOTSTRAP_SERVERS")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("demo", cmd_demo, "run the whole pipeline once on the embedded stack with a real model")
+    sp.add_argument("--max-tokens", type=int, default=48)
+
+    sp = add("up", cmd_up, "run the local stack in the foreground until Ctrl-C")
+    sp.add_argument("--engine", choices=["vllm", "instant"], default=None)
+    sp.add_argument("--external-kafka", action="store_true", help="use SLUICE_KAFKA__BOOTSTRAP_SERVERS, start no broker")
+
+    sp = add("submit", cmd_submit, "publish one request; prints its request id")
+    sp.add_argument("prompt")
+    sp.add_argument("--priority", choices=["high", "normal", "low"], default="normal")
+    sp.add_argument("--model", default=None)
+    sp.add_argument("--tenant", default="default")
+    sp.add_argument("--max-tokens", type=int, default=256)
+    sp.add_argument("--idempotency-key", default=None)
+
+    sp = add("results", cmd_results, "print results from the results topic")
+    sp.add_argument("--follow", "-f", action="store_true", help="keep printing as results arrive")
+    sp.add_argument("--group", default=None, help="consumer group to resume from (default: read all)")
+    sp.add_argument("--format", choices=["text", "openai"], default="text", help="openai: Batch API JSONL")
+    sp.add_argument("--limit", type=int, default=0)
+    sp.add_argument("--timeout", type=float, default=10.0, help="without --follow, stop after this long")
+
+    sp = add("sql", cmd_sql, "run SQL on the analytics tables (database `sluice`)")
+    sp.add_argument("query")
+    sp.add_argument("--format", choices=["table", "json"], default="table")
+
+    sp = add("stats", cmd_stats, "p50/p95 latency and cost by model and priority")
+    sp.add_argument("--tenant", default=None)
+    sp.add_argument("--format", choices=["table", "json"], default="table")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level or "WARNING")
+    try:
+        code = args.fn(args)
+    except SluiceError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,141 @@
+"""``sluice demo``: one real run of the whole pipeline on the embedded stack.
+
+Starts tansu, chDB, the Faust router and a vLLM consumer with SmolLM2-135M-Instruct (CPU), submits
+a handful of prompts at mixed priorities plus one request for a model that does not exist, prints
+each answer as it arrives, then a cost/latency summary computed by SQL in ClickHouse.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from producers import SluiceClient
+from schemas import InferenceResult
+from sluice.analytics.query import stats_sql
+from sluice.catalog import load_catalog
+from sluice.errors import SluiceError
+from sluice.follow import follow_results
+from sluice.models import resolve_model_source
+from sluice.settings import Settings
+from sluice.stack import LocalStack
+
+__all__ = ["DEMO_PROMPTS", "run_demo"]
+
+logger = logging.getLogger(__name__)
+
+DEMO_PROMPTS: list[tuple[str, str]] = [
+    ("high", "What is the capital of France? Answer in one sentence."),
+    ("high", "Name three primary colors."),
+    ("normal", "Write one sentence explaining what Apache Kafka is."),
+    ("normal", "Give a short tip for writing clear commit messages."),
+    ("normal", "What is 12 plus 30?"),
+    ("low", "Suggest a name for a friendly robot."),
+    ("low", "Describe the ocean in one sentence."),
+    ("low", "Why do people batch work together? One sentence."),
+]
+
+
+def run_demo(settings: Settings, console: Console, *, max_tokens: int = 48, timeout: float = 600.0) -> int:
+    catalog = load_catalog(settings.catalog_path)
+    with console.status("Preparing models (converting SmolLM2 from its wheel once, ~1 min)…"):
+        for m in catalog:
+            path = resolve_model_source(m.source, settings.data_dir)
+            console.print(f"[green]✓[/] model [bold]{m.name}[/] at {path}")
+    run = uuid.uuid4().hex[:8]
+    settings = settings.model_copy(deep=True)
+    settings.topic_prefix = f"sluice.demo-{run}."
+    with console.status("Starting tansu, chDB, the Faust router and the vLLM consumer…"):
+        stack = LocalStack(settings, catalog).start()
+    try:
+        return _run(stack, console, run, max_tokens, timeout)
+    finally:
+        with console.status("Stopping everything the demo started…"):
+            stack.stop()
+
+
+def _run(stack: LocalStack, console: Console, run: str, max_tokens: int, timeout: float) -> int:
+    settings = stack.settings
+    console.print(f"[green]✓[/] broker on {stack.bootstrap_servers}, ClickHouse at {settings.clickhouse_url()}")
+    stop = threading.Event()
+    ready = threading.Event()
+    results: dict[str, InferenceResult] = {}
+    lock = threading.Lock()
+
+    def on_result(r: InferenceResult) -> None:
+        with lock:
+            results[r.request_id] = r
+        colour = {"high": "red", "normal": "yellow", "low": "blue"}.get(r.priority, "white")
+        answer = r.output_text.strip().replace("\n", " ") if r.status == "succeeded" else f"[red]{r.error}[/]"
+        console.print(
+            f"[{colour}]{r.priority:>6}[/] [dim]{r.request_id[:8]}[/] {r.latency_ms / 1000:6.2f}s "
+            f"{r.model} in={r.prompt_tokens} out={r.completion_tokens}\n        {answer}"
+        )
+
+    follower = threading.Thread(
+        target=follow_results, args=(settings, on_result, stop), kwargs={"on_ready": ready.set}, daemon=True
+    )
+    follower.start()
+    ready.wait(30)
+    client = SluiceClient(settings)
+    ids = [
+        client.submit(p, priority=prio, tenant="demo", max_tokens=max_tokens, correlation_id=run)  # type: ignore[arg-type]
+        for prio, p in DEMO_PROMPTS
+    ]
+    bad = client.submit("This model does not exist.", model="gpt-nonexistent", tenant="demo")
+    client.flush()
+    console.print(
+        f"Submitted {len(ids)} prompts (high/normal/low) and 1 request for an unknown model; "
+        "waiting for answers (the first batch waits for vLLM to start)…"
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stack.check()
+        with lock:
+            if all(i in results for i in ids):
+                break
+        time.sleep(0.2)
+    stop.set()
+    follower.join(10)
+    missing = [i for i in ids if i not in results]
+    if missing:
+        raise SluiceError(f"{len(missing)} demo request(s) got no result within {timeout:.0f}s")
+
+    assert stack.store is not None
+    store = stack.store
+    id_list = [*ids, bad]
+    until = time.monotonic() + 60
+    while time.monotonic() < until:
+        n = store.query(
+            "SELECT (SELECT count() FROM sluice.results FINAL WHERE request_id IN {ids:Array(String)}),"
+            " (SELECT count() FROM sluice.dead_letters FINAL WHERE request_id = {bad:String})",
+            {"ids": ids, "bad": bad},
+        ).rows[0]
+        if n[0] == len(ids) and n[1] >= 1:
+            break
+        time.sleep(0.3)
+    dl = store.query(
+        "SELECT reason, error FROM sluice.dead_letters FINAL WHERE request_id = {bad:String}", {"bad": bad}
+    ).rows
+    if dl:
+        console.print(f"[magenta]dead letter[/] {bad[:8]}: [bold]{dl[0][0]}[/] — {dl[0][1]}")
+    summary = store.query(
+        stats_sql(settings.clickhouse.database, "r.request_id IN {ids:Array(String)}"), {"ids": id_list}
+    )
+    _print_table(console, "Cost and latency by model and priority (SQL on ClickHouse)", summary.columns, summary.rows)
+    return 0
+
+
+def _print_table(console: Console, title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="left" if c in ("model", "priority") else "right")
+    for r in rows:
+        table.add_row(*[f"{v:.6f}" if isinstance(v, float) else str(v) for v in r])
+    console.print(table)
