@@ -86,6 +86,7 @@ class LocalStack:
         run_processor: bool = True,
         run_consumers: bool = True,
         run_sink: bool = True,
+        store: Store | None = None,
     ) -> None:
         self.settings = settings.model_copy(deep=True)
         self.catalog = catalog or load_catalog(settings.catalog_path)
@@ -97,7 +98,9 @@ class LocalStack:
         self.run_sink = run_sink
         self.log_dir = self.settings.data_dir / "logs"
         self.broker: EmbeddedBroker | None = None
-        self.store: Store | None = None
+        # A caller-owned store is used and left open (one chDB directory per process).
+        self.store: Store | None = store
+        self._owns_store = store is None
         self.sink: ClickHouseSink | None = None
         self.query_server: QueryServer | None = None
         self.children: list[_Child] = []
@@ -124,12 +127,13 @@ class LocalStack:
             self.settings.kafka.bootstrap_servers = self.broker.bootstrap_servers
         ensure_topics(self.settings.kafka, self.topics.pipeline(self.catalog))
         if self.run_sink:
-            self.store = Store(
-                self.settings.clickhouse_url(),
-                self.settings.clickhouse.database,
-                self.settings.clickhouse.username,
-                self.settings.clickhouse.password,
-            )
+            if self.store is None:
+                self.store = Store(
+                    self.settings.clickhouse_url(),
+                    self.settings.clickhouse.database,
+                    self.settings.clickhouse.username,
+                    self.settings.clickhouse.password,
+                )
             self.store.ensure_schema()
             ch = self.settings.clickhouse
             self.query_server = QueryServer(self.store, ch.query_host, ch.query_port).start()
@@ -192,7 +196,7 @@ class LocalStack:
             self.query_server.stop()
             self.query_server = None
             (self.settings.data_dir / "stack.json").unlink(missing_ok=True)
-        if self.store is not None:
+        if self.store is not None and self._owns_store:
             self.store.close()
             self.store = None
         if self.broker is not None:

