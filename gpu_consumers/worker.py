@@ -110,7 +110,10 @@ class GpuWorker:
         while True:
             try:
                 self._producer.produce(
-                    topic, key=key.encode() if key else None, value=value, on_delivery=self._on_delivery
+                    topic,
+                    key=key.encode() if key else None,
+                    value=value,
+                    on_delivery=self._on_delivery,
                 )
                 return
             except BufferError:
@@ -206,8 +209,13 @@ class GpuWorker:
         runnable: list[Buffered] = []
         for it in items:
             if it.request.deadline is not None and it.request.deadline <= started:
-                self._fail(it, started, report, DeadLetterReason.DEADLINE_EXPIRED,
-                           f"deadline {it.request.deadline.isoformat()} passed before the batch ran")
+                self._fail(
+                    it,
+                    started,
+                    report,
+                    DeadLetterReason.DEADLINE_EXPIRED,
+                    f"deadline {it.request.deadline.isoformat()} passed before the batch ran",
+                )
             else:
                 runnable.append(it)
         engine_reqs = [
@@ -327,7 +335,9 @@ class GpuWorker:
             error=f"{reason.value}: {error}",
             prompt_tokens=out.prompt_tokens if out else 0,
         )
-        dl = self._dead_letter(reason, error, (it.topic, it.partition), it.offset, it.value, it.request)
+        dl = self._dead_letter(
+            reason, error, (it.topic, it.partition), it.offset, it.value, it.request
+        )
         self._produce(self.topics.results, it.request.request_id, result)
         self._produce(self.topics.dead_letter, it.request.request_id, dl)
         report.results.append(result)
@@ -368,4 +378,6 @@ class GpuWorker:
             self._commit(consumer)
             consumer.close()
             self._producer.flush(10)
-            logger.info("gpu worker for %s stopped after %d batches", self.entry.name, self.batches_run)
+            logger.info(
+                "gpu worker for %s stopped after %d batches", self.entry.name, self.batches_run
+            )

@@ -75,7 +75,9 @@ class LocalSchemaRegistry:
             if sid is None:
                 sid = 0x40000000 | (zlib.crc32(canonical.encode()) & 0x3FFFFFFF)
                 self._add(sid, schema)
-                logger.info("registered local schema %s for %s as id %d", schema["name"], subject, sid)
+                logger.info(
+                    "registered local schema %s for %s as id %d", schema["name"], subject, sid
+                )
             return sid
 
     def schema_for(self, schema_id: int) -> ParsedSchema:

@@ -41,7 +41,8 @@ def peek_schema_id(data: bytes) -> int:
     magic, schema_id = _HEADER.unpack_from(data)
     if magic != MAGIC_BYTE:
         raise SerializationError(
-            DeadLetterReason.MALFORMED_EVENT, f"magic byte {magic} is not the Confluent magic byte 0"
+            DeadLetterReason.MALFORMED_EVENT,
+            f"magic byte {magic} is not the Confluent magic byte 0",
         )
     return int(schema_id)
 

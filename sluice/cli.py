@@ -91,7 +91,10 @@ def cmd_results(args: argparse.Namespace) -> int:
             print(openai_batch_line(r), flush=True)
         else:
             text = r.output_text if r.status == "succeeded" else r.error
-            print(f"{r.request_id} {r.priority} {r.model} {r.status} {r.latency_ms}ms: {text}", flush=True)
+            print(
+                f"{r.request_id} {r.priority} {r.model} {r.status} {r.latency_ms}ms: {text}",
+                flush=True,
+            )
         seen += 1
         if not args.follow and args.limit and seen >= args.limit:
             stop.set()
@@ -147,21 +150,35 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sluice", description="Asynchronous LLM inference on Kafka.")
-    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: SLUICE_LOG_LEVEL or WARNING)")
-    p.add_argument("--bootstrap-servers", default=None, help="override SLUICE_KAFKA__BOOTSTRAP_SERVERS")
+    p.add_argument(
+        "--log-level",
+        default=None,
+        help="DEBUG, INFO, WARNING (default: SLUICE_LOG_LEVEL or WARNING)",
+    )
+    p.add_argument(
+        "--bootstrap-servers", default=None, help="override SLUICE_KAFKA__BOOTSTRAP_SERVERS"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+    def add(
+        name: str, fn: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.set_defaults(fn=fn)
         return sp
 
-    sp = add("demo", cmd_demo, "run the whole pipeline once on the embedded stack with a real model")
+    sp = add(
+        "demo", cmd_demo, "run the whole pipeline once on the embedded stack with a real model"
+    )
     sp.add_argument("--max-tokens", type=int, default=48)
 
     sp = add("up", cmd_up, "run the local stack in the foreground until Ctrl-C")
     sp.add_argument("--engine", choices=["vllm", "instant"], default=None)
-    sp.add_argument("--external-kafka", action="store_true", help="use SLUICE_KAFKA__BOOTSTRAP_SERVERS, start no broker")
+    sp.add_argument(
+        "--external-kafka",
+        action="store_true",
+        help="use SLUICE_KAFKA__BOOTSTRAP_SERVERS, start no broker",
+    )
 
     sp = add("submit", cmd_submit, "publish one request; prints its request id")
     sp.add_argument("prompt")
@@ -173,10 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("results", cmd_results, "print results from the results topic")
     sp.add_argument("--follow", "-f", action="store_true", help="keep printing as results arrive")
-    sp.add_argument("--group", default=None, help="consumer group to resume from (default: read all)")
-    sp.add_argument("--format", choices=["text", "openai"], default="text", help="openai: Batch API JSONL")
+    sp.add_argument(
+        "--group", default=None, help="consumer group to resume from (default: read all)"
+    )
+    sp.add_argument(
+        "--format", choices=["text", "openai"], default="text", help="openai: Batch API JSONL"
+    )
     sp.add_argument("--limit", type=int, default=0)
-    sp.add_argument("--timeout", type=float, default=10.0, help="without --follow, stop after this long")
+    sp.add_argument(
+        "--timeout", type=float, default=10.0, help="without --follow, stop after this long"
+    )
 
     sp = add("sql", cmd_sql, "run SQL on the analytics tables (database `sluice`)")
     sp.add_argument("query")

@@ -42,7 +42,9 @@ DEMO_PROMPTS: list[tuple[str, str]] = [
 ]
 
 
-def run_demo(settings: Settings, console: Console, *, max_tokens: int = 48, timeout: float = 600.0) -> int:
+def run_demo(
+    settings: Settings, console: Console, *, max_tokens: int = 48, timeout: float = 600.0
+) -> int:
     catalog = load_catalog(settings.catalog_path)
     with console.status("Preparing models (converting SmolLM2 from its wheel once, ~1 min)…"):
         for m in catalog:
@@ -62,7 +64,9 @@ def run_demo(settings: Settings, console: Console, *, max_tokens: int = 48, time
 
 def _run(stack: LocalStack, console: Console, run: str, max_tokens: int, timeout: float) -> int:
     settings = stack.settings
-    console.print(f"[green]✓[/] broker on {stack.bootstrap_servers}, ClickHouse at {settings.clickhouse_url()}")
+    console.print(
+        f"[green]✓[/] broker on {stack.bootstrap_servers}, ClickHouse at {settings.clickhouse_url()}"
+    )
     stop = threading.Event()
     ready = threading.Event()
     results: dict[str, InferenceResult] = {}
@@ -72,14 +76,21 @@ def _run(stack: LocalStack, console: Console, run: str, max_tokens: int, timeout
         with lock:
             results[r.request_id] = r
         colour = {"high": "red", "normal": "yellow", "low": "blue"}.get(r.priority, "white")
-        answer = r.output_text.strip().replace("\n", " ") if r.status == "succeeded" else f"[red]{r.error}[/]"
+        answer = (
+            r.output_text.strip().replace("\n", " ")
+            if r.status == "succeeded"
+            else f"[red]{r.error}[/]"
+        )
         console.print(
             f"[{colour}]{r.priority:>6}[/] [dim]{r.request_id[:8]}[/] {r.latency_ms / 1000:6.2f}s "
             f"{r.model} in={r.prompt_tokens} out={r.completion_tokens}\n        {answer}"
         )
 
     follower = threading.Thread(
-        target=follow_results, args=(settings, on_result, stop), kwargs={"on_ready": ready.set}, daemon=True
+        target=follow_results,
+        args=(settings, on_result, stop),
+        kwargs={"on_ready": ready.set},
+        daemon=True,
     )
     follower.start()
     ready.wait(30)
@@ -121,14 +132,21 @@ def _run(stack: LocalStack, console: Console, run: str, max_tokens: int, timeout
             break
         time.sleep(0.3)
     dl = store.query(
-        "SELECT reason, error FROM sluice.dead_letters FINAL WHERE request_id = {bad:String}", {"bad": bad}
+        "SELECT reason, error FROM sluice.dead_letters FINAL WHERE request_id = {bad:String}",
+        {"bad": bad},
     ).rows
     if dl:
         console.print(f"[magenta]dead letter[/] {bad[:8]}: [bold]{dl[0][0]}[/] — {dl[0][1]}")
     summary = store.query(
-        stats_sql(settings.clickhouse.database, "r.request_id IN {ids:Array(String)}"), {"ids": id_list}
+        stats_sql(settings.clickhouse.database, "r.request_id IN {ids:Array(String)}"),
+        {"ids": id_list},
     )
-    _print_table(console, "Cost and latency by model and priority (SQL on ClickHouse)", summary.columns, summary.rows)
+    _print_table(
+        console,
+        "Cost and latency by model and priority (SQL on ClickHouse)",
+        summary.columns,
+        summary.rows,
+    )
     return 0
 
 

@@ -74,7 +74,9 @@ def follow_results(
     gid = group_id or f"{settings.topic_prefix}follow-{uuid.uuid4().hex[:8]}"
     consumer = Consumer(
         consumer_config(
-            settings.kafka, gid, **{"enable.auto.commit": group_id is not None, "fetch.wait.max.ms": 50}
+            settings.kafka,
+            gid,
+            **{"enable.auto.commit": group_id is not None, "fetch.wait.max.ms": 50},
         )
     )
     consumer.subscribe(

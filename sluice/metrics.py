@@ -16,7 +16,10 @@ REQUESTS = Counter(
     "sluice_requests_total", "Requests finished by a GPU consumer", ["model", "status"]
 )
 BATCH_SIZE = Histogram(
-    "sluice_batch_size", "Requests per engine batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128)
+    "sluice_batch_size",
+    "Requests per engine batch",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 ENGINE_SECONDS = Histogram("sluice_engine_seconds", "Engine time per batch", ["model"])
 SINK_ROWS = Counter("sluice_sink_rows_total", "Rows written to ClickHouse", ["table"])

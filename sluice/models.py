@@ -125,7 +125,9 @@ def build_tiny_model(out: Path, *, vocab_size: int = 4096, seed: int = 0) -> Pat
             special_tokens=specials,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
-        corpus = [p.read_text(errors="ignore") for p in sorted(Path(os.__file__).parent.glob("*.py"))[:60]]
+        corpus = [
+            p.read_text(errors="ignore") for p in sorted(Path(os.__file__).parent.glob("*.py"))[:60]
+        ]
         tok.train_from_iterator(corpus, trainer=trainer)
         fast = PreTrainedTokenizerFast(
             tokenizer_object=tok,

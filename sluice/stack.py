@@ -123,7 +123,9 @@ class LocalStack:
     def _start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         if self.embedded_broker:
-            self.broker = EmbeddedBroker(self.broker_port, log_path=self.log_dir / "tansu.log").start()
+            self.broker = EmbeddedBroker(
+                self.broker_port, log_path=self.log_dir / "tansu.log"
+            ).start()
             self.settings.kafka.bootstrap_servers = self.broker.bootstrap_servers
         ensure_topics(self.settings.kafka, self.topics.pipeline(self.catalog))
         if self.run_sink:
@@ -147,7 +149,12 @@ class LocalStack:
         py = sys.executable
         if self.run_processor:
             self.children.append(
-                _Child("processor", [py, "-m", "stream_processors"], env, self.log_dir / "processor.log")
+                _Child(
+                    "processor",
+                    [py, "-m", "stream_processors"],
+                    env,
+                    self.log_dir / "processor.log",
+                )
             )
         if self.run_consumers:
             for m in self.catalog:

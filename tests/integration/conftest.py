@@ -66,7 +66,9 @@ def clickhouse_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store
         # chDB allows one data directory per process: the whole session shares this one.
         url = f"chdb://{tmp_path_factory.mktemp('chdb')}"
     try:
-        store = Store(url, "sluice", password=os.environ.get("SLUICE_TEST_CLICKHOUSE_PASSWORD", "test"))
+        store = Store(
+            url, "sluice", password=os.environ.get("SLUICE_TEST_CLICKHOUSE_PASSWORD", "test")
+        )
         store.ensure_schema()
     except Exception as exc:
         unavailable("ClickHouse", exc)

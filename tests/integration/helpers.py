@@ -15,7 +15,9 @@ from sluice.kafka_config import producer_config
 from sluice.settings import Settings
 
 
-def produce_raw(settings: Settings, topic: str, values: list[bytes], key: bytes | None = None) -> None:
+def produce_raw(
+    settings: Settings, topic: str, values: list[bytes], key: bytes | None = None
+) -> None:
     p = Producer(producer_config(settings.kafka))
     for v in values:
         p.produce(topic, key=key, value=v)

@@ -6,7 +6,6 @@ The real-engine version of this journey is in test_vllm_engine.py.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -39,7 +38,12 @@ def test_every_request_gets_exactly_one_result_row_and_bad_events_dead_letter(
     client = SluiceClient(settings)
     priorities = ["high", "normal", "low"]
     ids = [
-        client.submit(f"request number {i} about kafka", priority=priorities[i % 3], tenant="e2e", max_tokens=16)
+        client.submit(
+            f"request number {i} about kafka",
+            priority=priorities[i % 3],
+            tenant="e2e",
+            max_tokens=16,
+        )
         for i in range(24)
     ]
     poison = client.submit(f"this one is a {POISON_PILL}", tenant="e2e")
@@ -115,7 +119,12 @@ def test_results_topic_carries_avro_results_and_metrics(stack: LocalStack, serde
     consumer.close()
     result = seen[stack.topics.results]
     assert isinstance(result, InferenceResult)
-    assert (result.request_id, result.tenant, result.priority, result.correlation_id) == (rid, "acme", "high", "corr-1")
+    assert (result.request_id, result.tenant, result.priority, result.correlation_id) == (
+        rid,
+        "acme",
+        "high",
+        "corr-1",
+    )
     assert result.completed_at >= result.started_at >= result.created_at
 
 
@@ -138,17 +147,32 @@ def test_bad_input_kinds_become_typed_dead_letters_while_good_traffic_flows(
         "result on request topic": (
             serde.encode(
                 InferenceResult(
-                    request_id="r", tenant="t", priority="normal", model="m", status="succeeded",
-                    created_at=datetime.now(UTC), started_at=datetime.now(UTC), completed_at=datetime.now(UTC),
+                    request_id="r",
+                    tenant="t",
+                    priority="normal",
+                    model="m",
+                    status="succeeded",
+                    created_at=datetime.now(UTC),
+                    started_at=datetime.now(UTC),
+                    completed_at=datetime.now(UTC),
                 )
             ),
             "schema_mismatch",
         ),
         "truncated body": (frame_request_dict(base)[:-3], "malformed_event"),
         "negative max_tokens": (frame_request_dict({**base, "max_tokens": -5}), "validation_error"),
-        "empty prompt": (frame_request_dict({**base, "messages": [{"role": "user", "content": "  "}]}), "validation_error"),
-        "unknown role": (frame_request_dict({**base, "messages": [{"role": "robot", "content": "x"}]}), "validation_error"),
-        "unknown priority": (frame_request_dict({**base, "priority": "urgent"}), "validation_error"),
+        "empty prompt": (
+            frame_request_dict({**base, "messages": [{"role": "user", "content": "  "}]}),
+            "validation_error",
+        ),
+        "unknown role": (
+            frame_request_dict({**base, "messages": [{"role": "robot", "content": "x"}]}),
+            "validation_error",
+        ),
+        "unknown priority": (
+            frame_request_dict({**base, "priority": "urgent"}),
+            "validation_error",
+        ),
         "expired deadline": (
             frame_request_dict({**base, "deadline": datetime.now(UTC) - timedelta(seconds=5)}),
             "deadline_expired",
@@ -159,7 +183,9 @@ def test_bad_input_kinds_become_typed_dead_letters_while_good_traffic_flows(
         ),
         # Under the 200k-character prompt limit, but beyond every model's context.
         "context overflow": (
-            frame_request_dict({**base, "messages": [{"role": "user", "content": "word " * 30_000}]}),
+            frame_request_dict(
+                {**base, "messages": [{"role": "user", "content": "word " * 30_000}]}
+            ),
             "context_overflow",
         ),
     }
@@ -168,7 +194,9 @@ def test_bad_input_kinds_become_typed_dead_letters_while_good_traffic_flows(
     good = [client.submit(f"good {i}", tenant="bad-input") for i in range(5)]
     client.flush()
 
-    wait_until(lambda: len(result_counts(clickhouse_store, good)) == 5, timeout=90, what="good results")
+    wait_until(
+        lambda: len(result_counts(clickhouse_store, good)) == 5, timeout=90, what="good results"
+    )
     dls = wait_until(
         lambda: dead_letters(clickhouse_store, settings.topic_prefix),
         lambda d: len(d) >= len(cases),
@@ -193,14 +221,29 @@ def test_sql_and_stats_from_another_process_while_the_stack_runs(
         # The stack's process owns the chDB directory; the CLI must go through its query endpoint.
         assert (settings.data_dir / "stack.json").is_file()
     out = subprocess.run(
-        [sys.executable, "-m", "sluice", "sql", "--format", "json",
-         "SELECT count() AS n FROM sluice.results FINAL WHERE tenant = 'stats-tenant'"],
-        env=env, capture_output=True, text=True, timeout=120, check=True,
+        [
+            sys.executable,
+            "-m",
+            "sluice",
+            "sql",
+            "--format",
+            "json",
+            "SELECT count() AS n FROM sluice.results FINAL WHERE tenant = 'stats-tenant'",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     ).stdout
     assert json.loads(out.strip().splitlines()[-1]) == {"n": 3}
     out = subprocess.run(
         [sys.executable, "-m", "sluice", "stats", "--format", "json", "--tenant", "stats-tenant"],
-        env=env, capture_output=True, text=True, timeout=120, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     ).stdout
     rows = [json.loads(line) for line in out.strip().splitlines()]
     assert [(r["model"], r["priority"], r["requests"]) for r in rows] == [("tiny", "low", 3)]

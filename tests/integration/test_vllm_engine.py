@@ -1,0 +1,100 @@
+"""The real engine path: vLLM (CPU here, GPU where available) with a tiny model built locally."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from producers import SluiceClient
+from sluice.analytics.store import Store
+from sluice.catalog import Catalog, ModelEntry
+from sluice.settings import Settings
+from sluice.stack import LocalStack
+from tests.conftest import unavailable, wait_until
+from tests.integration.helpers import dead_letters, result_counts
+
+pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.engine, pytest.mark.slow]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:
+        unavailable("vLLM", exc)
+    from sluice.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture
+def catalog(tiny_model_dir: Path) -> Catalog:
+    return Catalog(
+        models=[
+            ModelEntry(
+                name="tiny",
+                source=str(tiny_model_dir),
+                tier=1,
+                context_length=512,
+                input_price_per_1m=0.1,
+                output_price_per_1m=0.2,
+            )
+        ]
+    )
+
+
+@pytest.fixture
+def vllm_stack(settings: Settings, clickhouse_store: Store) -> Iterator[LocalStack]:
+    settings.engine.kind = "vllm"
+    settings.engine.max_model_len = 512
+    settings.engine.max_batch_size = 16
+    stack = LocalStack(settings, store=clickhouse_store).start()
+    yield stack
+    stack.stop()
+
+
+def test_requests_run_through_real_vllm_end_to_end(
+    vllm_stack: LocalStack, clickhouse_store: Store
+) -> None:
+    settings = vllm_stack.settings
+    client = SluiceClient(settings)
+    ids = [
+        client.submit(
+            f"Tell me about topic {i}.", priority=("high", "normal", "low")[i % 3], max_tokens=12
+        )
+        for i in range(10)
+    ]
+    # Fits the router's estimate but not the real tokenizer's count: a per-request engine error.
+    overflow = client.submit("zq" * 700, max_tokens=100, model="tiny")
+    client.flush()
+
+    def progress() -> dict[str, int]:
+        vllm_stack.check()  # fail fast, with the consumer's log, if the engine died
+        return result_counts(clickhouse_store, [*ids, overflow])
+
+    counts = wait_until(
+        progress, lambda c: len(c) == 11, timeout=300, interval=1, what="vLLM results"
+    )
+    assert counts == {rid: 1 for rid in [*ids, overflow]}
+    rows = clickhouse_store.query(
+        "SELECT request_id, status, prompt_tokens, completion_tokens, finish_reason, output_text, error "
+        "FROM sluice.results FINAL WHERE request_id IN {ids:Array(String)}",
+        {"ids": [*ids, overflow]},
+    ).dicts()
+    by_id = {r["request_id"]: r for r in rows}
+    for rid in ids:
+        r = by_id[rid]
+        assert r["status"] == "succeeded", r
+        # Real tokenization and generation: the tiny model's random weights never emit EOS
+        # reliably, so a request stops at max_tokens or on EOS, never beyond.
+        assert r["prompt_tokens"] > 5 and 0 < r["completion_tokens"] <= 12
+        assert r["finish_reason"] in ("length", "stop") and r["output_text"]
+    assert by_id[overflow]["status"] == "failed" and "context_overflow" in by_id[overflow]["error"]
+    dls = wait_until(
+        lambda: dead_letters(clickhouse_store, settings.topic_prefix),
+        lambda d: len(d) >= 1,
+        timeout=60,
+    )
+    assert [(d["reason"], d["request_id"]) for d in dls] == [("context_overflow", overflow)]

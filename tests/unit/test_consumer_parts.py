@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from gpu_consumers.buffer import Buffered, PriorityBuffer
+from gpu_consumers.engine import EngineRequest, run_isolating
+from gpu_consumers.instant_engine import POISON_PILL, InstantTestEngine
+from gpu_consumers.offsets import OffsetTracker
+from schemas import ChatMessage, InferenceRequest, utcnow
+
+
+def item(priority: str, n: int, age_s: float = 0) -> Buffered:
+    r = InferenceRequest(
+        request_id=f"{priority}{n}",
+        priority=priority,  # type: ignore[arg-type]
+        messages=[ChatMessage(role="user", content="x")],
+        created_at=utcnow() - timedelta(seconds=age_s),
+    )
+    return Buffered(f"m.{priority}", 0, n, b"", r, arrived=float(n))
+
+
+def test_batches_take_high_then_normal_then_low() -> None:
+    buf = PriorityBuffer(capacity_per_priority=10, aging_s=0)
+    for i in range(3):
+        buf.add(item("low", i))
+        buf.add(item("normal", 10 + i))
+        buf.add(item("high", 20 + i))
+    ids = [b.request.request_id for b in buf.take(5, utcnow())]
+    assert ids == ["high20", "high21", "high22", "normal10", "normal11"]
+    assert [b.request.request_id for b in buf.take(5, utcnow())] == [
+        "normal12",
+        "low0",
+        "low1",
+        "low2",
+    ]
+
+
+def test_aging_promotes_starved_low_priority() -> None:
+    buf = PriorityBuffer(capacity_per_priority=10, aging_s=10)
+    buf.add(item("low", 0, age_s=25))  # two tiers up: ranks with high, earlier arrival
+    buf.add(item("high", 5))
+    buf.add(item("normal", 6, age_s=5))
+    assert [b.request.request_id for b in buf.take(3, utcnow())] == ["low0", "high5", "normal6"]
+
+
+def test_buffer_capacity_and_hysteresis() -> None:
+    buf = PriorityBuffer(capacity_per_priority=4, aging_s=0)
+    for i in range(4):
+        buf.add(item("low", i))
+    assert buf.full(2) and not buf.has_room(2) and not buf.full(0)
+    buf.take(3, utcnow())
+    assert buf.has_room(2)
+
+
+def test_offsets_commit_only_below_the_lowest_pending() -> None:
+    t = OffsetTracker()
+    for off in (5, 6, 7):
+        t.fetched(("a", 0), off)
+    t.done(("a", 0), 6)
+    t.done(("a", 0), 7)
+    assert t.committable() == {("a", 0): 5}
+    t.mark_committed({("a", 0): 5})
+    assert t.committable() == {}
+    t.done(("a", 0), 5)
+    assert t.committable() == {("a", 0): 8}
+
+
+def _reqs(*contents: str) -> list[EngineRequest]:
+    return [
+        EngineRequest(request_id=str(i), messages=[{"role": "user", "content": c}], max_tokens=4)
+        for i, c in enumerate(contents)
+    ]
+
+
+def test_poison_pill_is_isolated_by_bisection() -> None:
+    engine = InstantTestEngine("m")
+    outs = run_isolating(engine, _reqs("a", "b", POISON_PILL, "d", "e", "f", "g", "h"))
+    assert [o.error_kind for o in outs] == [
+        None,
+        None,
+        "engine_error",
+        None,
+        None,
+        None,
+        None,
+        None,
+    ]
+    assert all(o.text for i, o in enumerate(outs) if i != 2)
+    # log2(8) levels: the poisoned request is found with few extra engine calls.
+    assert len(engine.batches) <= 6
+
+
+def test_instant_engine_reports_context_overflow_per_request() -> None:
+    outs = InstantTestEngine("m", max_model_len=20).generate(_reqs("short", "w " * 50))
+    assert outs[0].error is None and outs[1].error_kind == "context_overflow"
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_run_isolating_small_batches(n: int) -> None:
+    assert len(run_isolating(InstantTestEngine("m"), _reqs(*["x"] * n))) == n

@@ -1,0 +1,202 @@
+from __future__ import annotations
+
+import io
+import json
+import struct
+from datetime import UTC, datetime
+from importlib import resources
+
+import pytest
+from fastavro import parse_schema, schemaless_reader
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schemas import (
+    ChatMessage,
+    CostMetric,
+    DeadLetter,
+    InferenceRequest,
+    InferenceResult,
+    LocalSchemaRegistry,
+    RequestStatus,
+    Serde,
+)
+from schemas.registry import load_schema
+from schemas.serde import AvroDeserializer, AvroSerializer
+from sluice.errors import DeadLetterReason, SerializationError
+
+T0 = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+
+
+def _request(**kw: object) -> InferenceRequest:
+    fields: dict[str, object] = {
+        "request_id": "req-1",
+        "tenant": "acme",
+        "priority": "high",
+        "messages": [ChatMessage(role="user", content="hi")],
+        "created_at": T0,
+    }
+    fields.update(kw)
+    return InferenceRequest.model_validate(fields)
+
+
+def test_round_trip_every_record_type() -> None:
+    serde = Serde()
+    records = [
+        _request(deadline=T0, metadata={"k": "v"}, seed=7),
+        InferenceResult(
+            request_id="r",
+            tenant="t",
+            priority="low",
+            model="m",
+            status="succeeded",
+            output_text="ok",
+            created_at=T0,
+            started_at=T0,
+            completed_at=T0,
+        ),
+        DeadLetter(
+            reason=DeadLetterReason.UNKNOWN_MODEL,
+            error="e",
+            source_topic="s",
+            source_partition=1,
+            source_offset=2,
+            original=b"\x00\x01",
+            stage="processor",
+            created_at=T0,
+        ),
+        CostMetric(
+            request_id="r",
+            tenant="t",
+            priority="low",
+            model="m",
+            input_tokens=1,
+            output_tokens=2,
+            queue_wait_ms=3,
+            engine_ms=4.5,
+            latency_ms=6,
+            cost_usd=0.1,
+            baseline_cost_usd=0.2,
+            created_at=T0,
+        ),
+        RequestStatus(request_id="r", state="routed", at=T0, model="m"),
+    ]
+    for rec in records:
+        assert serde.decode(type(rec), serde.encode(rec)) == rec
+
+
+def test_golden_bytes_confluent_wire_format() -> None:
+    data = Serde().encode(_request())
+    # magic byte 0, schema id 1 (big-endian, from avro/registry.json), then the Avro body.
+    assert data[:5] == b"\x00\x00\x00\x00\x01"
+    assert data.hex() == (
+        "0000000001"
+        "0a7265712d31"  # request_id "req-1" (zigzag length 5 -> 0x0a)
+        "0861636d65"  # tenant "acme"
+        "0868696768"  # priority "high"
+        "02"  # messages: block of 1
+        "0875736572"
+        "046869"  # role "user", content "hi"
+        "00"  # end of array
+        "00"  # model: null branch
+        "8004"  # max_tokens 256
+        "0000000000000000"  # temperature 0.0
+        "000000000000f03f"  # top_p 1.0
+        "00"  # seed null
+        "dcbccccaef66"  # created_at 1767323045678 ms, zigzag varint
+        "00"
+        "00"
+        "00"  # deadline, correlation_id, idempotency_key: null
+        "01"  # cache true
+        "00"  # replay_of null
+        "00"  # attempt 0
+        "00"  # metadata: empty map
+        "00"  # route null
+    )
+
+
+def test_local_ids_are_stable_and_match_the_manifest() -> None:
+    manifest = json.loads(resources.files("schemas").joinpath("avro/registry.json").read_text())
+    reg = LocalSchemaRegistry()
+    for sid, filename in manifest["schemas"].items():
+        assert reg.id_for(load_schema(filename), "s") == int(sid)
+
+
+def test_new_optional_field_keeps_old_readers_working() -> None:
+    registry = LocalSchemaRegistry()
+    v2 = json.loads(
+        resources.files("schemas").joinpath("avro/inference_request.v1.avsc").read_text()
+    )
+    v2["fields"].append(
+        {"name": "labels", "type": {"type": "array", "items": "string"}, "default": []}
+    )
+
+    class RequestV2(InferenceRequest):
+        labels: list[str] = []
+
+    writer = AvroSerializer.__new__(AvroSerializer)
+
+    writer._schema = dict(parse_schema(v2))
+    writer._schema_id = registry.id_for(writer._schema, "io.sluice.v1.InferenceRequest")
+    writer._header = struct.pack(">bI", 0, writer._schema_id)
+    assert writer.schema_id not in (1, 2, 3, 4, 5)
+    data = writer(RequestV2.model_validate({**_request().model_dump(), "labels": ["a", "b"]}))
+    old = AvroDeserializer(registry, InferenceRequest)(data)
+    assert old == _request()
+    # And a new reader reads old data, filling the default.
+    buf = io.BytesIO(Serde(registry).encode(_request())[5:])
+    assert (
+        schemaless_reader(buf, load_schema("inference_request.v1.avsc"), writer._schema)["labels"]
+        == []
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", DeadLetterReason.MALFORMED_EVENT),
+        (b"\x00\x00", DeadLetterReason.MALFORMED_EVENT),
+        (b"\x05\x00\x00\x00\x01xx", DeadLetterReason.MALFORMED_EVENT),
+        (b"\x00\x00\x00\x03\x09xx", DeadLetterReason.SCHEMA_MISMATCH),
+        (b"\x00\x00\x00\x00\x02", DeadLetterReason.SCHEMA_MISMATCH),
+        (b"\x00\x00\x00\x00\x01\xff", DeadLetterReason.MALFORMED_EVENT),
+    ],
+)
+def test_bad_bytes_raise_typed_errors(data: bytes, reason: DeadLetterReason) -> None:
+    with pytest.raises(SerializationError) as err:
+        Serde().decode(InferenceRequest, data)
+    assert err.value.reason is reason
+
+
+def test_trailing_bytes_are_rejected() -> None:
+    with pytest.raises(SerializationError) as err:
+        Serde().decode(InferenceRequest, Serde().encode(_request()) + b"junk")
+    assert err.value.reason is DeadLetterReason.MALFORMED_EVENT
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_fuzz_random_bytes_only_raise_serialization_errors(data: bytes) -> None:
+    try:
+        Serde().decode(InferenceRequest, data)
+    except SerializationError as exc:
+        assert exc.reason in DeadLetterReason
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=1, max_size=120))
+def test_fuzz_valid_header_random_body(body: bytes) -> None:
+    try:
+        Serde().decode(InferenceRequest, b"\x00\x00\x00\x00\x01" + body)
+    except SerializationError as exc:
+        assert exc.reason in (DeadLetterReason.MALFORMED_EVENT, DeadLetterReason.VALIDATION_ERROR)
+
+
+@pytest.mark.parametrize(
+    "model", [InferenceRequest, InferenceResult, DeadLetter, CostMetric, RequestStatus]
+)
+def test_pydantic_models_mirror_the_avro_schemas(model: type) -> None:
+    schema = json.loads(
+        resources.files("schemas").joinpath(f"avro/{model.schema_file}").read_text()
+    )
+    assert [f["name"] for f in schema["fields"]] == list(model.model_fields)
