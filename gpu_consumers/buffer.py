@@ -37,9 +37,7 @@ class PriorityBuffer:
     def __init__(self, capacity_per_priority: int, aging_s: float) -> None:
         self.capacity = capacity_per_priority
         self.aging_s = aging_s
-        self._queues: dict[int, deque[Buffered]] = {
-            r: deque() for r in sorted(set(PRIORITY_RANK.values()))
-        }
+        self._queues: dict[int, deque[Buffered]] = {r: deque() for r in sorted(set(PRIORITY_RANK.values()))}
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._queues.values())
@@ -67,11 +65,7 @@ class PriorityBuffer:
     def take(self, n: int, now: datetime) -> list[Buffered]:
         out: list[Buffered] = []
         while len(out) < n:
-            heads = [
-                (self.effective_rank(q[0], now), q[0].arrived, r)
-                for r, q in self._queues.items()
-                if q
-            ]
+            heads = [(self.effective_rank(q[0], now), q[0].arrived, r) for r, q in self._queues.items() if q]
             if not heads:
                 break
             _, _, rank = min(heads)

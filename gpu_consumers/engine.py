@@ -62,11 +62,7 @@ def run_isolating(engine: Engine, batch: Sequence[EngineRequest]) -> list[Engine
     except Exception as exc:
         if len(batch) == 1:
             logger.error("engine failed request %s: %r", batch[0].request_id, exc)
-            return [
-                EngineOutput(
-                    request_id=batch[0].request_id, error=repr(exc), error_kind="engine_error"
-                )
-            ]
+            return [EngineOutput(request_id=batch[0].request_id, error=repr(exc), error_kind="engine_error")]
         logger.warning("engine failed a batch of %d (%r); bisecting", len(batch), exc)
         mid = len(batch) // 2
         return run_isolating(engine, batch[:mid]) + run_isolating(engine, batch[mid:])

@@ -71,9 +71,7 @@ class VLLMEngine:
     def _prompt_ids(self, request: EngineRequest) -> list[int]:
         # Render to text, then encode: the return type of tokenize=True differs across
         # transformers versions (list of ids vs. BatchEncoding).
-        text = self._tokenizer.apply_chat_template(
-            request.messages, tokenize=False, add_generation_prompt=True
-        )
+        text = self._tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
         return list(self._tokenizer.encode(str(text), add_special_tokens=False))
 
     def generate(self, batch: Sequence[EngineRequest]) -> list[EngineOutput]:

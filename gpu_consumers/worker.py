@@ -28,7 +28,7 @@ from sluice.errors import BrokerError, DeadLetterReason, PipelineRejection
 from sluice.kafka_config import consumer_config, producer_config
 from sluice.metrics import BATCH_SIZE, ENGINE_SECONDS, REQUESTS
 from sluice.settings import Settings
-from sluice.topics import PRIORITIES, Topics
+from sluice.topics import PRIORITIES, Topics, message_coords
 from stream_processors.pipeline import dead_letter_id
 
 __all__ = ["BatchReport", "GpuWorker"]
@@ -155,8 +155,8 @@ class GpuWorker:
 
     # -- Admission --------------------------------------------------------------------------
     def _admit(self, msg: Message) -> None:
-        tp = (msg.topic(), msg.partition())
-        offset = msg.offset()
+        topic, partition, offset = message_coords(msg)
+        tp = (topic, partition)
         self.tracker.fetched(tp, offset)
         value = msg.value() or b""
         try:
@@ -241,7 +241,7 @@ class GpuWorker:
                 continue
             share = (out.prompt_tokens + out.completion_tokens) / total_tokens
             self._succeed(it, out, started, report, batch_id, share, len(runnable))
-        for tp, offset, dl, key in self._rejects:
+        for _tp, _offset, dl, key in self._rejects:
             self._produce(self.topics.dead_letter, key, dl)
             assert isinstance(dl, DeadLetter)
             report.dead_letters.append(dl)
@@ -335,9 +335,7 @@ class GpuWorker:
             error=f"{reason.value}: {error}",
             prompt_tokens=out.prompt_tokens if out else 0,
         )
-        dl = self._dead_letter(
-            reason, error, (it.topic, it.partition), it.offset, it.value, it.request
-        )
+        dl = self._dead_letter(reason, error, (it.topic, it.partition), it.offset, it.value, it.request)
         self._produce(self.topics.results, it.request.request_id, result)
         self._produce(self.topics.dead_letter, it.request.request_id, dl)
         report.results.append(result)
@@ -345,9 +343,7 @@ class GpuWorker:
 
     # -- Loop ---------------------------------------------------------------------------------
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
-        consumer = Consumer(
-            consumer_config(self.settings.kafka, self.group_id, **{"fetch.wait.max.ms": 50})
-        )
+        consumer = Consumer(consumer_config(self.settings.kafka, self.group_id, **{"fetch.wait.max.ms": 50}))
         self._consumer = consumer
         consumer.subscribe(
             self.topics.model_topics(self.entry.name),
@@ -378,6 +374,4 @@ class GpuWorker:
             self._commit(consumer)
             consumer.close()
             self._producer.flush(10)
-            logger.info(
-                "gpu worker for %s stopped after %d batches", self.entry.name, self.batches_run
-            )
+            logger.info("gpu worker for %s stopped after %d batches", self.entry.name, self.batches_run)

@@ -46,7 +46,7 @@ class SluiceClient:
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
-            key = msg.key().decode() if msg.key() else "?"
+            key = (msg.key() or b"?").decode(errors="replace")
             logger.error("request %s not delivered to %s: %s", key, msg.topic(), err)
             with self._lock:
                 self._failed.append((key, str(err)))
@@ -104,7 +104,7 @@ class SluiceClient:
     def submit_request(self, request: InferenceRequest) -> str:
         if request.priority not in PRIORITIES:  # pragma: no cover - guarded by the model
             raise ConfigError(f"unknown priority {request.priority!r}")
-        headers = [("tenant", request.tenant.encode())]
+        headers: list[tuple[str, str | bytes | None]] = [("tenant", request.tenant.encode())]
         if request.correlation_id:
             headers.append(("correlation_id", request.correlation_id.encode()))
         value = self._serde.encode(request)

@@ -75,18 +75,14 @@ class LocalSchemaRegistry:
             if sid is None:
                 sid = 0x40000000 | (zlib.crc32(canonical.encode()) & 0x3FFFFFFF)
                 self._add(sid, schema)
-                logger.info(
-                    "registered local schema %s for %s as id %d", schema["name"], subject, sid
-                )
+                logger.info("registered local schema %s for %s as id %d", schema["name"], subject, sid)
             return sid
 
     def schema_for(self, schema_id: int) -> ParsedSchema:
         try:
             return self._by_id[schema_id]
         except KeyError:
-            raise SerializationError(
-                DeadLetterReason.SCHEMA_MISMATCH, f"unknown schema id {schema_id}"
-            ) from None
+            raise SerializationError(DeadLetterReason.SCHEMA_MISMATCH, f"unknown schema id {schema_id}") from None
 
 
 class ConfluentSchemaRegistry:
@@ -118,8 +114,6 @@ class ConfluentSchemaRegistry:
             try:
                 registered = self._client.get_schema(schema_id)
             except Exception as exc:
-                raise SerializationError(
-                    DeadLetterReason.SCHEMA_MISMATCH, f"schema id {schema_id}: {exc}"
-                ) from exc
-            self._schemas[schema_id] = dict(parse_schema(json.loads(registered.schema_str)))
+                raise SerializationError(DeadLetterReason.SCHEMA_MISMATCH, f"schema id {schema_id}: {exc}") from exc
+            self._schemas[schema_id] = dict(parse_schema(json.loads(registered.schema_str or "{}")))
         return self._schemas[schema_id]

@@ -89,9 +89,7 @@ class AvroDeserializer(Deserializer, Generic[R]):  # type: ignore[misc]
         try:
             record = schemaless_reader(buf, writer, self._reader)
         except Exception as exc:  # fastavro raises many types on corrupt input
-            raise SerializationError(
-                DeadLetterReason.MALFORMED_EVENT, f"undecodable Avro body: {exc!r}"
-            ) from exc
+            raise SerializationError(DeadLetterReason.MALFORMED_EVENT, f"undecodable Avro body: {exc!r}") from exc
         if buf.tell() != len(data):
             raise SerializationError(
                 DeadLetterReason.MALFORMED_EVENT,
@@ -108,15 +106,11 @@ class AvroDeserializer(Deserializer, Generic[R]):  # type: ignore[misc]
         try:
             return self._type.model_validate(record)
         except ValidationError as exc:
-            raise SerializationError(
-                DeadLetterReason.VALIDATION_ERROR, _short_validation_error(exc)
-            ) from exc
+            raise SerializationError(DeadLetterReason.VALIDATION_ERROR, _short_validation_error(exc)) from exc
 
 
 def _short_validation_error(exc: ValidationError) -> str:
-    parts = [
-        f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
-    ]
+    parts = [f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()]
     return "; ".join(parts[:5])
 
 

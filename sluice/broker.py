@@ -85,9 +85,7 @@ class EmbeddedBroker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise BrokerError(
-                    f"tansu exited with {self._proc.returncode} (see {self.log_path})"
-                )
+                raise BrokerError(f"tansu exited with {self._proc.returncode} (see {self.log_path})")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     logger.info("tansu broker listening on %s", self.bootstrap_servers)

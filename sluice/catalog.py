@@ -26,9 +26,7 @@ class ModelEntry(BaseModel):
     max_backlog: int | None = Field(default=None, gt=0)
 
     def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
-        return (
-            input_tokens * self.input_price_per_1m + output_tokens * self.output_price_per_1m
-        ) / 1_000_000
+        return (input_tokens * self.input_price_per_1m + output_tokens * self.output_price_per_1m) / 1_000_000
 
 
 class Catalog(BaseModel):
@@ -49,9 +47,7 @@ class Catalog(BaseModel):
 
     def by_cost(self) -> list[ModelEntry]:
         """Cheapest first (output price dominates generation cost, input breaks ties)."""
-        return sorted(
-            self.models, key=lambda m: (m.output_price_per_1m, m.input_price_per_1m, m.name)
-        )
+        return sorted(self.models, key=lambda m: (m.output_price_per_1m, m.input_price_per_1m, m.name))
 
     def most_capable(self) -> ModelEntry:
         return max(self.models, key=lambda m: (m.tier, m.context_length, m.output_price_per_1m))

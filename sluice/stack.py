@@ -50,9 +50,7 @@ class _Child:
         self.log_path = log
         log.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = log.open("ab")
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -123,9 +121,7 @@ class LocalStack:
     def _start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         if self.embedded_broker:
-            self.broker = EmbeddedBroker(
-                self.broker_port, log_path=self.log_dir / "tansu.log"
-            ).start()
+            self.broker = EmbeddedBroker(self.broker_port, log_path=self.log_dir / "tansu.log").start()
             self.settings.kafka.bootstrap_servers = self.broker.bootstrap_servers
         ensure_topics(self.settings.kafka, self.topics.pipeline(self.catalog))
         if self.run_sink:

@@ -9,15 +9,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import KafkaError, KafkaException, Message
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from sluice.catalog import Catalog
 from sluice.errors import BrokerError
 from sluice.kafka_config import admin_config
 from sluice.settings import KafkaSettings
 
-__all__ = ["PRIORITIES", "Topics", "ensure_topics"]
+__all__ = ["PRIORITIES", "Topics", "ensure_topics", "message_coords"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +70,14 @@ class Topics:
         return topics
 
 
-def ensure_topics(
-    kafka: KafkaSettings, topics: dict[str, dict[str, str]], timeout: float = 15.0
-) -> None:
+def message_coords(msg: Message) -> tuple[str, int, int]:
+    """(topic, partition, offset) of a consumed message (always set for fetched messages)."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    assert topic is not None and partition is not None and offset is not None
+    return topic, partition, offset
+
+
+def ensure_topics(kafka: KafkaSettings, topics: dict[str, dict[str, str]], timeout: float = 15.0) -> None:
     """Create missing topics; existing ones are left as they are."""
     admin = AdminClient(admin_config(kafka))
     try:

@@ -40,9 +40,7 @@ def _credentials(settings: Settings) -> Any:
 def create_app(settings: Settings, catalog: Catalog | None = None) -> faust.App:
     catalog = catalog or load_catalog(settings.catalog_path)
     topics = Topics(settings.topic_prefix)
-    pipeline = RequestPipeline(
-        catalog, topics, Serde.from_settings(settings.schema_registry), settings.processor
-    )
+    pipeline = RequestPipeline(catalog, topics, Serde.from_settings(settings.schema_registry), settings.processor)
     faust_dir = settings.data_dir / "faust"
     faust_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -63,9 +61,7 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> faust.App:
         web_enabled=False,
         datadir=str(faust_dir),
     )
-    source = app.topic(
-        *topics.all_requests(), key_serializer="raw", value_serializer="raw", internal=False
-    )
+    source = app.topic(*topics.all_requests(), key_serializer="raw", value_serializer="raw", internal=False)
     out_topics: dict[str, faust.TopicT] = {}
 
     def out(name: str) -> faust.TopicT:
@@ -73,7 +69,7 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> faust.App:
             out_topics[name] = app.topic(name, key_serializer="raw", value_serializer="raw")
         return out_topics[name]
 
-    @app.agent(source, name="route")
+    @app.agent(source, name="route")  # type: ignore[untyped-decorator,misc]
     async def route(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             msg = event.message

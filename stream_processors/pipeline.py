@@ -85,8 +85,7 @@ class RequestPipeline:
         if request.prompt_chars() > self.settings.max_prompt_chars:
             raise PipelineRejection(
                 DeadLetterReason.VALIDATION_ERROR,
-                f"prompt has {request.prompt_chars()} characters; "
-                f"the limit is {self.settings.max_prompt_chars}",
+                f"prompt has {request.prompt_chars()} characters; the limit is {self.settings.max_prompt_chars}",
             )
         if request.deadline is not None and request.deadline <= now:
             raise PipelineRejection(
@@ -120,6 +119,4 @@ class RequestPipeline:
             stage="processor",
         )
         key = request.request_id.encode() if request else None
-        return Forward(
-            topic=self.topics.dead_letter, key=key, value=self.serde.encode(dl), dead_letter=dl
-        )
+        return Forward(topic=self.topics.dead_letter, key=key, value=self.serde.encode(dl), dead_letter=dl)

@@ -31,8 +31,7 @@ class Router:
             if entry is None:
                 raise PipelineRejection(
                     DeadLetterReason.UNKNOWN_MODEL,
-                    f"model {request.model!r} is not in the catalog "
-                    f"({', '.join(m.name for m in self.catalog)})",
+                    f"model {request.model!r} is not in the catalog ({', '.join(m.name for m in self.catalog)})",
                 )
             self._check_context(entry, needed)
             return Route(

@@ -31,9 +31,7 @@ def wait_until(
     last: T = fn()
     while not until(last):
         if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {timeout}s waiting for {what or fn}: last={last!r}"
-            )
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or fn}: last={last!r}")
         time.sleep(interval)
         last = fn()
     return last

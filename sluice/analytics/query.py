@@ -26,9 +26,7 @@ Query = Callable[[str, dict[str, Any] | None], QueryResult]
 def _http_query(url: str) -> Query:
     def run(sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
         body = json.dumps({"sql": sql, "parameters": parameters or {}}).encode()
-        req = urllib.request.Request(
-            f"{url}/query", data=body, headers={"Content-Type": "application/json"}
-        )
+        req = urllib.request.Request(f"{url}/query", data=body, headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 data = json.loads(resp.read())

@@ -71,9 +71,7 @@ class QueryServer:
                     self._send(400, json.dumps({"error": str(exc)}).encode())
 
         self._httpd = ThreadingHTTPServer((host, port), Handler)
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="query-server", daemon=True
-        )
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="query-server", daemon=True)
 
     @property
     def url(self) -> str:

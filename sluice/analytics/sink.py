@@ -22,7 +22,7 @@ from sluice.errors import SluiceError, StoreError
 from sluice.kafka_config import consumer_config
 from sluice.metrics import SINK_ROWS
 from sluice.settings import Settings
-from sluice.topics import Topics
+from sluice.topics import Topics, message_coords
 
 __all__ = ["ClickHouseSink", "row_for"]
 
@@ -78,9 +78,7 @@ class ClickHouseSink:
 
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
         ch = self.settings.clickhouse
-        consumer = Consumer(
-            consumer_config(self.settings.kafka, self.group_id, **{"fetch.wait.max.ms": 100})
-        )
+        consumer = Consumer(consumer_config(self.settings.kafka, self.group_id, **{"fetch.wait.max.ms": 100}))
         consumer.subscribe(
             list(self._types),
             on_assign=lambda c, p: ready.set() if ready is not None else None,
@@ -97,8 +95,7 @@ class ClickHouseSink:
                     count += 1
                     first_at = first_at or time.monotonic()
                 due = first_at is not None and (
-                    count >= ch.sink_batch_size
-                    or time.monotonic() - first_at >= ch.sink_flush_ms / 1000
+                    count >= ch.sink_batch_size or time.monotonic() - first_at >= ch.sink_flush_ms / 1000
                 )
                 if due or (offsets and not count):
                     self._flush(consumer, pending, offsets)
@@ -119,13 +116,14 @@ class ClickHouseSink:
             if err.code() != KafkaError._PARTITION_EOF:
                 logger.warning("sink consume error: %s", err)
             return False
-        tp = (msg.topic(), msg.partition())
-        offsets[tp] = msg.offset() + 1
+        topic, partition, offset = message_coords(msg)
+        tp = (topic, partition)
+        offsets[tp] = offset + 1
         try:
-            record = self.serde.decode(self._types[msg.topic()], msg.value())
+            record = self.serde.decode(self._types[topic], msg.value())
         except SluiceError as exc:
             self.skipped += 1
-            logger.error("sink skipped %s[%d]@%d: %s", tp[0], tp[1], msg.offset(), exc)
+            logger.error("sink skipped %s[%d]@%d: %s", topic, partition, offset, exc)
             return True
         table, row = row_for(record)
         pending.setdefault(table, []).append(row)

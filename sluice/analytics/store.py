@@ -33,9 +33,7 @@ class QueryResult:
 
 
 class Store:
-    def __init__(
-        self, url: str, database: str = "sluice", username: str = "default", password: str = ""
-    ) -> None:
+    def __init__(self, url: str, database: str = "sluice", username: str = "default", password: str = "") -> None:
         import clickhouse_connect
 
         self.url = url
@@ -79,9 +77,7 @@ class Store:
             return
         with self._lock:
             try:
-                self._client.insert(
-                    table, list(rows), column_names=list(columns), database=self.database
-                )
+                self._client.insert(table, list(rows), column_names=list(columns), database=self.database)
             except Exception as exc:
                 raise StoreError(f"insert into {table} failed: {exc}") from exc
 

@@ -66,9 +66,7 @@ def clickhouse_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store
         # chDB allows one data directory per process: the whole session shares this one.
         url = f"chdb://{tmp_path_factory.mktemp('chdb')}"
     try:
-        store = Store(
-            url, "sluice", password=os.environ.get("SLUICE_TEST_CLICKHOUSE_PASSWORD", "test")
-        )
+        store = Store(url, "sluice", password=os.environ.get("SLUICE_TEST_CLICKHOUSE_PASSWORD", "test"))
         store.ensure_schema()
     except Exception as exc:
         unavailable("ClickHouse", exc)
@@ -105,9 +103,7 @@ def catalog() -> Catalog:
 
 
 @pytest.fixture
-def settings(
-    tmp_path: Path, kafka_bootstrap: str, clickhouse_store: Store, catalog: Catalog
-) -> Settings:
+def settings(tmp_path: Path, kafka_bootstrap: str, clickhouse_store: Store, catalog: Catalog) -> Settings:
     catalog_path = tmp_path / "catalog.toml"
     lines = []
     for m in catalog:

@@ -15,9 +15,7 @@ from sluice.kafka_config import producer_config
 from sluice.settings import Settings
 
 
-def produce_raw(
-    settings: Settings, topic: str, values: list[bytes], key: bytes | None = None
-) -> None:
+def produce_raw(settings: Settings, topic: str, values: list[bytes], key: bytes | None = None) -> None:
     p = Producer(producer_config(settings.kafka))
     for v in values:
         p.produce(topic, key=key, value=v)
@@ -43,7 +41,8 @@ def result_counts(store: Store, ids: list[str]) -> dict[str, int]:
 
 def dead_letters(store: Store, prefix: str) -> list[dict[str, Any]]:
     return store.query(
-        "SELECT reason, request_id, source_topic, stage, error, lower(hex(original)) AS original_hex FROM sluice.dead_letters FINAL "
+        "SELECT reason, request_id, source_topic, stage, error, lower(hex(original)) AS original_hex "
+        "FROM sluice.dead_letters FINAL "
         "WHERE startsWith(source_topic, {p:String}) ORDER BY source_topic, source_offset",
         {"p": prefix},
     ).dicts()

@@ -183,9 +183,7 @@ def test_bad_input_kinds_become_typed_dead_letters_while_good_traffic_flows(
         ),
         # Under the 200k-character prompt limit, but beyond every model's context.
         "context overflow": (
-            frame_request_dict(
-                {**base, "messages": [{"role": "user", "content": "word " * 30_000}]}
-            ),
+            frame_request_dict({**base, "messages": [{"role": "user", "content": "word " * 30_000}]}),
             "context_overflow",
         ),
     }
@@ -194,9 +192,7 @@ def test_bad_input_kinds_become_typed_dead_letters_while_good_traffic_flows(
     good = [client.submit(f"good {i}", tenant="bad-input") for i in range(5)]
     client.flush()
 
-    wait_until(
-        lambda: len(result_counts(clickhouse_store, good)) == 5, timeout=90, what="good results"
-    )
+    wait_until(lambda: len(result_counts(clickhouse_store, good)) == 5, timeout=90, what="good results")
     dls = wait_until(
         lambda: dead_letters(clickhouse_store, settings.topic_prefix),
         lambda d: len(d) >= len(cases),
@@ -208,9 +204,7 @@ def test_bad_input_kinds_become_typed_dead_letters_while_good_traffic_flows(
     assert got == {value.hex(): reason for value, reason in cases.values()}
 
 
-def test_sql_and_stats_from_another_process_while_the_stack_runs(
-    stack: LocalStack, clickhouse_store: Store
-) -> None:
+def test_sql_and_stats_from_another_process_while_the_stack_runs(stack: LocalStack, clickhouse_store: Store) -> None:
     settings = stack.settings
     client = SluiceClient(settings)
     ids = [client.submit(f"stats {i}", priority="low", tenant="stats-tenant") for i in range(3)]

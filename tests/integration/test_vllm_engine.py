@@ -55,15 +55,11 @@ def vllm_stack(settings: Settings, clickhouse_store: Store) -> Iterator[LocalSta
     stack.stop()
 
 
-def test_requests_run_through_real_vllm_end_to_end(
-    vllm_stack: LocalStack, clickhouse_store: Store
-) -> None:
+def test_requests_run_through_real_vllm_end_to_end(vllm_stack: LocalStack, clickhouse_store: Store) -> None:
     settings = vllm_stack.settings
     client = SluiceClient(settings)
     ids = [
-        client.submit(
-            f"Tell me about topic {i}.", priority=("high", "normal", "low")[i % 3], max_tokens=12
-        )
+        client.submit(f"Tell me about topic {i}.", priority=("high", "normal", "low")[i % 3], max_tokens=12)
         for i in range(10)
     ]
     # Fits the router's estimate but not the real tokenizer's count: a per-request engine error.
@@ -74,9 +70,7 @@ def test_requests_run_through_real_vllm_end_to_end(
         vllm_stack.check()  # fail fast, with the consumer's log, if the engine died
         return result_counts(clickhouse_store, [*ids, overflow])
 
-    counts = wait_until(
-        progress, lambda c: len(c) == 11, timeout=300, interval=1, what="vLLM results"
-    )
+    counts = wait_until(progress, lambda c: len(c) == 11, timeout=300, interval=1, what="vLLM results")
     assert counts == {rid: 1 for rid in [*ids, overflow]}
     rows = clickhouse_store.query(
         "SELECT request_id, status, prompt_tokens, completion_tokens, finish_reason, output_text, error "

@@ -29,9 +29,7 @@ def test_settings_from_env_and_librdkafka_mapping(monkeypatch: pytest.MonkeyPatc
     assert s.clickhouse_url() == "http://ch:8123"
 
 
-def test_child_env_round_trips_the_settings_tree(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_child_env_round_trips_the_settings_tree(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     s = Settings(data_dir=tmp_path, topic_prefix="x.")
     s.kafka.bootstrap_servers = "h:1"
     s.engine.kind = "instant"

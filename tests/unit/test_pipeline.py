@@ -40,9 +40,7 @@ CATALOG = Catalog(models=[BIG, CHEAP, OFF])
 
 
 def req(content: str = "hello", **kw: object) -> InferenceRequest:
-    return InferenceRequest.model_validate(
-        {"messages": [ChatMessage(role="user", content=content)], **kw}
-    )
+    return InferenceRequest.model_validate({"messages": [ChatMessage(role="user", content=content)], **kw})
 
 
 @pytest.mark.parametrize(
@@ -99,9 +97,7 @@ def test_pipeline_routes_to_the_model_and_priority_topic() -> None:
         ("unknown-model", "normal", DeadLetterReason.UNKNOWN_MODEL),
     ],
 )
-def test_pipeline_dead_letters_never_raise(
-    value: object, topic_priority: str, reason: DeadLetterReason
-) -> None:
+def test_pipeline_dead_letters_never_raise(value: object, topic_priority: str, reason: DeadLetterReason) -> None:
     pipe, serde, topics = _pipeline()
     if value == "high-on-low":
         value = serde.encode(req(priority="high"))

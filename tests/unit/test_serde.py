@@ -124,12 +124,8 @@ def test_local_ids_are_stable_and_match_the_manifest() -> None:
 
 def test_new_optional_field_keeps_old_readers_working() -> None:
     registry = LocalSchemaRegistry()
-    v2 = json.loads(
-        resources.files("schemas").joinpath("avro/inference_request.v1.avsc").read_text()
-    )
-    v2["fields"].append(
-        {"name": "labels", "type": {"type": "array", "items": "string"}, "default": []}
-    )
+    v2 = json.loads(resources.files("schemas").joinpath("avro/inference_request.v1.avsc").read_text())
+    v2["fields"].append({"name": "labels", "type": {"type": "array", "items": "string"}, "default": []})
 
     class RequestV2(InferenceRequest):
         labels: list[str] = []
@@ -145,10 +141,7 @@ def test_new_optional_field_keeps_old_readers_working() -> None:
     assert old == _request()
     # And a new reader reads old data, filling the default.
     buf = io.BytesIO(Serde(registry).encode(_request())[5:])
-    assert (
-        schemaless_reader(buf, load_schema("inference_request.v1.avsc"), writer._schema)["labels"]
-        == []
-    )
+    assert schemaless_reader(buf, load_schema("inference_request.v1.avsc"), writer._schema)["labels"] == []
 
 
 @pytest.mark.parametrize(
@@ -192,11 +185,7 @@ def test_fuzz_valid_header_random_body(body: bytes) -> None:
         assert exc.reason in (DeadLetterReason.MALFORMED_EVENT, DeadLetterReason.VALIDATION_ERROR)
 
 
-@pytest.mark.parametrize(
-    "model", [InferenceRequest, InferenceResult, DeadLetter, CostMetric, RequestStatus]
-)
+@pytest.mark.parametrize("model", [InferenceRequest, InferenceResult, DeadLetter, CostMetric, RequestStatus])
 def test_pydantic_models_mirror_the_avro_schemas(model: type) -> None:
-    schema = json.loads(
-        resources.files("schemas").joinpath(f"avro/{model.schema_file}").read_text()
-    )
+    schema = json.loads(resources.files("schemas").joinpath(f"avro/{model.schema_file}").read_text())
     assert [f["name"] for f in schema["fields"]] == list(model.model_fields)
