@@ -8,7 +8,6 @@ so low priority is never starved.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
@@ -79,7 +78,3 @@ class PriorityBuffer:
             dropped += len(q) - len(keep)
             self._queues[r] = keep
         return dropped
-
-    @staticmethod
-    def monotonic() -> float:
-        return time.monotonic()

@@ -82,5 +82,4 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> faust.App:
             )
             await out(fwd.topic).send(key=fwd.key, value=fwd.value, headers=fwd.headers)
 
-    app.sluice_pipeline = pipeline  # exposed for introspection in tests
     return app
