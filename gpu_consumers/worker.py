@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from gpu_consumers.buffer import Buffered, PriorityBuffer
 from gpu_consumers.engine import Engine, EngineOutput, EngineRequest, run_isolating
 from gpu_consumers.offsets import OffsetTracker
-from schemas import CostMetric, DeadLetter, InferenceRequest, InferenceResult, Serde, utcnow
+from schemas import CostMetric, DeadLetter, InferenceRequest, InferenceResult, RequestStatus, Serde, utcnow
 from schemas.models import PRIORITY_RANK, AvroRecord
 from sluice.catalog import Catalog, ModelEntry
 from sluice.errors import BrokerError, DeadLetterReason, PipelineRejection
@@ -69,7 +69,7 @@ class GpuWorker:
         es = settings.engine
         self.max_batch = es.max_batch_size
         self.batch_wait_s = es.batch_wait_ms / 1000
-        self.buffer = PriorityBuffer(capacity_per_priority=2 * self.max_batch, aging_s=aging_s)
+        self.buffer = PriorityBuffer(capacity_per_priority=4 * self.max_batch, aging_s=aging_s)
         self.tracker = OffsetTracker()
         self.on_batch = on_batch
         self.group_id = f"{settings.topic_prefix}gpu-{entry.name}"
@@ -77,6 +77,7 @@ class GpuWorker:
         self._producer = Producer(producer_config(settings.kafka, **{"linger.ms": 2}))
         self._assigned: dict[str, set[tuple[str, int]]] = {p: set() for p in PRIORITIES}
         self._paused: set[str] = set()
+        self._rewound: dict[tuple[str, int], int] = {}
         self._rejects: list[tuple[tuple[str, int], int, AvroRecord, str | None]] = []
         self._delivery_errors: list[str] = []
         self.batches_run = 0
@@ -94,6 +95,8 @@ class GpuWorker:
         dropped = self.buffer.drop(tps)
         self._commit(consumer, only=tps)
         self.tracker.forget(list(tps))
+        for tp in tps:
+            self._rewound.pop(tp, None)
         for pr in PRIORITIES:
             self._assigned[pr] -= tps
         logger.info("revoked %s (released %d buffered)", sorted(tps), dropped)
@@ -151,12 +154,36 @@ class GpuWorker:
             elif pr in self._paused and self.buffer.has_room(rank):
                 if tps:
                     consumer.resume(tps)
+                for t, p in self._assigned[pr]:
+                    self._rewound.pop((t, p), None)
                 self._paused.discard(pr)
 
+    def _rewind(self, consumer: Consumer, tp: tuple[str, int], offset: int) -> bool:
+        """Hand a message back to the broker: pause its partition and seek to it.
+
+        Pausing alone is not enough: the client has usually prefetched far beyond the buffer
+        bound already, and those messages would queue ahead of newly fetched high-priority ones
+        (and hold memory). Seeking drops the prefetched tail; it is fetched again on resume.
+        """
+        try:
+            consumer.pause([TopicPartition(*tp)])
+            consumer.seek(TopicPartition(tp[0], tp[1], offset))
+        except KafkaException as exc:
+            logger.debug("cannot rewind %s to %d (%s); buffering it instead", tp, offset, exc)
+            return False
+        self._rewound[tp] = offset
+        self._paused.add(self._priority_of(tp[0]))
+        return True
+
     # -- Admission --------------------------------------------------------------------------
-    def _admit(self, msg: Message) -> None:
+    def _admit(self, consumer: Consumer, msg: Message) -> None:
         topic, partition, offset = message_coords(msg)
         tp = (topic, partition)
+        rewound = self._rewound.get(tp)
+        if rewound is not None and offset >= rewound:
+            return  # prefetched past a rewind: it will be fetched again
+        if self.buffer.full(PRIORITY_RANK[self._priority_of(topic)]) and self._rewind(consumer, tp, offset):
+            return
         self.tracker.fetched(tp, offset)
         value = msg.value() or b""
         try:
@@ -218,6 +245,10 @@ class GpuWorker:
                 )
             else:
                 runnable.append(it)
+        for it in runnable:
+            self._status(it.request.request_id, "running", f"batch {batch_id} of {len(runnable)}")
+        # Not flushed here: "running" is advisory and rides along with the batch's results.
+        self._producer.poll(0)
         engine_reqs = [
             EngineRequest(
                 request_id=it.request.request_id,
@@ -275,6 +306,8 @@ class GpuWorker:
                 "correlation_id": req.correlation_id,
                 "route_reason": req.route.reason if req.route else None,
                 "replay_of": req.replay_of,
+                "dedupe_key": req.dedupe_key,
+                "attempt": req.attempt,
                 **fields,
             }
         )
@@ -317,6 +350,7 @@ class GpuWorker:
         )
         self._produce(self.topics.results, req.request_id, result)
         self._produce(self.topics.cost_metrics, req.request_id, metric)
+        self._status(req.request_id, "succeeded", f"batch {batch_id}")
         report.results.append(result)
 
     def _fail(
@@ -334,12 +368,22 @@ class GpuWorker:
             status="failed",
             error=f"{reason.value}: {error}",
             prompt_tokens=out.prompt_tokens if out else 0,
+            batch_id=report.batch_id,
         )
         dl = self._dead_letter(reason, error, (it.topic, it.partition), it.offset, it.value, it.request)
         self._produce(self.topics.results, it.request.request_id, result)
         self._produce(self.topics.dead_letter, it.request.request_id, dl)
+        state = "expired" if reason is DeadLetterReason.DEADLINE_EXPIRED else "failed"
+        self._status(it.request.request_id, state, f"{reason.value}: {error}")
         report.results.append(result)
         report.dead_letters.append(dl)
+
+    def _status(self, request_id: str, state: str, detail: str | None = None) -> None:
+        if self.settings.publish_status:
+            rec = RequestStatus.model_validate(
+                {"request_id": request_id, "state": state, "model": self.entry.name, "detail": detail}
+            )
+            self._produce(self.topics.status, request_id, rec)
 
     # -- Loop ---------------------------------------------------------------------------------
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
@@ -355,14 +399,16 @@ class GpuWorker:
         logger.info("gpu worker for %s consuming as %s", self.entry.name, self.group_id)
         try:
             while not stop.is_set():
-                msgs = consumer.consume(num_messages=self.max_batch, timeout=poll_s)
+                # Drain what the client has prefetched, so a full buffer rewinds the backlog and
+                # newly fetched high-priority requests are not stuck behind it in the client queue.
+                msgs = consumer.consume(num_messages=500, timeout=poll_s)
                 for msg in msgs:
                     err = msg.error()
                     if err is not None:
                         if err.code() != KafkaError._PARTITION_EOF:
                             logger.warning("consume error: %s", err)
                         continue
-                    self._admit(msg)
+                    self._admit(consumer, msg)
                 if ready is not None and any(self._assigned.values()):
                     ready.set()
                 self._backpressure(consumer)

@@ -17,7 +17,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from schemas import ChatMessage, InferenceRequest, Priority, Serde
+from schemas import ChatMessage, InferenceRequest, Priority, RequestStatus, Serde
 from sluice.errors import BrokerError, ConfigError
 from sluice.kafka_config import producer_config
 from sluice.settings import Settings
@@ -107,25 +107,26 @@ class SluiceClient:
         headers: list[tuple[str, str | bytes | None]] = [("tenant", request.tenant.encode())]
         if request.correlation_id:
             headers.append(("correlation_id", request.correlation_id.encode()))
-        value = self._serde.encode(request)
         topic = self.topics.requests(request.priority)
+        self._produce(topic, request.request_id, self._serde.encode(request), headers)
+        if self.settings.publish_status:
+            status = RequestStatus(request_id=request.request_id, state="queued", detail=f"on {topic}")
+            self._produce(self.topics.status, request.request_id, self._serde.encode(status), [])
+        self.producer.poll(0)
+        return request.request_id
+
+    def _produce(self, topic: str, key: str, value: bytes, headers: list[tuple[str, str | bytes | None]]) -> None:
         while True:
             try:
                 self.producer.produce(
-                    topic,
-                    key=request.request_id.encode(),
-                    value=value,
-                    headers=headers,
-                    on_delivery=self._on_delivery,
+                    topic, key=key.encode(), value=value, headers=headers, on_delivery=self._on_delivery
                 )
-                break
+                return
             except BufferError:
                 # Local queue full: serve delivery reports to make room, then retry.
                 self.producer.poll(0.1)
             except KafkaException as exc:
-                raise BrokerError(f"cannot publish request {request.request_id}: {exc}") from exc
-        self.producer.poll(0)
-        return request.request_id
+                raise BrokerError(f"cannot publish to {topic} for request {key}: {exc}") from exc
 
     def flush(self, timeout: float = 30.0) -> None:
         """Wait for every queued request to be acknowledged; raise if any was not."""

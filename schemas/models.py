@@ -84,6 +84,7 @@ class InferenceRequest(AvroRecord):
     replay_of: str | None = None
     attempt: int = Field(default=0, ge=0)
     metadata: dict[str, str] = Field(default_factory=dict)
+    dedupe_key: str | None = None
     route: Route | None = None
 
     @field_validator("messages")
@@ -119,6 +120,8 @@ class InferenceResult(AvroRecord):
     cached: bool = False
     replay_of: str | None = None
     batch_id: str | None = None
+    dedupe_key: str | None = None
+    attempt: int = 0
 
     @property
     def latency_ms(self) -> int:

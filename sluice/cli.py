@@ -139,13 +139,36 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from sluice.analytics.query import open_query, stats_sql
+    from sluice.analytics.query import open_query, savings_sql, stats_sql
 
     settings = _settings(args)
-    where, params = "1", {}
-    if args.tenant:
-        where, params = "r.tenant = {tenant:String}", {"tenant": args.tenant}
-    res = open_query(settings)(stats_sql(settings.clickhouse.database, where), params)
+    db = settings.clickhouse.database
+    query = open_query(settings)
+    params = {"tenant": args.tenant} if args.tenant else {}
+    if args.view in ("latency", "all"):
+        res = query(stats_sql(db, "r.tenant = {tenant:String}" if args.tenant else "1"), params)
+        if args.format == "table":
+            console.print("[bold]Latency and cost by model and priority[/]")
+        _print_result(res.columns, res.rows, args.format)
+    if args.view in ("savings", "all"):
+        res = query(savings_sql(db, "tenant = {tenant:String}" if args.tenant else "1"), params)
+        if args.format == "table":
+            console.print("[bold]Savings against running everything on the most capable model[/]")
+        _print_result(res.columns, res.rows, args.format)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sluice.analytics.query import open_query, status_sql
+
+    settings = _settings(args)
+    res = open_query(settings)(status_sql(settings.clickhouse.database), {"request_id": args.request_id})
+    if not res.rows:
+        console.print(f"no status recorded for {args.request_id} (yet)")
+        return 1
+    if args.format == "table":
+        state = res.rows[-1][0]
+        console.print(f"{args.request_id}: [bold]{state}[/]")
     _print_result(res.columns, res.rows, args.format)
     return 0
 
@@ -155,7 +178,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
     from sluice.topics import Topics, ensure_topics
 
     settings = _settings(args)
-    topics = Topics(settings.topic_prefix).pipeline(load_catalog(settings.catalog_path))
+    topics = Topics(settings.topic_prefix).pipeline(load_catalog(settings.catalog_path), settings.processor.app_id)
     ensure_topics(settings.kafka, topics)
     for name in topics:
         print(name)
@@ -227,8 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("query")
     sp.add_argument("--format", choices=["table", "json"], default="table")
 
-    sp = add("stats", cmd_stats, "p50/p95 latency and cost by model and priority")
+    sp = add("stats", cmd_stats, "latency and cost by model and priority; savings by tenant")
     sp.add_argument("--tenant", default=None)
+    sp.add_argument("--view", choices=["all", "latency", "savings"], default="all")
+    sp.add_argument("--format", choices=["table", "json"], default="table")
+
+    sp = add("status", cmd_status, "a request's lifecycle (from the status topic, via ClickHouse)")
+    sp.add_argument("request_id")
     sp.add_argument("--format", choices=["table", "json"], default="table")
     return p
 

@@ -87,6 +87,20 @@ class ProcessorSettings(BaseModel):
 
     app_id: str = "sluice-router"
     max_prompt_chars: int = 200_000
+    # Dedupe: requests with the same idempotency key, or the same content (model hint, messages,
+    # sampling parameters) while the first is in flight, run once; each still gets its result.
+    dedupe_enabled: bool = True
+    # Exact-match response cache of recent successful results (per tenant unless shared).
+    cache_enabled: bool = True
+    cache_ttl_s: float = 600.0
+    cache_shared_across_tenants: bool = False
+    # An in-flight entry older than this is presumed lost and no longer collects duplicates.
+    inflight_ttl_s: float = 3600.0
+    # Bound on dedupe/cache entries per partition of the dedupe table (oldest evicted first).
+    max_entries_per_partition: int = 100_000
+    sweep_interval_s: float = 30.0
+    # A request whose deadline is closer than this when routed is flagged in its status.
+    deadline_warning_s: float = 60.0
 
 
 class Settings(BaseSettings):
@@ -95,6 +109,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=default_data_dir)
     topic_prefix: str = "sluice."
     catalog_path: Path | None = None
+    # Lifecycle events to the compacted status topic (one small message per state change).
+    publish_status: bool = True
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     schema_registry: SchemaRegistrySettings = Field(default_factory=SchemaRegistrySettings)
     clickhouse: ClickHouseSettings = Field(default_factory=ClickHouseSettings)

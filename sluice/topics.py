@@ -59,7 +59,16 @@ class Topics:
     def status(self) -> str:
         return f"{self.prefix}status"
 
-    def pipeline(self, catalog: Catalog) -> dict[str, dict[str, str]]:
+    @property
+    def dedupe(self) -> str:
+        """Routed requests and completions, keyed by dedupe key (the processor's repartition topic)."""
+        return f"{self.prefix}router.dedupe"
+
+    def table_changelog(self, app_id: str, table: str) -> str:
+        # Faust's naming: "<app id>-<table>-changelog"; the app id carries the prefix.
+        return f"{self.prefix}{app_id}-{table}-changelog"
+
+    def pipeline(self, catalog: Catalog, app_id: str = "sluice-router") -> dict[str, dict[str, str]]:
         """Every topic the pipeline needs, with its topic-level config."""
         topics: dict[str, dict[str, str]] = {t: {} for t in self.all_requests()}
         topics.update({t: {} for m in catalog for t in self.model_topics(m.name)})
@@ -67,6 +76,8 @@ class Topics:
         topics[self.dead_letter] = {}
         topics[self.cost_metrics] = {}
         topics[self.status] = {"cleanup.policy": "compact"}
+        topics[self.dedupe] = {}
+        topics[self.table_changelog(app_id, "dedupe")] = {"cleanup.policy": "compact"}
         return topics
 
 

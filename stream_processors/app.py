@@ -1,4 +1,10 @@
-"""The Faust app: one agent over the three priority topics, forwarding to model topics or the DLQ.
+"""The Faust app: three agents and one table.
+
+* ``route`` over the three priority topics: decode, validate, classify, route; bad events become
+  dead letters; requests with a dedupe key are repartitioned by it onto the dedupe topic.
+* ``dedupe`` over the dedupe topic, owning the ``dedupe`` table (changelogged): first requests go
+  to their model topic, duplicates attach, repeats are answered from the cache.
+* ``completions`` over the results topic: original results go back to ``dedupe`` by key.
 
 Values are taken as raw bytes and decoded by the pipeline, so an undecodable event becomes a
 dead letter instead of a Faust decode error. ``at_least_once`` is the guarantee: Faust flushes
@@ -13,10 +19,13 @@ from typing import Any
 
 import faust
 
-from schemas import Serde
+from schemas import InferenceRequest, InferenceResult, Serde
 from sluice.catalog import Catalog, load_catalog
+from sluice.errors import SluiceError
 from sluice.settings import Settings
 from sluice.topics import Topics
+from stream_processors.dedupe import DedupeStage
+from stream_processors.emit import Forward
 from stream_processors.pipeline import RequestPipeline
 
 __all__ = ["create_app", "faust_broker_urls"]
@@ -40,11 +49,13 @@ def _credentials(settings: Settings) -> Any:
 def create_app(settings: Settings, catalog: Catalog | None = None) -> faust.App:
     catalog = catalog or load_catalog(settings.catalog_path)
     topics = Topics(settings.topic_prefix)
-    pipeline = RequestPipeline(catalog, topics, Serde.from_settings(settings.schema_registry), settings.processor)
+    serde = Serde.from_settings(settings.schema_registry)
+    ps = settings.processor
+    pipeline = RequestPipeline(catalog, topics, serde, ps, publish_status=settings.publish_status)
     faust_dir = settings.data_dir / "faust"
     faust_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
-        f"{settings.topic_prefix}{settings.processor.app_id}",
+        f"{settings.topic_prefix}{ps.app_id}",
         broker=faust_broker_urls(settings),
         broker_credentials=_credentials(settings),
         broker_session_timeout=settings.kafka.session_timeout_ms / 1000,
@@ -56,30 +67,86 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> faust.App:
         consumer_auto_offset_reset="earliest",
         topic_partitions=settings.kafka.partitions,
         topic_replication_factor=settings.kafka.replication_factor,
+        # Topics (the table changelog included) are created explicitly by `ensure_topics`.
         topic_allow_declare=False,
+        table_standby_replicas=0,
         store="memory://",
         web_enabled=False,
         datadir=str(faust_dir),
     )
-    source = app.topic(*topics.all_requests(), key_serializer="raw", value_serializer="raw", internal=False)
+    raw = {"key_serializer": "raw", "value_serializer": "raw"}
+    source = app.topic(*topics.all_requests(), internal=False, **raw)
+    dedupe_topic = app.topic(topics.dedupe, partitions=settings.kafka.partitions, internal=False, **raw)
+    results_topic = app.topic(topics.results, internal=False, **raw)
+    table = app.Table(
+        "dedupe",
+        partitions=settings.kafka.partitions,
+        schema=faust.Schema(key_type=str, key_serializer="json", value_serializer="json"),
+    )
+    stage = DedupeStage(table, pipeline.emit, ps, pipeline.router.backlog)
     out_topics: dict[str, faust.TopicT] = {}
 
-    def out(name: str) -> faust.TopicT:
-        if name not in out_topics:
-            out_topics[name] = app.topic(name, key_serializer="raw", value_serializer="raw")
-        return out_topics[name]
+    async def send(forwards: list[Forward]) -> None:
+        for fwd in forwards:
+            if fwd.topic not in out_topics:
+                out_topics[fwd.topic] = app.topic(fwd.topic, **raw)
+            await out_topics[fwd.topic].send(key=fwd.key, value=fwd.value, headers=fwd.headers)
 
     @app.agent(source, name="route")  # type: ignore[untyped-decorator,misc]
     async def route(stream: faust.StreamT[bytes]) -> None:
+        """Decode, validate, classify and route; keyed requests go on to the dedupe agent."""
         async for event in stream.events():
             msg = event.message
-            fwd = pipeline.process(
-                event.value,
-                topic=msg.topic,
-                partition=msg.partition,
-                offset=msg.offset,
-                headers=list(msg.headers or []),
+            await send(
+                pipeline.process(
+                    event.value,
+                    topic=msg.topic,
+                    partition=msg.partition,
+                    offset=msg.offset,
+                    headers=list(msg.headers or []),
+                )
             )
-            await out(fwd.topic).send(key=fwd.key, value=fwd.value, headers=fwd.headers)
+
+    @app.agent(dedupe_topic, name="dedupe")  # type: ignore[untyped-decorator,misc]
+    async def dedupe(stream: faust.StreamT[bytes]) -> None:
+        """Owns the dedupe table: forwards first requests, attaches duplicates, answers repeats."""
+        async for event in stream.events():
+            kind = dict(event.message.headers or []).get("kind")
+            try:
+                if kind == b"request":
+                    request = serde.decode(InferenceRequest, event.value)
+                    out = stage.on_request(request, event.value, event.message.partition)
+                elif kind == b"completed":
+                    out = stage.on_completed(serde.decode(InferenceResult, event.value))
+                else:
+                    out = stage.sweep(event.message.partition)
+            except SluiceError as exc:
+                # Only the processor writes this topic; an undecodable event here is a bug, not input.
+                logger.error("dedupe skipped %s@%d: %s", event.message.partition, event.message.offset, exc)
+                continue
+            await send(out)
+
+    @app.agent(results_topic, name="completions")  # type: ignore[untyped-decorator,misc]
+    async def completions(stream: faust.StreamT[bytes]) -> None:
+        """Tap the results topic: update the backlog, and tell the dedupe agent what completed."""
+        async for value in stream:
+            try:
+                result = serde.decode(InferenceResult, value)
+            except SluiceError as exc:
+                logger.error("completions skipped an undecodable result: %s", exc)
+                continue
+            if result.deduplicated_from is not None:
+                continue  # answered by this processor (a duplicate or a cache hit)
+            if result.batch_id:
+                pipeline.router.backlog.completed(result.model)
+            if result.dedupe_key is not None:
+                await dedupe_topic.send(key=result.dedupe_key.encode(), value=value, headers=[("kind", b"completed")])
+
+    @app.timer(ps.sweep_interval_s, on_leader=True)  # type: ignore[untyped-decorator,misc]
+    async def sweep() -> None:
+        # Table writes must go to the partition of the event being processed, so the sweep
+        # runs as a tick event on each dedupe partition rather than here.
+        for partition in range(settings.kafka.partitions):
+            await dedupe_topic.send(key=None, value=b"", partition=partition, headers=[("kind", b"tick")])
 
     return app

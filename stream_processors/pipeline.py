@@ -1,22 +1,24 @@
-"""The processor's per-event logic, free of Faust so it can be tested and benchmarked alone.
+"""The processor's per-event logic for request topics, free of Faust so it can be tested and
+benchmarked alone.
 
-Every input event yields exactly one :class:`Forward` (a routed request or a dead letter):
-bad input never raises out of :meth:`RequestPipeline.process`.
+Every input event yields its Forwards (to the dedupe topic, a model topic, or the DLQ, plus
+status events): bad input never raises out of :meth:`RequestPipeline.process`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
 from datetime import datetime
 
-from schemas import DeadLetter, InferenceRequest, Serde, utcnow
+from schemas import DeadLetter, InferenceRequest, InferenceResult, Serde, utcnow
 from sluice.catalog import Catalog
 from sluice.errors import DeadLetterReason, PipelineRejection
 from sluice.settings import ProcessorSettings
 from sluice.topics import Topics
-from stream_processors.router import Router
+from stream_processors.dedupe import dedupe_key
+from stream_processors.emit import Emitter, Forward
+from stream_processors.router import Backlog, Router
 
 __all__ = ["Forward", "RequestPipeline", "dead_letter_id"]
 
@@ -28,16 +30,6 @@ def dead_letter_id(stage: str, topic: str, partition: int, offset: int) -> str:
     return hashlib.sha1(f"{stage}|{topic}|{partition}|{offset}".encode()).hexdigest()[:24]
 
 
-@dataclass(frozen=True)
-class Forward:
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
-    dead_letter: DeadLetter | None = None
-    request: InferenceRequest | None = None
-
-
 class RequestPipeline:
     def __init__(
         self,
@@ -45,11 +37,15 @@ class RequestPipeline:
         topics: Topics,
         serde: Serde,
         settings: ProcessorSettings | None = None,
+        *,
+        router: Router | None = None,
+        publish_status: bool = True,
     ) -> None:
         self.topics = topics
         self.serde = serde
-        self.router = Router(catalog)
         self.settings = settings or ProcessorSettings()
+        self.router = router or Router(catalog, backlog=Backlog())
+        self.emit = Emitter(topics, serde, catalog, publish_status=publish_status)
 
     def process(
         self,
@@ -60,21 +56,35 @@ class RequestPipeline:
         offset: int,
         headers: list[tuple[str, bytes]] | None = None,
         now: datetime | None = None,
-    ) -> Forward:
+    ) -> list[Forward]:
         request: InferenceRequest | None = None
+        now = now or utcnow()
         try:
             request = self.serde.decode(InferenceRequest, value)
-            self._validate(request, topic, now or utcnow())
-            request.route = self.router.route(request)
+            self._validate(request, topic, now)
+            route = request.route = self.router.route(request)
         except PipelineRejection as exc:
             return self._dead_letter(exc, value or b"", topic, partition, offset, request)
-        return Forward(
-            topic=self.topics.model(request.route.model, request.priority),
-            key=request.request_id.encode(),
-            value=self.serde.encode(request),
-            headers=list(headers or []),
-            request=request,
+        request.dedupe_key = dedupe_key(request, self.settings)
+        out: list[Forward] = []
+        if request.deadline is not None and (request.deadline - now).total_seconds() < self.settings.deadline_warning_s:
+            left = (request.deadline - now).total_seconds()
+            out += self.emit.status(
+                request.request_id, "queued", model=route.model, detail=f"near deadline: {left:.1f}s left"
+            )
+        if request.dedupe_key is not None:
+            # Repartition by dedupe key: every event about one key meets in one table partition.
+            key = request.dedupe_key.encode()
+            return [*out, Forward(self.topics.dedupe, key, self.serde.encode(request), [("kind", b"request")], request)]
+        self.router.backlog.routed(route.model)
+        fwd = Forward(
+            self.topics.model(route.model, request.priority),
+            request.request_id.encode(),
+            self.serde.encode(request),
+            list(headers or []),
+            request,
         )
+        return [*out, fwd, *self.emit.status(request.request_id, "routed", model=route.model, detail=route.reason)]
 
     def _validate(self, request: InferenceRequest, topic: str, now: datetime) -> None:
         if topic != self.topics.requests(request.priority):
@@ -101,7 +111,7 @@ class RequestPipeline:
         partition: int,
         offset: int,
         request: InferenceRequest | None,
-    ) -> Forward:
+    ) -> list[Forward]:
         logger.warning("dead letter from %s[%d]@%d: %s", topic, partition, offset, exc)
         dl = DeadLetter(
             dead_letter_id=dead_letter_id("processor", topic, partition, offset),
@@ -119,4 +129,25 @@ class RequestPipeline:
             stage="processor",
         )
         key = request.request_id.encode() if request else None
-        return Forward(topic=self.topics.dead_letter, key=key, value=self.serde.encode(dl), dead_letter=dl)
+        out = [Forward(self.topics.dead_letter, key, self.serde.encode(dl), record=dl)]
+        if request is not None:
+            # The submitter is told too: a failed result, as the GPU consumers do for their failures.
+            now = utcnow()
+            result = InferenceResult(
+                request_id=request.request_id,
+                tenant=request.tenant,
+                priority=request.priority,
+                model=request.model or "",
+                status="failed",
+                error=str(exc),
+                created_at=request.created_at,
+                started_at=now,
+                completed_at=now,
+                correlation_id=request.correlation_id,
+                replay_of=request.replay_of,
+                attempt=request.attempt,
+            )
+            out.append(self.emit.record(self.topics.results, request.request_id, result))
+            state = "expired" if exc.reason is DeadLetterReason.DEADLINE_EXPIRED else "failed"
+            out += self.emit.status(request.request_id, state, detail=str(exc))
+        return out

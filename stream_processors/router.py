@@ -1,31 +1,75 @@
-"""Choose the model for a request from the catalog."""
+"""Choose the model for a classified request: the cheapest one that is capable enough.
+
+Rules, in order:
+
+1. An explicit ``model`` wins if the catalog has it (else ``unknown_model``), provided its
+   context fits (else ``context_overflow``).
+2. Candidates are models whose context fits ``estimated input + max_tokens`` and whose tier is
+   at least the required tier. If no model reaches the tier, the highest tier that fits the
+   context is used instead and the reason says so (a small catalog still serves hard requests).
+3. Among candidates, the cheapest by expected cost (input price x estimated input tokens +
+   output price x max_tokens) that is available and under its backlog limit wins. A model that
+   is ``available = false`` or at ``max_backlog`` is skipped: the request fails over to the
+   next-cheapest capable model. When every capable model is over its backlog, the cheapest
+   available one takes the request anyway (queueing beats failing).
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
 
 from schemas import InferenceRequest, Route, utcnow
 from sluice.catalog import Catalog, ModelEntry
 from sluice.errors import DeadLetterReason, PipelineRejection
+from stream_processors.classifier import Classification, Classifier, RuleClassifier
 
-__all__ = ["Router", "estimate_tokens"]
+__all__ = ["Backlog", "Router", "expected_cost"]
 
 logger = logging.getLogger(__name__)
 
 
-def estimate_tokens(text_chars: int) -> int:
-    # ~4 characters per token for English BPE vocabularies; deliberately cheap and deterministic.
-    return (text_chars + 3) // 4
+def expected_cost(entry: ModelEntry, c: Classification, max_tokens: int) -> float:
+    return entry.cost_usd(c.estimated_input_tokens, max_tokens)
+
+
+@dataclass
+class Backlog:
+    """Requests this processor routed to each model and has not yet seen a result for.
+
+    Counted from the processor's own routing decisions and the results topic, not from broker
+    lag (which some brokers misreport). With several processor instances each one sees its share.
+    """
+
+    _inflight: Counter[str] = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def routed(self, model: str) -> None:
+        with self._lock:
+            self._inflight[model] += 1
+
+    def completed(self, model: str) -> None:
+        with self._lock:
+            if self._inflight[model] > 0:
+                self._inflight[model] -= 1
+
+    def get(self, model: str) -> int:
+        return self._inflight[model]
+
+    def over(self, entry: ModelEntry) -> bool:
+        return entry.max_backlog is not None and self._inflight[entry.name] >= entry.max_backlog
 
 
 @dataclass
 class Router:
     catalog: Catalog
+    classifier: Classifier = field(default_factory=RuleClassifier)
+    backlog: Backlog = field(default_factory=Backlog)
 
     def route(self, request: InferenceRequest) -> Route:
-        est_input = estimate_tokens(request.prompt_chars())
-        needed = est_input + request.max_tokens
+        c = self.classifier.classify(request)
         if request.model is not None:
             entry = self.catalog.get(request.model)
             if entry is None:
@@ -33,34 +77,59 @@ class Router:
                     DeadLetterReason.UNKNOWN_MODEL,
                     f"model {request.model!r} is not in the catalog ({', '.join(m.name for m in self.catalog)})",
                 )
-            self._check_context(entry, needed)
-            return Route(
-                model=entry.name,
-                reason="explicit model requested",
-                tier=entry.tier,
-                estimated_input_tokens=est_input,
-                routed_at=utcnow(),
-            )
-        candidates = [m for m in self.catalog.by_cost() if m.available]
-        for entry in candidates:
-            if entry.context_length >= needed:
-                return Route(
-                    model=entry.name,
-                    reason=f"cheapest available model with context >= {needed} tokens",
-                    tier=entry.tier,
-                    estimated_input_tokens=est_input,
-                    routed_at=utcnow(),
+            if c.required_context > entry.context_length:
+                raise PipelineRejection(
+                    DeadLetterReason.CONTEXT_OVERFLOW,
+                    f"needs ~{c.required_context} tokens; {entry.name} has a {entry.context_length}-token context",
                 )
-        largest = max((m.context_length for m in candidates), default=0)
+            return self._route(entry, c, f"explicit model requested; {c.reason}")
+        return self._cheapest_capable(request, c)
+
+    def _cheapest_capable(self, request: InferenceRequest, c: Classification) -> Route:
+        fits = [m for m in self.catalog if m.context_length >= c.required_context]
+        if not fits:
+            largest = max(m.context_length for m in self.catalog)
+            raise PipelineRejection(
+                DeadLetterReason.CONTEXT_OVERFLOW,
+                f"needs ~{c.required_context} tokens; the largest context in the catalog is {largest}",
+            )
+        capable = [m for m in fits if m.tier >= c.required_tier]
+        note = ""
+        if not capable:
+            top = max(m.tier for m in fits)
+            capable = [m for m in fits if m.tier == top]
+            note = f"; no model of tier >= {c.required_tier}, best is tier {top}"
+        capable.sort(key=lambda m: (expected_cost(m, c, request.max_tokens), m.name))
+        skipped: list[str] = []
+        for entry in capable:
+            if not entry.available:
+                skipped.append(f"{entry.name} unavailable")
+            elif self.backlog.over(entry):
+                skipped.append(f"{entry.name} backlog {self.backlog.get(entry.name)} >= {entry.max_backlog}")
+            else:
+                return self._route(entry, c, self._reason(entry, c, request, note, skipped))
+        available = [m for m in capable if m.available]
+        if available:
+            entry = available[0]
+            return self._route(entry, c, self._reason(entry, c, request, note + "; all over backlog", []))
         raise PipelineRejection(
-            DeadLetterReason.CONTEXT_OVERFLOW,
-            f"needs ~{needed} tokens; largest available context is {largest}",
+            DeadLetterReason.UNKNOWN_MODEL,
+            f"no available model for this request ({'; '.join(skipped)})",
         )
 
     @staticmethod
-    def _check_context(entry: ModelEntry, needed: int) -> None:
-        if needed > entry.context_length:
-            raise PipelineRejection(
-                DeadLetterReason.CONTEXT_OVERFLOW,
-                f"needs ~{needed} tokens; {entry.name} has a {entry.context_length}-token context",
-            )
+    def _reason(entry: ModelEntry, c: Classification, request: InferenceRequest, note: str, skipped: list[str]) -> str:
+        cost = expected_cost(entry, c, request.max_tokens)
+        failover = f"; failover past {', '.join(skipped)}" if skipped else ""
+        return f"{c.reason}; cheapest capable: {entry.name} (tier {entry.tier}, est ${cost:.6f}){note}{failover}"
+
+    @staticmethod
+    def _route(entry: ModelEntry, c: Classification, reason: str) -> Route:
+        return Route(
+            model=entry.name,
+            reason=reason,
+            task_type=c.task_type,
+            tier=entry.tier,
+            estimated_input_tokens=c.estimated_input_tokens,
+            routed_at=utcnow(),
+        )

@@ -30,6 +30,8 @@ TABLES: dict[str, str] = {
         cached Bool,
         replay_of Nullable(String),
         batch_id Nullable(String),
+        dedupe_key Nullable(String),
+        attempt Int32 DEFAULT 0,
         ingested_at {_TS} DEFAULT now64(3)
     """,
     "dead_letters": f"""
@@ -68,9 +70,24 @@ TABLES: dict[str, str] = {
         created_at {_TS},
         ingested_at {_TS} DEFAULT now64(3)
     """,
+    "request_status": f"""
+        request_id String,
+        state LowCardinality(String),
+        at {_TS},
+        model Nullable(String),
+        detail Nullable(String),
+        ingested_at {_TS} DEFAULT now64(3)
+    """,
 }
 
-_KEYS = {"results": "request_id", "dead_letters": "dead_letter_id", "cost_metrics": "request_id"}
+_KEYS = {
+    "results": "request_id",
+    "dead_letters": "dead_letter_id",
+    "cost_metrics": "request_id",
+    # The status history keeps one row per state change; a redelivered change collapses.
+    "request_status": "(request_id, state, at)",
+}
+_PARTITION = {"request_status": "toYYYYMM(at)"}
 
 
 def ddl_statements(database: str) -> list[str]:
@@ -79,6 +96,10 @@ def ddl_statements(database: str) -> list[str]:
         stmts.append(
             f"CREATE TABLE IF NOT EXISTS {database}.{table} ({columns}) "
             f"ENGINE = ReplacingMergeTree(ingested_at) "
-            f"PARTITION BY toYYYYMM(created_at) ORDER BY {_KEYS[table]}"
+            f"PARTITION BY {_PARTITION.get(table, 'toYYYYMM(created_at)')} ORDER BY {_KEYS[table]}"
         )
+        # Additive migration: columns added in later releases appear in existing tables.
+        for column in (c.strip() for c in columns.split(",\n")):
+            if column:
+                stmts.append(f"ALTER TABLE {database}.{table} ADD COLUMN IF NOT EXISTS {column}")
     return stmts

@@ -18,7 +18,7 @@ from sluice.errors import StoreError
 from sluice.settings import Settings
 from sluice.stackfile import read_stack_file
 
-__all__ = ["Query", "open_query", "stats_sql"]
+__all__ = ["STATE_ORDER", "Query", "open_query", "savings_sql", "stats_sql", "status_sql"]
 
 Query = Callable[[str, dict[str, Any] | None], QueryResult]
 
@@ -71,4 +71,42 @@ def stats_sql(database: str = "sluice", where: str = "1") -> str:
         WHERE {where}
         GROUP BY model, priority
         ORDER BY model, indexOf(['high', 'normal', 'low'], priority)
+    """
+
+
+def savings_sql(database: str = "sluice", where: str = "1") -> str:
+    """Per tenant: what dedupe, the cache and routing saved against running every request on the
+    catalog's most capable model (``baseline_cost_usd`` is that model's price for the same tokens)."""
+    return f"""
+        SELECT
+            tenant,
+            count() AS requests,
+            countIf(NOT deduplicated AND NOT cached) AS engine_runs,
+            countIf(deduplicated) AS deduplicated,
+            countIf(cached) AS cached,
+            sumIf(input_tokens + output_tokens, deduplicated OR cached) AS tokens_not_run,
+            round(sum(cost_usd), 8) AS cost_usd,
+            round(sum(baseline_cost_usd), 8) AS most_capable_usd,
+            round(sumIf(baseline_cost_usd - cost_usd, deduplicated), 8) AS saved_dedupe_usd,
+            round(sumIf(baseline_cost_usd - cost_usd, cached), 8) AS saved_cache_usd,
+            round(sumIf(baseline_cost_usd - cost_usd, NOT deduplicated AND NOT cached), 8) AS saved_routing_usd,
+            round(if(sum(baseline_cost_usd) > 0, 1 - sum(cost_usd) / sum(baseline_cost_usd), 0), 4) AS saved_fraction
+        FROM {database}.cost_metrics FINAL
+        WHERE {where}
+        GROUP BY tenant
+        ORDER BY tenant
+    """
+
+
+# How far along the lifecycle a state is: orders events that share a millisecond.
+STATE_ORDER = ["queued", "routed", "deduplicated", "cached", "running", "succeeded", "failed", "expired", "cancelled"]
+
+
+def status_sql(database: str = "sluice") -> str:
+    return f"""
+        SELECT state, min(at) AS at, any(model) AS model, any(detail) AS detail
+        FROM {database}.request_status FINAL
+        WHERE request_id = {{request_id:String}}
+        GROUP BY state
+        ORDER BY at, indexOf({STATE_ORDER!r}, state)
     """

@@ -1,4 +1,4 @@
-"""The ClickHouse sink: results, dead letters and cost metrics, written in batches.
+"""The ClickHouse sink: results, dead letters, cost metrics and status changes, written in batches.
 
 Offsets are committed only after the insert returned, so a crash re-inserts at most one batch,
 and the ReplacingMergeTree tables collapse the repeats. Undecodable events are counted and
@@ -15,7 +15,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from schemas import CostMetric, DeadLetter, InferenceResult, Serde
+from schemas import CostMetric, DeadLetter, InferenceResult, RequestStatus, Serde
 from schemas.models import AvroRecord
 from sluice.analytics.store import Store
 from sluice.errors import SluiceError, StoreError
@@ -45,6 +45,7 @@ _TABLES: dict[type[AvroRecord], tuple[str, Callable[[Any], dict[str, Any]]]] = {
     InferenceResult: ("results", _result_row),
     DeadLetter: ("dead_letters", _dead_letter_row),
     CostMetric: ("cost_metrics", lambda m: m.model_dump()),
+    RequestStatus: ("request_status", lambda m: m.model_dump()),
 }
 
 
@@ -70,6 +71,7 @@ class ClickHouseSink:
             topics.results: InferenceResult,
             topics.dead_letter: DeadLetter,
             topics.cost_metrics: CostMetric,
+            topics.status: RequestStatus,
         }
         self.group_id = f"{settings.topic_prefix}clickhouse-sink"
         self.on_rows = on_rows

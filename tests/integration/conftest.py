@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,7 @@ from schemas import Serde
 from sluice.analytics.store import Store
 from sluice.catalog import Catalog, ModelEntry
 from sluice.settings import Settings
+from sluice.stack import LocalStack
 from tests.conftest import unavailable
 
 
@@ -128,3 +129,26 @@ def settings(tmp_path: Path, kafka_bootstrap: str, clickhouse_store: Store, cata
 @pytest.fixture
 def serde() -> Serde:
     return Serde()
+
+
+@pytest.fixture
+def make_stack(settings: Settings, clickhouse_store: Store) -> Iterator[Callable[..., LocalStack]]:
+    """Start the local stack (embedded broker per test, the session's ClickHouse) with tweaks:
+    ``make_stack(lambda s: setattr(s.engine, "instant_batch_seconds", 0.2))``."""
+    started: list[LocalStack] = []
+
+    def make(tweak: Callable[[Settings], None] | None = None) -> LocalStack:
+        if tweak is not None:
+            tweak(settings)
+        stack = LocalStack(settings, store=clickhouse_store)
+        started.append(stack)
+        return stack.start()
+
+    yield make
+    for stack in started:
+        stack.stop()
+
+
+@pytest.fixture
+def stack(make_stack: Callable[..., LocalStack]) -> LocalStack:
+    return make_stack()

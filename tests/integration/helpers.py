@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import io
 import struct
+import time
+import uuid
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from fastavro import schemaless_writer
 
 from schemas.registry import load_schema
 from sluice.analytics.store import Store
-from sluice.kafka_config import producer_config
+from sluice.kafka_config import consumer_config, producer_config
 from sluice.settings import Settings
 
 
@@ -46,3 +48,32 @@ def dead_letters(store: Store, prefix: str) -> list[dict[str, Any]]:
         "WHERE startsWith(source_topic, {p:String}) ORDER BY source_topic, source_offset",
         {"p": prefix},
     ).dicts()
+
+
+def topic_keys(settings: Settings, topics: list[str], quiet_s: float = 3.0, timeout: float = 60.0) -> list[str]:
+    """Every message key on ``topics`` from the start, read until nothing new arrives for ``quiet_s``
+    (end offsets are not trusted: some brokers misreport the high watermark)."""
+    consumer = Consumer(consumer_config(settings.kafka, f"{settings.topic_prefix}probe-{uuid.uuid4().hex[:6]}"))
+    # Assigned, not subscribed: no group join to wait for.
+    meta = consumer.list_topics(timeout=10).topics
+    consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in meta[t].partitions])
+    keys: list[str] = []
+    deadline = time.monotonic() + timeout
+    last_new = time.monotonic()
+    try:
+        while time.monotonic() - last_new < quiet_s and time.monotonic() < deadline:
+            for msg in consumer.consume(500, timeout=0.2):
+                if msg.error() is None:
+                    keys.append((msg.key() or b"").decode())
+                    last_new = time.monotonic()
+    finally:
+        consumer.close()
+    return keys
+
+
+def results(store: Store, ids: list[str]) -> dict[str, dict[str, Any]]:
+    rows = store.query(
+        "SELECT * FROM sluice.results FINAL WHERE request_id IN {ids:Array(String)}",
+        {"ids": ids},
+    ).dicts()
+    return {r["request_id"]: r for r in rows}

@@ -16,19 +16,11 @@ from gpu_consumers.instant_engine import POISON_PILL
 from producers import SluiceClient
 from schemas import CostMetric, InferenceResult, Serde
 from sluice.analytics.store import Store
-from sluice.settings import Settings
 from sluice.stack import LocalStack, child_env
 from tests.conftest import wait_until
 from tests.integration.helpers import dead_letters, frame_request_dict, produce_raw, result_counts
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
-
-
-@pytest.fixture
-def stack(settings: Settings, clickhouse_store: Store) -> LocalStack:
-    s = LocalStack(settings, store=clickhouse_store).start()
-    yield s
-    s.stop()
 
 
 def test_every_request_gets_exactly_one_result_row_and_bad_events_dead_letter(
@@ -232,7 +224,7 @@ def test_sql_and_stats_from_another_process_while_the_stack_runs(stack: LocalSta
     ).stdout
     assert json.loads(out.strip().splitlines()[-1]) == {"n": 3}
     out = subprocess.run(
-        [sys.executable, "-m", "sluice", "stats", "--format", "json", "--tenant", "stats-tenant"],
+        [sys.executable, "-m", "sluice", "stats", "--view", "latency", "--format", "json", "--tenant", "stats-tenant"],
         env=env,
         capture_output=True,
         text=True,

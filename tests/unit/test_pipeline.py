@@ -4,12 +4,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from schemas import ChatMessage, DeadLetter, InferenceRequest, Serde
+from schemas import ChatMessage, DeadLetter, InferenceRequest, InferenceResult, RequestStatus, Serde
 from sluice.catalog import Catalog, ModelEntry
-from sluice.errors import DeadLetterReason, PipelineRejection
+from sluice.errors import DeadLetterReason
+from sluice.settings import ProcessorSettings
 from sluice.topics import Topics
 from stream_processors.pipeline import RequestPipeline
-from stream_processors.router import Router
 
 CHEAP = ModelEntry(
     name="cheap",
@@ -43,48 +43,51 @@ def req(content: str = "hello", **kw: object) -> InferenceRequest:
     return InferenceRequest.model_validate({"messages": [ChatMessage(role="user", content=content)], **kw})
 
 
-@pytest.mark.parametrize(
-    ("request_", "model", "reason_part"),
-    [
-        (req(), "cheap", "cheapest"),
-        (req(max_tokens=900), "cheap", "cheapest"),
-        (req(max_tokens=1200), "big", "context >= 1202"),
-        (req("x" * 8000), "big", "cheapest"),
-        (req(model="big"), "big", "explicit"),
-    ],
-)
-def test_router_decisions(request_: InferenceRequest, model: str, reason_part: str) -> None:
-    route = Router(CATALOG).route(request_)
-    assert route.model == model and reason_part in route.reason
-
-
-@pytest.mark.parametrize(
-    ("request_", "reason"),
-    [
-        (req(model="nope"), DeadLetterReason.UNKNOWN_MODEL),
-        (req(model="cheap", max_tokens=2000), DeadLetterReason.CONTEXT_OVERFLOW),
-        (req("x" * 200_000), DeadLetterReason.CONTEXT_OVERFLOW),
-    ],
-)
-def test_router_rejections(request_: InferenceRequest, reason: DeadLetterReason) -> None:
-    with pytest.raises(PipelineRejection) as err:
-        Router(CATALOG).route(request_)
-    assert err.value.reason is reason
-
-
-def _pipeline() -> tuple[RequestPipeline, Serde, Topics]:
+def _pipeline(**settings: object) -> tuple[RequestPipeline, Serde, Topics]:
     serde, topics = Serde(), Topics("p.")
-    return RequestPipeline(CATALOG, topics, serde), serde, topics
+    return RequestPipeline(CATALOG, topics, serde, ProcessorSettings.model_validate(settings)), serde, topics
 
 
-def test_pipeline_routes_to_the_model_and_priority_topic() -> None:
+def test_pipeline_routes_an_uncached_request_straight_to_the_model_and_priority_topic() -> None:
     pipe, serde, topics = _pipeline()
-    r = req(priority="low")
-    fwd = pipe.process(serde.encode(r), topic=topics.requests("low"), partition=0, offset=5)
-    assert fwd.topic == "p.model.cheap.low" and fwd.key == r.request_id.encode()
+    r = req(priority="low", cache=False)
+    fwds = pipe.process(serde.encode(r), topic=topics.requests("low"), partition=0, offset=5)
+    assert [f.topic for f in fwds] == ["p.model.cheap.low", topics.status]
+    fwd = fwds[0]
+    assert fwd.key == r.request_id.encode()
     routed = serde.decode(InferenceRequest, fwd.value)
     assert routed.route is not None and routed.route.model == "cheap"
     assert routed.model_copy(update={"route": None}) == r
+    status = serde.decode(RequestStatus, fwds[1].value)
+    assert (status.request_id, status.state, status.model) == (r.request_id, "routed", "cheap")
+    assert pipe.router.backlog.get("cheap") == 1
+
+
+def test_pipeline_repartitions_dedupable_requests_by_their_key() -> None:
+    pipe, serde, topics = _pipeline()
+    a, b = req("same question"), req("same question")
+    fa = pipe.process(serde.encode(a), topic=topics.requests("normal"), partition=0, offset=1)
+    fb = pipe.process(serde.encode(b), topic=topics.requests("normal"), partition=1, offset=1)
+    assert [f.topic for f in fa] == [topics.dedupe] and fa[0].headers == [("kind", b"request")]
+    assert fa[0].key == fb[0].key and fa[0].key is not None and fa[0].key.startswith(b"content:default:")
+    assert serde.decode(InferenceRequest, fa[0].value).dedupe_key == fa[0].key.decode()
+    # Idempotency keys are scoped by tenant; another tenant's same content is another key.
+    keyed = pipe.process(
+        serde.encode(req(idempotency_key="k1")), topic=topics.requests("normal"), partition=0, offset=2
+    )
+    other = pipe.process(
+        serde.encode(req("same question", tenant="t2")), topic=topics.requests("normal"), partition=0, offset=3
+    )
+    assert keyed[0].key == b"idem:default:k1"
+    assert other[0].key != fa[0].key
+
+
+def test_pipeline_flags_a_request_close_to_its_deadline() -> None:
+    pipe, serde, topics = _pipeline(deadline_warning_s=60)
+    r = req(cache=False, deadline=datetime.now(UTC) + timedelta(seconds=20))
+    fwds = pipe.process(serde.encode(r), topic=topics.requests("normal"), partition=0, offset=1)
+    flagged = serde.decode(RequestStatus, fwds[0].value)
+    assert flagged.state == "queued" and flagged.detail is not None and "near deadline" in flagged.detail
 
 
 @pytest.mark.parametrize(
@@ -105,11 +108,17 @@ def test_pipeline_dead_letters_never_raise(value: object, topic_priority: str, r
         value = serde.encode(req(deadline=datetime.now(UTC) - timedelta(seconds=1)))
     elif value == "unknown-model":
         value = serde.encode(req(model="gpt-x"))
-    fwd = pipe.process(value, topic=topics.requests(topic_priority), partition=2, offset=9)  # type: ignore[arg-type]
+    fwds = pipe.process(value, topic=topics.requests(topic_priority), partition=2, offset=9)  # type: ignore[arg-type]
+    fwd = fwds[0]
     assert fwd.topic == topics.dead_letter
     dl = serde.decode(DeadLetter, fwd.value)
     assert dl.reason is reason and dl.source_partition == 2 and dl.source_offset == 9
     assert dl.original == (value or b"")
     # Deterministic id: a redelivered poison event maps to the same dead-letter row.
     again = pipe.process(value, topic=topics.requests(topic_priority), partition=2, offset=9)  # type: ignore[arg-type]
-    assert serde.decode(DeadLetter, again.value).dead_letter_id == dl.dead_letter_id
+    assert serde.decode(DeadLetter, again[0].value).dead_letter_id == dl.dead_letter_id
+    if dl.request_id is not None:
+        # A decodable request also gets a failed result, so its submitter is not left waiting.
+        result = serde.decode(InferenceResult, fwds[1].value)
+        assert result.status == "failed" and reason.value in (result.error or "")
+        assert result.request_id == dl.request_id

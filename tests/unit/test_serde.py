@@ -111,6 +111,7 @@ def test_golden_bytes_confluent_wire_format() -> None:
         "00"  # replay_of null
         "00"  # attempt 0
         "00"  # metadata: empty map
+        "00"  # dedupe_key null
         "00"  # route null
     )
 

@@ -1,0 +1,240 @@
+"""Dedupe and the exact-match response cache, over one keyed table.
+
+The Faust app keeps the table (a ``faust.Table`` with a compacted changelog, so it survives
+restarts); this module is the logic over any ``MutableMapping``, so unit tests use a dict.
+
+Events reach it on the dedupe topic, keyed by the dedupe key, so every event about one key is on
+one partition and is seen in order by one worker:
+
+* a routed **request**: the first with its key runs (forwarded to its model topic); later ones
+  while it is in flight are attached to it; later ones after it succeeded are answered from the
+  stored result (an idempotency-key repeat as a duplicate, a content repeat as a cache hit);
+* a **completion** (the original's result, tapped from the results topic): every attached
+  duplicate gets its own result (own request id, ``deduplicated_from`` set), and a successful
+  result is kept for the cache TTL;
+* a **tick** (sent to each partition by the leader's timer): expired entries of that partition
+  are deleted, and the oldest are evicted beyond the per-partition bound.
+
+Entries record their partition because a table write must go to the changelog partition of the
+event being processed: a sweep only touches entries of the tick's own partition.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import time
+from collections.abc import MutableMapping
+from datetime import UTC, datetime
+from typing import Any
+
+from schemas import InferenceRequest, InferenceResult, utcnow
+from sluice.settings import ProcessorSettings
+from stream_processors.emit import Emitter, Forward
+from stream_processors.router import Backlog
+
+__all__ = ["DedupeStage", "dedupe_key"]
+
+logger = logging.getLogger(__name__)
+
+Entry = dict[str, Any]
+
+
+def dedupe_key(request: InferenceRequest, settings: ProcessorSettings) -> str | None:
+    """``idem:<tenant>:<key>`` for an idempotency key; else ``content:<scope>:<sha256>`` of what
+    determines the answer (model hint, messages, sampling parameters), unless the request opts out
+    of the cache; ``None`` when the request is not deduplicated at all."""
+    if not settings.dedupe_enabled:
+        return None
+    if request.idempotency_key:
+        return f"idem:{request.tenant}:{request.idempotency_key}"
+    if not (request.cache and settings.cache_enabled):
+        return None
+    content = {
+        "model": request.model,
+        "messages": [[m.role, m.content] for m in request.messages],
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "seed": request.seed,
+    }
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    scope = "*" if settings.cache_shared_across_tenants else request.tenant
+    return f"content:{scope}:{digest}"
+
+
+def _waiter(request: InferenceRequest, raw: bytes = b"") -> dict[str, Any]:
+    assert request.route is not None
+    return {
+        "request_id": request.request_id,
+        # Kept so the duplicate can still run on its own if its original never completes.
+        "raw": base64.b64encode(raw).decode(),
+        "model": request.route.model,
+        "tenant": request.tenant,
+        "priority": request.priority,
+        "created_at": request.created_at.timestamp(),
+        "correlation_id": request.correlation_id,
+        "replay_of": request.replay_of,
+    }
+
+
+class DedupeStage:
+    def __init__(
+        self,
+        table: MutableMapping[str, Entry],
+        emitter: Emitter,
+        settings: ProcessorSettings,
+        backlog: Backlog | None = None,
+        clock: Any = time.time,
+    ) -> None:
+        self.table = table
+        self.emit = emitter
+        self.settings = settings
+        self.backlog = backlog or Backlog()
+        self.clock = clock
+
+    # -- requests -------------------------------------------------------------------------
+    def on_request(self, request: InferenceRequest, raw: bytes, partition: int) -> list[Forward]:
+        key = request.dedupe_key
+        assert key is not None and request.route is not None
+        now = self.clock()
+        entry = self.table.get(key)
+        if entry is not None and self._expired(entry, now):
+            entry = None
+        if entry is None or (entry["original"] == request.request_id and entry["state"] == "running"):
+            # A new key, or the original redelivered after a restart: (re)forward it. Skipping a
+            # redelivered original could lose it if the first forward was never acknowledged.
+            self.table[key] = {
+                "original": request.request_id,
+                "state": "running",
+                "p": partition,
+                "at": now,
+                "waiters": entry["waiters"] if entry else [],
+                "result": None,
+            }
+            return self._forward(request, raw)
+        if entry["original"] == request.request_id:
+            return []  # the original redelivered after it completed: its result exists
+        if entry["state"] == "running":
+            if all(w["request_id"] != request.request_id for w in entry["waiters"]):
+                entry = {**entry, "waiters": [*entry["waiters"], _waiter(request, raw)]}
+                self.table[key] = entry
+            return self.emit.status(
+                request.request_id, "deduplicated", model=request.route.model, detail=f"attached to {entry['original']}"
+            )
+        # Done: answer from the stored result without touching a model topic.
+        cached = key.startswith("content:")
+        result = self._answer(entry["result"], _waiter(request), entry["original"], cached=cached)
+        return self.emit.result(result, cached=cached, deduplicated=not cached)
+
+    def _forward(self, request: InferenceRequest, raw: bytes) -> list[Forward]:
+        assert request.route is not None
+        model = request.route.model
+        self.backlog.routed(model)
+        fwd = Forward(
+            topic=self.emit.topics.model(model, request.priority),
+            key=request.request_id.encode(),
+            value=raw,
+            record=request,
+        )
+        return [fwd, *self.emit.status(request.request_id, "routed", model=model, detail=request.route.reason)]
+
+    # -- completions ----------------------------------------------------------------------
+    def on_completed(self, result: InferenceResult) -> list[Forward]:
+        key = result.dedupe_key
+        assert key is not None
+        entry = self.table.get(key)
+        if entry is None or entry["original"] != result.request_id or entry["state"] != "running":
+            return []  # stale, or a redelivered completion already handled
+        out: list[Forward] = []
+        for w in entry["waiters"]:
+            out += self.emit.result(self._answer(self._stored(result), w, result.request_id), deduplicated=True)
+        if result.status == "succeeded":
+            self.table[key] = {
+                **entry,
+                "state": "done",
+                "at": self.clock(),
+                "waiters": [],
+                "result": self._stored(result),
+            }
+        else:
+            # Failures are not cached: the next identical request runs again.
+            del self.table[key]
+        return out
+
+    @staticmethod
+    def _stored(result: InferenceResult) -> dict[str, Any]:
+        return {
+            "model": result.model,
+            "status": result.status,
+            "output_text": result.output_text,
+            "finish_reason": result.finish_reason,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "error": result.error,
+            "started_at": result.started_at.timestamp(),
+            "route_reason": result.route_reason,
+        }
+
+    @staticmethod
+    def _answer(
+        stored: dict[str, Any], waiter: dict[str, Any], original: str, *, cached: bool = False
+    ) -> InferenceResult:
+        now = utcnow()
+        created = datetime.fromtimestamp(waiter["created_at"], UTC)
+        return InferenceResult(
+            request_id=waiter["request_id"],
+            tenant=waiter["tenant"],
+            priority=waiter["priority"],
+            model=stored["model"],
+            status=stored["status"],
+            output_text=stored["output_text"],
+            finish_reason=stored["finish_reason"],
+            prompt_tokens=stored["prompt_tokens"],
+            completion_tokens=stored["completion_tokens"],
+            error=stored["error"],
+            created_at=created,
+            # A cache hit starts now; an attached duplicate started with its original.
+            started_at=max(created, now if cached else datetime.fromtimestamp(stored["started_at"], UTC)),
+            completed_at=now,
+            correlation_id=waiter["correlation_id"],
+            route_reason=stored["route_reason"],
+            deduplicated_from=original,
+            cached=cached,
+            replay_of=waiter["replay_of"],
+        )
+
+    # -- bounding -------------------------------------------------------------------------
+    def _expired(self, entry: Entry, now: float) -> bool:
+        ttl = self.settings.inflight_ttl_s if entry["state"] == "running" else self.settings.cache_ttl_s
+        return bool(now - entry["at"] > ttl)
+
+    def sweep(self, partition: int) -> list[Forward]:
+        """Delete this partition's expired entries, then evict its oldest cached results beyond
+        the bound. Duplicates still attached to an expired in-flight original run on their own."""
+        now = self.clock()
+        mine = [(k, e) for k, e in list(self.table.items()) if e["p"] == partition]
+        doomed = {k for k, e in mine if self._expired(e, now)}
+        done = sorted(((e["at"], k) for k, e in mine if k not in doomed and e["state"] == "done"), reverse=True)
+        room = max(0, self.settings.max_entries_per_partition - (len(mine) - len(doomed) - len(done)))
+        doomed.update(k for _, k in done[room:])
+        out: list[Forward] = []
+        for k in doomed:
+            entry = self.table.pop(k)
+            for w in entry["waiters"]:
+                logger.warning(
+                    "original %s of %s did not complete in time; running it alone", entry["original"], w["request_id"]
+                )
+                self.backlog.routed(w["model"])
+                out.append(
+                    Forward(
+                        self.emit.topics.model(w["model"], w["priority"]),
+                        w["request_id"].encode(),
+                        base64.b64decode(w["raw"]),
+                    )
+                )
+        if doomed:
+            logger.debug("dedupe sweep of partition %d removed %d entries", partition, len(doomed))
+        return out

@@ -1,0 +1,83 @@
+"""What the processor sends: a :class:`Forward` is one record for one topic.
+
+The per-event logic returns Forwards instead of producing, so it stays free of Faust and can be
+unit-tested and benchmarked alone; the Faust app sends them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas import CostMetric, InferenceResult, RequestStatus, Serde
+from schemas.models import AvroRecord
+from sluice.catalog import Catalog
+from sluice.topics import Topics
+
+__all__ = ["Emitter", "Forward"]
+
+
+@dataclass(frozen=True)
+class Forward:
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    record: AvroRecord | None = None
+
+
+class Emitter:
+    def __init__(self, topics: Topics, serde: Serde, catalog: Catalog, *, publish_status: bool = True) -> None:
+        self.topics = topics
+        self.serde = serde
+        self.baseline = catalog.most_capable()
+        self.catalog = catalog
+        self.publish_status = publish_status
+
+    def record(self, topic: str, key: str | None, record: AvroRecord) -> Forward:
+        return Forward(topic, key.encode() if key else None, self.serde.encode(record), record=record)
+
+    def status(
+        self, request_id: str, state: str, *, model: str | None = None, detail: str | None = None
+    ) -> list[Forward]:
+        if not self.publish_status:
+            return []
+        rec = RequestStatus.model_validate({"request_id": request_id, "state": state, "model": model, "detail": detail})
+        return [self.record(self.topics.status, request_id, rec)]
+
+    def result(self, result: InferenceResult, *, cached: bool = False, deduplicated: bool = False) -> list[Forward]:
+        """A result the processor answers itself (duplicate or cache hit), with its cost metric:
+        zero cost, and the saving measured against the most capable model."""
+        out = [self.record(self.topics.results, result.request_id, result)]
+        if result.status == "succeeded":
+            served_by = self.catalog.get(result.model)
+            baseline = self.baseline.cost_usd(result.prompt_tokens, result.completion_tokens)
+            metric = CostMetric(
+                request_id=result.request_id,
+                tenant=result.tenant,
+                priority=result.priority,
+                model=result.model if served_by else self.baseline.name,
+                input_tokens=result.prompt_tokens,
+                output_tokens=result.completion_tokens,
+                queue_wait_ms=0,
+                engine_ms=0.0,
+                latency_ms=result.latency_ms,
+                cost_usd=0.0,
+                baseline_cost_usd=baseline,
+                batch_id=None,
+                batch_size=0,
+                cached=cached,
+                deduplicated=deduplicated,
+            )
+            out.append(self.record(self.topics.cost_metrics, result.request_id, metric))
+        out += self.status(
+            result.request_id,
+            "cached" if cached else result.status,
+            model=result.model,
+            detail=f"served from {result.deduplicated_from}" if result.deduplicated_from else None,
+        )
+        return out
+
+    @staticmethod
+    def result_fields(result: InferenceResult) -> dict[str, Any]:
+        return result.model_dump(exclude={"schema_file"})
