@@ -26,6 +26,8 @@ class EngineRequest:
     seed: int | None = None
     # Lower runs first, as in vLLM's priority scheduler.
     priority: int = 1
+    # How many times this request already failed transiently (0 on its first run).
+    attempt: int = 0
 
 
 @dataclass(frozen=True)

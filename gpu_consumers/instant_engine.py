@@ -2,7 +2,8 @@
 
 It answers with a deterministic echo so tests can check routing, batching, offsets and sinks
 without loading a model. A prompt containing ``POISON_PILL`` makes the whole batch raise, as a
-request that crashes a real engine would. The real engine path is ``vllm_engine.VLLMEngine``.
+request that crashes a real engine would; one containing ``FLAKY`` does so on its first attempt
+only, as a transient failure would. The real engine path is ``vllm_engine.VLLMEngine``.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from collections.abc import Sequence
 
 from gpu_consumers.engine import EngineOutput, EngineRequest
 
-__all__ = ["POISON_PILL", "InstantTestEngine"]
+__all__ = ["FLAKY", "POISON_PILL", "InstantTestEngine"]
 
 POISON_PILL = "POISON_PILL"
+FLAKY = "FLAKY"
 
 
 class InstantTestEngine:
@@ -27,6 +29,8 @@ class InstantTestEngine:
     def generate(self, batch: Sequence[EngineRequest]) -> list[EngineOutput]:
         if any(POISON_PILL in m["content"] for r in batch for m in r.messages):
             raise RuntimeError("instant engine: poison pill in batch")
+        if any(FLAKY in m["content"] and r.attempt == 0 for r in batch for m in r.messages):
+            raise RuntimeError("instant engine: transient failure (first attempt of a FLAKY request)")
         self.batches.append([r.request_id for r in batch])
         if self.batch_seconds:
             time.sleep(self.batch_seconds)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from gpu_consumers.buffer import Buffered, PriorityBuffer
+from gpu_consumers.cancellations import CancelWatch
 from gpu_consumers.engine import Engine, EngineOutput, EngineRequest, run_isolating
 from gpu_consumers.offsets import OffsetTracker
 from schemas import CostMetric, DeadLetter, InferenceRequest, InferenceResult, RequestStatus, Serde, utcnow
@@ -43,6 +44,7 @@ class BatchReport:
     engine_seconds: float
     results: list[InferenceResult] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)
 
 
 class GpuWorker:
@@ -56,6 +58,7 @@ class GpuWorker:
         serde: Serde | None = None,
         aging_s: float = 30.0,
         on_batch: Callable[[BatchReport], None] | None = None,
+        watch_cancellations: bool = True,
     ) -> None:
         entry = catalog.get(model)
         if entry is None:
@@ -81,6 +84,8 @@ class GpuWorker:
         self._rejects: list[tuple[tuple[str, int], int, AvroRecord, str | None]] = []
         self._delivery_errors: list[str] = []
         self.batches_run = 0
+        self.watch_cancellations = watch_cancellations
+        self.cancels: CancelWatch | None = None
 
     # -- Kafka plumbing -------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
@@ -108,7 +113,13 @@ class GpuWorker:
         if err is not None:
             self._delivery_errors.append(f"{msg.topic()}: {err}")
 
-    def _produce(self, topic: str, key: str | None, record: AvroRecord) -> None:
+    def _produce(
+        self,
+        topic: str,
+        key: str | None,
+        record: AvroRecord,
+        headers: list[tuple[str, str | bytes | None]] | None = None,
+    ) -> None:
         value = self.serde.encode(record)
         while True:
             try:
@@ -116,6 +127,7 @@ class GpuWorker:
                     topic,
                     key=key.encode() if key else None,
                     value=value,
+                    headers=headers,
                     on_delivery=self._on_delivery,
                 )
                 return
@@ -234,8 +246,13 @@ class GpuWorker:
         started = utcnow()
         report = BatchReport(batch_id=batch_id, size=len(items), engine_seconds=0.0)
         runnable: list[Buffered] = []
+        if items and self.cancels is not None:
+            self.cancels.poll()
         for it in items:
-            if it.request.deadline is not None and it.request.deadline <= started:
+            cancelled = self.cancels.reason(it.request.request_id) if self.cancels is not None else None
+            if cancelled is not None:
+                self._fail(it, started, report, DeadLetterReason.CANCELLED, cancelled)
+            elif it.request.deadline is not None and it.request.deadline <= started:
                 self._fail(
                     it,
                     started,
@@ -258,6 +275,7 @@ class GpuWorker:
                 top_p=it.request.top_p,
                 seed=it.request.seed,
                 priority=it.rank,
+                attempt=it.request.attempt,
             )
             for it in runnable
         ]
@@ -268,7 +286,10 @@ class GpuWorker:
         for it, out in zip(runnable, outputs, strict=True):
             if out.error is not None:
                 reason = DeadLetterReason(out.error_kind or "engine_error")
-                self._fail(it, started, report, reason, out.error, out)
+                if reason is DeadLetterReason.ENGINE_ERROR:
+                    self._retry_or_fail(it, started, report, out)
+                else:
+                    self._fail(it, started, report, reason, out.error, out)
                 continue
             share = (out.prompt_tokens + out.completion_tokens) / total_tokens
             self._succeed(it, out, started, report, batch_id, share, len(runnable))
@@ -373,10 +394,37 @@ class GpuWorker:
         dl = self._dead_letter(reason, error, (it.topic, it.partition), it.offset, it.value, it.request)
         self._produce(self.topics.results, it.request.request_id, result)
         self._produce(self.topics.dead_letter, it.request.request_id, dl)
-        state = "expired" if reason is DeadLetterReason.DEADLINE_EXPIRED else "failed"
+        state = {DeadLetterReason.DEADLINE_EXPIRED: "expired", DeadLetterReason.CANCELLED: "cancelled"}.get(
+            reason, "failed"
+        )
         self._status(it.request.request_id, state, f"{reason.value}: {error}")
         report.results.append(result)
         report.dead_letters.append(dl)
+
+    def _max_attempts(self, request: InferenceRequest) -> int:
+        wanted = request.metadata.get("max_attempts", "")
+        return int(wanted) if wanted.isdigit() and int(wanted) >= 1 else self.settings.retry.max_attempts
+
+    def _retry_or_fail(self, it: Buffered, started: object, report: BatchReport, out: EngineOutput) -> None:
+        """Transient engine failure: back to a delay topic (the partition keeps flowing), or a
+        dead letter once the attempts are used up."""
+        req = it.request
+        max_attempts = self._max_attempts(req)
+        error = out.error or "engine error"
+        if req.attempt + 1 >= max_attempts:
+            reason = DeadLetterReason.RETRIES_EXHAUSTED if max_attempts > 1 else DeadLetterReason.ENGINE_ERROR
+            self._fail(it, started, report, reason, f"engine_error after {req.attempt + 1} attempt(s): {error}", out)
+            return
+        backoff = self.settings.retry.backoff_ms
+        level = min(req.attempt, len(backoff) - 1)
+        retry = req.model_copy(update={"attempt": req.attempt + 1})
+        self._produce(self.topics.retry(level), req.request_id, retry, [("target", it.topic.encode())])
+        self._status(
+            req.request_id,
+            "queued",
+            f"retry {req.attempt + 1} of {max_attempts - 1} in {backoff[level] / 1000:g}s after: {error}",
+        )
+        report.retried.append(req.request_id)
 
     def _status(self, request_id: str, state: str, detail: str | None = None) -> None:
         if self.settings.publish_status:
@@ -389,6 +437,8 @@ class GpuWorker:
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
         consumer = Consumer(consumer_config(self.settings.kafka, self.group_id, **{"fetch.wait.max.ms": 50}))
         self._consumer = consumer
+        if self.watch_cancellations:
+            self.cancels = CancelWatch(self.settings, self.serde)
         consumer.subscribe(
             self.topics.model_topics(self.entry.name),
             on_assign=self._on_assign,
@@ -419,5 +469,7 @@ class GpuWorker:
             # requests are released uncommitted for whoever owns their partitions next.
             self._commit(consumer)
             consumer.close()
+            if self.cancels is not None:
+                self.cancels.close()
             self._producer.flush(10)
             logger.info("gpu worker for %s stopped after %d batches", self.entry.name, self.batches_run)

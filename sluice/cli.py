@@ -178,7 +178,9 @@ def cmd_topics(args: argparse.Namespace) -> int:
     from sluice.topics import Topics, ensure_topics
 
     settings = _settings(args)
-    topics = Topics(settings.topic_prefix).pipeline(load_catalog(settings.catalog_path), settings.processor.app_id)
+    topics = Topics(settings.topic_prefix).pipeline(
+        load_catalog(settings.catalog_path), settings.processor.app_id, len(settings.retry.backoff_ms)
+    )
     ensure_topics(settings.kafka, topics)
     for name in topics:
         print(name)

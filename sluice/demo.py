@@ -1,7 +1,8 @@
 """``sluice demo``: one real run of the whole pipeline on the embedded stack.
 
 Starts tansu, chDB, the Faust router and a vLLM consumer with SmolLM2-135M-Instruct (CPU), submits
-a handful of prompts at mixed priorities plus one request for a model that does not exist, prints
+a handful of prompts at mixed priorities (one of them twice, to show dedupe) plus one request for a
+model that does not exist, prints
 each answer as it arrives, then a cost/latency summary computed by SQL in ClickHouse.
 """
 
@@ -18,7 +19,7 @@ from rich.table import Table
 
 from producers import SluiceClient
 from schemas import InferenceResult
-from sluice.analytics.query import stats_sql
+from sluice.analytics.query import savings_sql, stats_sql
 from sluice.catalog import load_catalog
 from sluice.errors import SluiceError
 from sluice.follow import follow_results
@@ -73,9 +74,12 @@ def _run(stack: LocalStack, console: Console, run: str, max_tokens: int, timeout
             results[r.request_id] = r
         colour = {"high": "red", "normal": "yellow", "low": "blue"}.get(r.priority, "white")
         answer = r.output_text.strip().replace("\n", " ") if r.status == "succeeded" else f"[red]{r.error}[/]"
+        how = ""
+        if r.deduplicated_from:
+            how = f" [green]{'cache hit' if r.cached else 'deduplicated'}: answered with {r.deduplicated_from[:8]}[/]"
         console.print(
             f"[{colour}]{r.priority:>6}[/] [dim]{r.request_id[:8]}[/] {r.latency_ms / 1000:6.2f}s "
-            f"{r.model} in={r.prompt_tokens} out={r.completion_tokens}\n        {answer}"
+            f"{r.model} in={r.prompt_tokens} out={r.completion_tokens}{how}\n        {answer}"
         )
 
     follower = threading.Thread(
@@ -91,11 +95,15 @@ def _run(stack: LocalStack, console: Console, run: str, max_tokens: int, timeout
         client.submit(p, priority=prio, tenant="demo", max_tokens=max_tokens, correlation_id=run)  # type: ignore[arg-type]
         for prio, p in DEMO_PROMPTS
     ]
+    # The same question twice: the second is attached to the first and never reaches the GPU.
+    ids.append(
+        client.submit(DEMO_PROMPTS[2][1], priority="low", tenant="demo", max_tokens=max_tokens, correlation_id=run)
+    )
     bad = client.submit("This model does not exist.", model="gpt-nonexistent", tenant="demo")
     client.flush()
     console.print(
-        f"Submitted {len(ids)} prompts (high/normal/low) and 1 request for an unknown model; "
-        "waiting for answers (the first batch waits for vLLM to start)…"
+        f"Submitted {len(ids)} prompts (high/normal/low, one of them a duplicate) and 1 request for an "
+        "unknown model; waiting for answers (the first batch waits for vLLM to start)…"
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -139,6 +147,10 @@ def _run(stack: LocalStack, console: Console, run: str, max_tokens: int, timeout
         summary.columns,
         summary.rows,
     )
+    savings = store.query(
+        savings_sql(settings.clickhouse.database, "request_id IN {ids:Array(String)}"), {"ids": id_list}
+    )
+    _print_table(console, "Savings against running everything on the most capable model", savings.columns, savings.rows)
     return 0
 
 

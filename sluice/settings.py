@@ -16,6 +16,7 @@ __all__ = [
     "EngineSettings",
     "KafkaSettings",
     "ProcessorSettings",
+    "RetrySettings",
     "SchemaRegistrySettings",
     "Settings",
     "default_data_dir",
@@ -82,6 +83,16 @@ class EngineSettings(BaseModel):
     instant_batch_seconds: float = 0.0
 
 
+class RetrySettings(BaseModel):
+    """Transient failures (engine errors) are retried through delay topics, not by blocking."""
+
+    # Total runs of a request, the first included; a request may lower or raise it with
+    # metadata {"max_attempts": "N"}.
+    max_attempts: int = Field(default=3, ge=1)
+    # One retry topic per delay; attempt n waits backoff_ms[min(n-1, len-1)] (exponential by default).
+    backoff_ms: list[int] = Field(default_factory=lambda: [1000, 10_000, 60_000], min_length=1)
+
+
 class ProcessorSettings(BaseModel):
     """Faust stream processor settings."""
 
@@ -116,6 +127,7 @@ class Settings(BaseSettings):
     clickhouse: ClickHouseSettings = Field(default_factory=ClickHouseSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     processor: ProcessorSettings = Field(default_factory=ProcessorSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
 
     def clickhouse_url(self) -> str:
         """The configured URL, or the embedded chDB directory under ``data_dir``."""

@@ -123,7 +123,10 @@ class LocalStack:
         if self.embedded_broker:
             self.broker = EmbeddedBroker(self.broker_port, log_path=self.log_dir / "tansu.log").start()
             self.settings.kafka.bootstrap_servers = self.broker.bootstrap_servers
-        ensure_topics(self.settings.kafka, self.topics.pipeline(self.catalog, self.settings.processor.app_id))
+        ensure_topics(
+            self.settings.kafka,
+            self.topics.pipeline(self.catalog, self.settings.processor.app_id, len(self.settings.retry.backoff_ms)),
+        )
         if self.run_sink:
             if self.store is None:
                 self.store = Store(

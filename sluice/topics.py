@@ -64,11 +64,20 @@ class Topics:
         """Routed requests and completions, keyed by dedupe key (the processor's repartition topic)."""
         return f"{self.prefix}router.dedupe"
 
+    @property
+    def cancellations(self) -> str:
+        return f"{self.prefix}cancellations"
+
+    def retry(self, level: int) -> str:
+        return f"{self.prefix}retry.{level}"
+
     def table_changelog(self, app_id: str, table: str) -> str:
         # Faust's naming: "<app id>-<table>-changelog"; the app id carries the prefix.
         return f"{self.prefix}{app_id}-{table}-changelog"
 
-    def pipeline(self, catalog: Catalog, app_id: str = "sluice-router") -> dict[str, dict[str, str]]:
+    def pipeline(
+        self, catalog: Catalog, app_id: str = "sluice-router", retry_levels: int = 3
+    ) -> dict[str, dict[str, str]]:
         """Every topic the pipeline needs, with its topic-level config."""
         topics: dict[str, dict[str, str]] = {t: {} for t in self.all_requests()}
         topics.update({t: {} for m in catalog for t in self.model_topics(m.name)})
@@ -77,6 +86,8 @@ class Topics:
         topics[self.cost_metrics] = {}
         topics[self.status] = {"cleanup.policy": "compact"}
         topics[self.dedupe] = {}
+        topics[self.cancellations] = {"cleanup.policy": "compact"}
+        topics.update({self.retry(level): {} for level in range(retry_levels)})
         topics[self.table_changelog(app_id, "dedupe")] = {"cleanup.policy": "compact"}
         return topics
 
