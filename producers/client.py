@@ -115,6 +115,15 @@ class SluiceClient:
         self.producer.poll(0)
         return request.request_id
 
+    def cancel(self, request_id: str, reason: str = "cancelled by the submitter") -> None:
+        """Ask the GPU consumers to skip a request that has not started (compacted topic, keyed by id).
+
+        A request already running finishes normally; a skipped one gets a failed result, a
+        ``cancelled`` dead letter and the status ``cancelled``."""
+        record = RequestStatus(request_id=request_id, state="cancelled", detail=reason)
+        self._produce(self.topics.cancellations, request_id, self._serde.encode(record), [])
+        self.producer.poll(0)
+
     def _produce(self, topic: str, key: str, value: bytes, headers: list[tuple[str, str | bytes | None]]) -> None:
         while True:
             try:

@@ -8,12 +8,16 @@ import logging
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from sluice.errors import SluiceError
 from sluice.logs import setup_logging
 from sluice.settings import Settings
+
+if TYPE_CHECKING:
+    from sluice.dlq import DlqFilter
 
 __all__ = ["main"]
 
@@ -173,6 +177,86 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from producers import SluiceClient
+
+    with SluiceClient(_settings(args)) as client:
+        for rid in args.request_ids:
+            client.cancel(rid, args.reason)
+    console.print(
+        f"cancellation requested for {len(args.request_ids)} request(s); `sluice status ID` shows the outcome"
+    )
+    return 0
+
+
+def _dlq_filter(args: argparse.Namespace) -> DlqFilter:
+    from sluice.dlq import DlqFilter, parse_age
+
+    return DlqFilter(
+        reason=args.reason,
+        model=args.model,
+        tenant=args.tenant,
+        since=parse_age(args.since) if args.since else None,
+        ids=list(args.id or []),
+    )
+
+
+def cmd_dlq_list(args: argparse.Namespace) -> int:
+    from sluice.analytics.query import open_query
+    from sluice.dlq import list_dead_letters
+
+    settings = _settings(args)
+    rows = list_dead_letters(open_query(settings), _dlq_filter(args), args.limit, settings.clickhouse.database)
+    columns = ["dead_letter_id", "created_at", "reason", "stage", "request_id", "tenant", "model", "attempt", "error"]
+    _print_result(columns, [[r[c] for c in columns] for r in rows], args.format)
+    return 0
+
+
+def cmd_dlq_show(args: argparse.Namespace) -> int:
+    from schemas import Serde
+    from sluice.analytics.query import open_query
+    from sluice.dlq import show_dead_letter
+
+    settings = _settings(args)
+    row = show_dead_letter(
+        open_query(settings),
+        args.dead_letter_id,
+        Serde.from_settings(settings.schema_registry),
+        settings.clickhouse.database,
+    )
+    if row is None:
+        console.print(f"no dead letter {args.dead_letter_id}")
+        return 1
+    print(json.dumps(row, default=str, indent=2))
+    return 0
+
+
+def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    from producers import SluiceClient
+    from schemas import Serde
+    from sluice.analytics.query import open_query
+    from sluice.dlq import replay
+
+    settings = _settings(args)
+    with SluiceClient(settings) as client:
+        outcomes = replay(
+            open_query(settings),
+            client,
+            Serde.from_settings(settings.schema_registry),
+            _dlq_filter(args),
+            to_model=args.to_model,
+            dry_run=args.dry_run,
+            limit=args.limit,
+            database=settings.clickhouse.database,
+        )
+    columns = ["dead_letter_id", "action", "request_id", "detail"]
+    _print_result(columns, [[o.dead_letter_id, o.action, o.request_id, o.detail] for o in outcomes], args.format)
+    if args.format == "table":
+        replayed = sum(o.action == "replayed" for o in outcomes)
+        console.print(f"{replayed} replayed, {len(outcomes) - replayed} not")
+    return 0
+
+
 def cmd_topics(args: argparse.Namespace) -> int:
     from sluice.catalog import load_catalog
     from sluice.topics import Topics, ensure_topics
@@ -256,6 +340,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tenant", default=None)
     sp.add_argument("--view", choices=["all", "latency", "savings"], default="all")
     sp.add_argument("--format", choices=["table", "json"], default="table")
+
+    sp = add("cancel", cmd_cancel, "cancel requests that have not started (they get status `cancelled`)")
+    sp.add_argument("request_ids", nargs="+")
+    sp.add_argument("--reason", default="cancelled by the submitter")
+
+    dlq = sub.add_parser("dlq", help="list, show and replay dead letters", description="the dead-letter workflow")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+
+    def add_filters(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--reason", default=None, help="e.g. engine_error, unknown_model, retries_exhausted")
+        sp.add_argument("--model", default=None)
+        sp.add_argument("--tenant", default=None)
+        sp.add_argument("--since", default=None, help="only dead letters younger than this: 30m, 2h, 7d")
+        sp.add_argument("--id", action="append", help="a dead letter id (repeatable)")
+        sp.add_argument("--limit", type=int, default=1000)
+        sp.add_argument("--format", choices=["table", "json"], default="table")
+
+    sp = dlq_sub.add_parser("list", help="dead letters matching the filters")
+    add_filters(sp)
+    sp.set_defaults(fn=cmd_dlq_list)
+    sp = dlq_sub.add_parser("show", help="one dead letter, with its original request decoded")
+    sp.add_argument("dead_letter_id")
+    sp.set_defaults(fn=cmd_dlq_show)
+    sp = dlq_sub.add_parser("replay", help="publish the original requests again (idempotent; keeps replay_of)")
+    add_filters(sp)
+    sp.add_argument("--to-model", default=None, help="send the replays to this model")
+    sp.add_argument("--dry-run", action="store_true")
+    sp.set_defaults(fn=cmd_dlq_replay)
 
     sp = add("status", cmd_status, "a request's lifecycle (from the status topic, via ClickHouse)")
     sp.add_argument("request_id")

@@ -5,6 +5,8 @@
 * ``dedupe`` over the dedupe topic, owning the ``dedupe`` table (changelogged): first requests go
   to their model topic, duplicates attach, repeats are answered from the cache.
 * ``completions`` over the results topic: original results go back to ``dedupe`` by key.
+* ``retry-<n>`` over each retry topic: hold a transiently failed request for that topic's backoff,
+  then put it back on the model topic it came from.
 
 Values are taken as raw bytes and decoded by the pipeline, so an undecodable event becomes a
 dead letter instead of a Faust decode error. ``at_least_once`` is the guarantee: Faust flushes
@@ -14,7 +16,9 @@ before its offset moves; the downstream sinks are idempotent by request id.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any
 
 import faust
@@ -141,6 +145,27 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> faust.App:
                 pipeline.router.backlog.completed(result.model)
             if result.dedupe_key is not None:
                 await dedupe_topic.send(key=result.dedupe_key.encode(), value=value, headers=[("kind", b"completed")])
+
+    def retry_agent(level: int, delay_s: float) -> None:
+        topic = app.topic(topics.retry(level), internal=False, **raw)
+
+        async def retry(stream: faust.StreamT[bytes]) -> None:
+            """A delay queue: every event on this topic waits the same time, so waiting for the
+            head in order never delays a later one past its due time."""
+            async for event in stream.events():
+                wait = event.message.timestamp + delay_s - time.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                target = dict(event.message.headers or []).get("target")
+                if not target:
+                    logger.error("retry event without a target topic at %s", event.message.offset)
+                    continue
+                await send([Forward(target.decode(), event.message.key, event.value)])
+
+        app.agent(topic, name=f"retry-{level}")(retry)
+
+    for level, delay_ms in enumerate(settings.retry.backoff_ms):
+        retry_agent(level, delay_ms / 1000)
 
     @app.timer(ps.sweep_interval_s, on_leader=True)  # type: ignore[untyped-decorator,misc]
     async def sweep() -> None:

@@ -141,14 +141,17 @@ class ClickHouseSink:
             if not rows:
                 continue
             columns = list(rows[0])
+            delay = 0.5
             while True:
                 try:
                     self.store.insert(table, [[r[c] for c in columns] for r in rows], columns)
                     break
                 except StoreError as exc:
-                    # ClickHouse down: hold the offsets and retry; nothing is acknowledged early.
-                    logger.error("%s; retrying in 1s", exc)
-                    time.sleep(1)
+                    # ClickHouse unavailable: hold the offsets and retry with exponential backoff;
+                    # nothing is acknowledged early, so nothing is lost while it is down.
+                    logger.error("%s; retrying in %.1fs", exc, delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 30.0)
             SINK_ROWS.labels(table).inc(len(rows))
             self.rows_written += len(rows)
             if self.on_rows:

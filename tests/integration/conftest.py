@@ -123,6 +123,7 @@ def settings(tmp_path: Path, kafka_bootstrap: str, clickhouse_store: Store, cata
     s.engine.batch_wait_ms = 100
     s.engine.max_batch_size = 8
     s.clickhouse.sink_flush_ms = 200
+    s.retry.backoff_ms = [200, 400]
     return s
 
 

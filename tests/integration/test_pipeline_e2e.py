@@ -72,7 +72,8 @@ def test_every_request_gets_exactly_one_result_row_and_bad_events_dead_letter(
     reasons = {(d["reason"], d["request_id"]) for d in dls}
     assert ("malformed_event", None) in reasons
     assert ("unknown_model", unknown) in reasons
-    assert ("engine_error", poison) in reasons
+    # The poison pill was retried (through the retry topics) until its attempts ran out.
+    assert ("retries_exhausted", poison) in reasons
     malformed = next(d for d in dls if d["reason"] == "malformed_event")
     assert malformed["source_topic"] == stack.topics.requests("normal")
     assert malformed["stage"] == "processor"

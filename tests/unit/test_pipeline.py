@@ -3,6 +3,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from schemas import ChatMessage, DeadLetter, InferenceRequest, InferenceResult, RequestStatus, Serde
 from sluice.catalog import Catalog, ModelEntry
@@ -10,6 +12,7 @@ from sluice.errors import DeadLetterReason
 from sluice.settings import ProcessorSettings
 from sluice.topics import Topics
 from stream_processors.pipeline import RequestPipeline
+from tests.integration.helpers import frame_request_dict
 
 CHEAP = ModelEntry(
     name="cheap",
@@ -122,3 +125,52 @@ def test_pipeline_dead_letters_never_raise(value: object, topic_priority: str, r
         result = serde.decode(InferenceResult, fwds[1].value)
         assert result.status == "failed" and reason.value in (result.error or "")
         assert result.request_id == dl.request_id
+
+
+_text = st.text(max_size=40)
+_records = st.fixed_dictionaries(
+    {
+        "request_id": _text,
+        "tenant": _text,
+        "priority": st.sampled_from(["high", "normal", "low", "", "urgent"]) | _text,
+        "messages": st.lists(
+            st.fixed_dictionaries(
+                {"role": st.sampled_from(["user", "system", "assistant", "robot"]), "content": st.text(max_size=300)}
+            ),
+            max_size=4,
+        ),
+        "model": st.none() | st.sampled_from(["cheap", "big", "off", "nope"]),
+        "max_tokens": st.integers(min_value=-(2**31), max_value=2**31 - 1),
+        "temperature": st.floats(allow_nan=True, allow_infinity=True),
+        "top_p": st.floats(allow_nan=True, allow_infinity=True),
+        "seed": st.none() | st.integers(min_value=-(2**63), max_value=2**63 - 1),
+        "created_at": st.datetimes(
+            min_value=datetime(1971, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+        ),
+        "deadline": st.none()
+        | st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)),
+        "idempotency_key": st.none() | _text,
+        "cache": st.booleans(),
+        "attempt": st.integers(min_value=-5, max_value=5),
+        "metadata": st.dictionaries(st.sampled_from(["tier", "task_type", "x"]), _text, max_size=3),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_records, st.sampled_from(["high", "normal", "low"]))
+def test_fuzz_random_field_values_route_or_dead_letter_never_raise(
+    record: dict[str, object], topic_priority: str
+) -> None:
+    """Structurally valid Avro with arbitrary values: every event becomes a route or a typed dead letter."""
+    pipe, serde, topics = _pipeline()
+    value = frame_request_dict(record)
+    fwds = pipe.process(value, topic=topics.requests(topic_priority), partition=0, offset=1)
+    first = fwds[0]
+    if first.topic == topics.dead_letter:
+        dl = serde.decode(DeadLetter, first.value)
+        assert isinstance(dl.reason, DeadLetterReason) and dl.original == value and dl.error
+    else:
+        assert first.topic == topics.dedupe or first.topic.startswith("p.model.")
+        routed = serde.decode(InferenceRequest, first.value)
+        assert routed.route is not None and routed.priority == topic_priority
