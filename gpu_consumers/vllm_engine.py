@@ -68,7 +68,12 @@ class VLLMEngine:
         self.max_model_len = settings.max_model_len
         logger.info("vLLM engine %s ready in %.1fs", name, time.monotonic() - t0)
 
-    def _prompt_ids(self, request: EngineRequest) -> list[int]:
+    @property
+    def llm(self) -> Any:
+        """The underlying ``vllm.LLM`` (benchmarks compare against calling it directly)."""
+        return self._llm
+
+    def prompt_ids(self, request: EngineRequest) -> list[int]:
         # Render to text, then encode: the return type of tokenize=True differs across
         # transformers versions (list of ids vs. BatchEncoding).
         text = self._tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
@@ -84,7 +89,7 @@ class VLLMEngine:
         priorities: list[int] = []
         order: list[str] = []
         for r in batch:
-            ids = self._prompt_ids(r)
+            ids = self.prompt_ids(r)
             if len(ids) + r.max_tokens > self.max_model_len:
                 outputs[r.request_id] = EngineOutput(
                     request_id=r.request_id,

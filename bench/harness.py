@@ -1,0 +1,211 @@
+"""Shared pieces of the benchmarks: the environment, observers, and the result record.
+
+Every scenario measures its two sides in one run on one machine and reports their ratio, so the
+figure compares like with like whatever the machine is.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from schemas import InferenceResult, Serde
+from sluice.analytics.store import Store
+from sluice.catalog import Catalog, ModelEntry
+from sluice.kafka_config import consumer_config, producer_config
+from sluice.settings import Settings
+from sluice.stack import LocalStack
+
+__all__ = [
+    "BenchEnv",
+    "Observer",
+    "ScenarioResult",
+    "percentile",
+    "produce_all",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, round(q * 100) - 1))]
+
+
+@dataclass
+class ScenarioResult:
+    scenario: str
+    title: str
+    measured: dict[str, float]
+    ratio: float
+    target: str
+    passed: bool
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in self.measured.items())
+
+
+def _fmt(v: float) -> str:
+    if v != v:  # NaN
+        return "n/a"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 1:
+        return f"{v:.2f}"
+    return f"{v:.4f}"
+
+
+class Observer:
+    """Counts (and timestamps) messages arriving on topics, read from the beginning by assignment."""
+
+    def __init__(self, settings: Settings, topics: list[str], decode_results: bool = False) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.decode_results = decode_results
+        self.arrivals: dict[str, float] = {}
+        self.results: dict[str, InferenceResult] = {}
+        self.count = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._serde = Serde.from_settings(settings.schema_registry)
+        group = f"{settings.topic_prefix}bench-observer-{uuid.uuid4().hex[:6]}"
+        self._consumer = Consumer(consumer_config(settings.kafka, group, **{"fetch.wait.max.ms": 10}))
+        meta = self._consumer.list_topics(timeout=10).topics
+        self._consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in meta[t].partitions])
+        self._thread = threading.Thread(target=self._run, name="observer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for msg in self._consumer.consume(1000, timeout=0.05):
+                if msg.error() is not None:
+                    continue
+                now = time.perf_counter()
+                key = (msg.key() or b"").decode()
+                with self._lock:
+                    self.count += 1
+                    self.arrivals.setdefault(key, now)
+                    if self.decode_results:
+                        self.results[key] = self._serde.decode(InferenceResult, msg.value())
+
+    def wait_for(self, n: int, timeout: float) -> float:
+        """Block until ``n`` messages have arrived; returns the perf_counter time it happened."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self.count >= n:
+                    return max(self.arrivals.values()) if self.arrivals else time.perf_counter()
+            time.sleep(0.005)
+        raise TimeoutError(f"only {self.count} of {n} messages on {self.topics} after {timeout:.0f}s")
+
+    def wait_keys(self, keys: list[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if all(k in self.arrivals for k in keys):
+                    return
+            time.sleep(0.005)
+        missing = sum(1 for k in keys if k not in self.arrivals)
+        raise TimeoutError(f"{missing} of {len(keys)} keys never arrived on {self.topics}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._consumer.close()
+
+
+def produce_all(settings: Settings, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+    producer = Producer(producer_config(settings.kafka, **{"linger.ms": 5, "batch.num.messages": 10000}))
+    for key, value in messages:
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value)
+                break
+            except BufferError:
+                producer.poll(0.01)
+    if producer.flush(60):
+        raise TimeoutError("benchmark input not acknowledged")
+
+
+class BenchEnv:
+    """One work directory and one ClickHouse (chDB allows one directory per process) for a run;
+    each scenario starts its own embedded broker and stack with a unique topic prefix."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.work_dir = work_dir
+        work_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(f"chdb://{(work_dir / 'clickhouse').resolve()}", "sluice")
+        self.store.ensure_schema()
+        self._tiny: Path | None = None
+
+    def tiny_model(self) -> Path:
+        if self._tiny is None:
+            from sluice.models import build_tiny_model
+
+            self._tiny = build_tiny_model(self.work_dir / "models" / "tiny")
+        return self._tiny
+
+    def settings(self, name: str, catalog: Catalog) -> Settings:
+        s = Settings(data_dir=self.work_dir / name, topic_prefix=f"bench-{name}-{uuid.uuid4().hex[:6]}.")
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        path = s.data_dir / "catalog.toml"
+        lines = []
+        for m in catalog:
+            lines.append("[[models]]")
+            for k, v in m.model_dump(exclude_none=True).items():
+                lines.append(f"{k} = {v!r}".replace("True", "true").replace("False", "false"))
+        path.write_text("\n".join(lines) + "\n")
+        s.catalog_path = path
+        return s
+
+    @contextmanager
+    def stack(self, settings: Settings, **kw: Any) -> Iterator[LocalStack]:
+        stack = LocalStack(settings, store=self.store, **kw)
+        try:
+            yield stack.start()
+        finally:
+            stack.stop()
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def instant_catalog(name: str = "bench") -> Catalog:
+    return Catalog(
+        models=[
+            ModelEntry(
+                name=name,
+                source="builtin:unused-by-instant-engine",
+                tier=1,
+                context_length=4096,
+                input_price_per_1m=0.02,
+                output_price_per_1m=0.04,
+                gpu_hour_price=1.2,
+            )
+        ]
+    )
+
+
+def wait_ready(stack: LocalStack, probe: Callable[[], bool], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stack.check()
+        if probe():
+            return
+        time.sleep(0.2)
+    raise TimeoutError("the stack did not become ready")
