@@ -84,7 +84,7 @@ class Observer:
         self._lock = threading.Lock()
         self._serde = Serde.from_settings(settings.schema_registry)
         group = f"{settings.topic_prefix}bench-observer-{uuid.uuid4().hex[:6]}"
-        self._consumer = Consumer(consumer_config(settings.kafka, group, **{"fetch.wait.max.ms": 10}))
+        self._consumer = Consumer(consumer_config(settings.kafka, group))
         meta = self._consumer.list_topics(timeout=10).topics
         self._consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in meta[t].partitions])
         self._thread = threading.Thread(target=self._run, name="observer", daemon=True)

@@ -436,12 +436,12 @@ class GpuWorker:
     # -- Loop ---------------------------------------------------------------------------------
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
         # A small prefetch queue keeps memory flat however deep the backlog is (the buffer is the
-        # real queue); 50 ms fetch waits keep the idle latency low.
+        # real queue).
         consumer = Consumer(
             consumer_config(
                 self.settings.kafka,
                 self.group_id,
-                **{"fetch.wait.max.ms": 50, "queued.max.messages.kbytes": 4096, "fetch.max.bytes": 4 << 20},
+                **{"queued.max.messages.kbytes": 4096, "fetch.max.bytes": 4 << 20},
             )
         )
         self._consumer = consumer

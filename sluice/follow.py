@@ -76,7 +76,7 @@ def follow_results(
         consumer_config(
             settings.kafka,
             gid,
-            **{"enable.auto.commit": group_id is not None, "fetch.wait.max.ms": 50},
+            **{"enable.auto.commit": group_id is not None},
         )
     )
     consumer.subscribe(

@@ -48,6 +48,7 @@ def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> di
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": kafka.fetch_wait_max_ms,
             "session.timeout.ms": kafka.session_timeout_ms,
             "heartbeat.interval.ms": kafka.heartbeat_interval_ms,
             "max.poll.interval.ms": kafka.max_poll_interval_ms,

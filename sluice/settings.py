@@ -41,6 +41,9 @@ class KafkaSettings(BaseModel):
     # A batch on a slow engine can run for minutes; the poll interval must outlast it.
     max_poll_interval_ms: int = 900_000
     linger_ms: int = 5
+    # fetch.wait.max.ms for every consumer (Faust's included; its own default is 1500 ms). It
+    # bounds the latency per hop on brokers that answer a fetch only when the wait expires.
+    fetch_wait_max_ms: int = 20
     replication_factor: int = 1
     partitions: int = 3
     # Passthrough of any librdkafka property, e.g. {"ssl.ca.location": "/etc/ca.pem"}.

@@ -31,6 +31,7 @@ from sluice.topics import Topics
 from stream_processors.dedupe import DedupeStage
 from stream_processors.emit import Forward
 from stream_processors.pipeline import RequestPipeline
+from stream_processors.transport import App
 
 __all__ = ["create_app", "faust_broker_urls"]
 
@@ -58,8 +59,9 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> faust.App:
     pipeline = RequestPipeline(catalog, topics, serde, ps, publish_status=settings.publish_status)
     faust_dir = settings.data_dir / "faust"
     faust_dir.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+    app = App(
         f"{settings.topic_prefix}{ps.app_id}",
+        fetch_max_wait_ms=settings.kafka.fetch_wait_max_ms,
         broker=faust_broker_urls(settings),
         broker_credentials=_credentials(settings),
         broker_session_timeout=settings.kafka.session_timeout_ms / 1000,

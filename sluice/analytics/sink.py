@@ -80,7 +80,7 @@ class ClickHouseSink:
 
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
         ch = self.settings.clickhouse
-        consumer = Consumer(consumer_config(self.settings.kafka, self.group_id, **{"fetch.wait.max.ms": 100}))
+        consumer = Consumer(consumer_config(self.settings.kafka, self.group_id))
         consumer.subscribe(
             list(self._types),
             on_assign=lambda c, p: ready.set() if ready is not None else None,

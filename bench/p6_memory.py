@@ -1,0 +1,80 @@
+"""P6: a GPU consumer's peak RSS with a deep backlog against a shallow one (instant engine).
+
+The backlog is written straight onto the model topic before the consumer starts, then the
+consumer runs for a fixed time; its peak RSS (VmHWM) is read from /proc."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.harness import BenchEnv, ScenarioResult, instant_catalog, produce_all
+from schemas import ChatMessage, InferenceRequest, Route, Serde
+from sluice.stack import child_env
+
+__all__ = ["run_p6"]
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc status")
+
+
+def _consumer_peak(env: BenchEnv, backlog: int, seconds: float) -> float:
+    settings = env.settings(f"p6-{backlog}", instant_catalog())
+    settings.engine.kind = "instant"
+    settings.engine.instant_batch_seconds = 0.01
+    with env.stack(settings, run_processor=False, run_consumers=False, run_sink=False) as stack:
+        serde = Serde()
+        route = Route(model="bench", reason="bench")
+        msgs = []
+        for i in range(backlog):
+            r = InferenceRequest(
+                request_id=f"p6-{i}",
+                tenant="bench",
+                priority="low",
+                messages=[ChatMessage(role="user", content=f"backlog item {i}: " + "lorem ipsum " * 20)],
+                max_tokens=8,
+                cache=False,
+                route=route,
+            )
+            msgs.append((r.request_id.encode(), serde.encode(r)))
+        produce_all(stack.settings, stack.topics.model("bench", "low"), msgs)
+        del msgs
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gpu_consumers", "--model", "bench"],
+            env=child_env(stack.settings),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            peak = 0.0
+            end = time.monotonic() + seconds
+            while time.monotonic() < end and proc.poll() is None:
+                peak = max(peak, _peak_rss_mib(proc.pid))
+                time.sleep(0.2)
+            if proc.poll() is not None:
+                raise RuntimeError(f"the consumer exited with {proc.returncode}")
+            return max(peak, _peak_rss_mib(proc.pid))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def run_p6(env: BenchEnv, quick: bool) -> ScenarioResult:
+    seconds = 15.0 if quick else 45.0
+    small = _consumer_peak(env, 1_000, seconds)
+    large = _consumer_peak(env, 100_000, seconds)
+    ratio = large / small
+    return ScenarioResult(
+        "P6",
+        "bounded consumer memory",
+        {"peak_rss_1k_mib": small, "peak_rss_100k_mib": large, "seconds_each": seconds},
+        ratio,
+        "<= 1.1x",
+        ratio <= 1.1,
+    )
