@@ -22,7 +22,7 @@ __all__ = ["SCENARIOS", "main"]
 
 logger = logging.getLogger(__name__)
 
-Scenario = Callable[[BenchEnv, bool], ScenarioResult]
+Scenario = Callable[[BenchEnv, bool], ScenarioResult | list[ScenarioResult]]
 
 
 def _scenarios() -> dict[str, Scenario]:
@@ -35,13 +35,7 @@ def _scenarios() -> dict[str, Scenario]:
         "p5": ("bench.p5_latency", "run_p5"),
         "p6": ("bench.p6_memory", "run_p6"),
     }
-    out: dict[str, Scenario] = {}
-    for key, (module, fn) in modules.items():
-        try:
-            out[key] = getattr(importlib.import_module(module), fn)
-        except ModuleNotFoundError:
-            continue
-    return out
+    return {key: getattr(importlib.import_module(module), fn) for key, (module, fn) in modules.items()}
 
 
 SCENARIOS = ("p1", "p2", "p3", "p4", "p5", "p6")

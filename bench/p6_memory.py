@@ -45,11 +45,13 @@ def _consumer_peak(env: BenchEnv, backlog: int, seconds: float) -> float:
             msgs.append((r.request_id.encode(), serde.encode(r)))
         produce_all(stack.settings, stack.topics.model("bench", "low"), msgs)
         del msgs
+        log_path = stack.settings.data_dir / "p6-consumer.log"
+        log = log_path.open("wb")
         proc = subprocess.Popen(
             [sys.executable, "-m", "gpu_consumers", "--model", "bench"],
             env=child_env(stack.settings),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         try:
             peak = 0.0
@@ -58,11 +60,13 @@ def _consumer_peak(env: BenchEnv, backlog: int, seconds: float) -> float:
                 peak = max(peak, _peak_rss_mib(proc.pid))
                 time.sleep(0.2)
             if proc.poll() is not None:
-                raise RuntimeError(f"the consumer exited with {proc.returncode}")
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the consumer exited with {proc.returncode}:\n{tail}")
             return max(peak, _peak_rss_mib(proc.pid))
         finally:
             proc.terminate()
             proc.wait(30)
+            log.close()
 
 
 def run_p6(env: BenchEnv, quick: bool) -> ScenarioResult:

@@ -9,6 +9,7 @@ only, as a transient failure would. The real engine path is ``vllm_engine.VLLMEn
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 
 from gpu_consumers.engine import EngineOutput, EngineRequest
@@ -24,7 +25,8 @@ class InstantTestEngine:
         self.name = name
         self.batch_seconds = batch_seconds
         self.max_model_len = max_model_len
-        self.batches: list[list[str]] = []
+        # The most recent batches' request ids, for tests (bounded: benchmarks run it for hours).
+        self.batches: deque[list[str]] = deque(maxlen=1000)
 
     def generate(self, batch: Sequence[EngineRequest]) -> list[EngineOutput]:
         if any(POISON_PILL in m["content"] for r in batch for m in r.messages):

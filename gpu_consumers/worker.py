@@ -441,7 +441,11 @@ class GpuWorker:
             consumer_config(
                 self.settings.kafka,
                 self.group_id,
-                **{"queued.max.messages.kbytes": 4096, "fetch.max.bytes": 4 << 20},
+                **{
+                    "queued.max.messages.kbytes": 512,
+                    "fetch.max.bytes": 1 << 20,
+                    "max.partition.fetch.bytes": 128 << 10,
+                },
             )
         )
         self._consumer = consumer

@@ -257,6 +257,12 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench.cli import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def cmd_topics(args: argparse.Namespace) -> int:
     from sluice.catalog import load_catalog
     from sluice.topics import Topics, ensure_topics
@@ -328,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=["text", "openai"], default="text", help="openai: Batch API JSONL")
     sp.add_argument("--limit", type=int, default=0)
     sp.add_argument("--timeout", type=float, default=10.0, help="without --follow, stop after this long")
+
+    sp = add("bench", cmd_bench, "run the benchmarks (same as `python -m bench`; try `sluice bench --quick`)")
+    sp.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for `python -m bench`")
 
     add("topics", cmd_topics, "create the pipeline's topics (idempotent) and list them")
     add("sink", cmd_sink, "run the ClickHouse sink alone (for deployments with a ClickHouse server)")
