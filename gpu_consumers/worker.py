@@ -434,6 +434,26 @@ class GpuWorker:
             self._produce(self.topics.status, request_id, rec)
 
     # -- Loop ---------------------------------------------------------------------------------
+    def _drain(self, consumer: Consumer, poll_s: float, chunk: int = 500, max_chunks: int = 20) -> None:
+        """Take in everything the client has prefetched before the next batch forms.
+
+        A full buffer rewinds its partitions (see ``_rewind``), so draining mostly discards
+        prefetched backlog, quickly; a high-priority request fetched behind that backlog then
+        reaches the buffer before the next batch instead of several batches later.
+        """
+        msgs = consumer.consume(num_messages=chunk, timeout=poll_s)
+        for _ in range(max_chunks):
+            for msg in msgs:
+                err = msg.error()
+                if err is not None:
+                    if err.code() != KafkaError._PARTITION_EOF:
+                        logger.warning("consume error: %s", err)
+                    continue
+                self._admit(consumer, msg)
+            if len(msgs) < chunk:
+                return
+            msgs = consumer.consume(num_messages=chunk, timeout=0)
+
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
         # A small prefetch queue keeps memory flat however deep the backlog is (the buffer is the
         # real queue).
@@ -461,16 +481,7 @@ class GpuWorker:
         logger.info("gpu worker for %s consuming as %s", self.entry.name, self.group_id)
         try:
             while not stop.is_set():
-                # Drain what the client has prefetched, so a full buffer rewinds the backlog and
-                # newly fetched high-priority requests are not stuck behind it in the client queue.
-                msgs = consumer.consume(num_messages=500, timeout=poll_s)
-                for msg in msgs:
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() != KafkaError._PARTITION_EOF:
-                            logger.warning("consume error: %s", err)
-                        continue
-                    self._admit(consumer, msg)
+                self._drain(consumer, poll_s)
                 if ready is not None and any(self._assigned.values()):
                     ready.set()
                 self._backpressure(consumer)
