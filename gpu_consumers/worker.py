@@ -465,6 +465,10 @@ class GpuWorker:
                     "queued.max.messages.kbytes": 512,
                     "fetch.max.bytes": 1 << 20,
                     "max.partition.fetch.bytes": 128 << 10,
+                    # librdkafka postpones a partition's next fetch by this much (default 1 s) once
+                    # the prefetch queue is over its bound; with the bound this small that would
+                    # stall newly arriving high-priority requests behind rewound backlog.
+                    "fetch.queue.backoff.ms": 10,
                 },
             )
         )
