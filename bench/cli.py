@@ -47,7 +47,7 @@ def _table(results: list[ScenarioResult], console: Console) -> None:
         table.add_column(col, overflow="fold")
     for r in results:
         verdict = "[green]pass[/]" if r.passed else "[red]miss[/]"
-        table.add_row(f"{r.scenario} {r.title}", r.summary(), f"{r.ratio:.2f}", r.target, verdict)
+        table.add_row(f"{r.scenario} {r.title}", r.summary(), f"{r.ratio:.3g}", r.target, verdict)
     console.print(table)
     for r in results:
         if r.notes:
@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if r.scenario.lower() in wanted:
                     r.extra["seconds"] = round(time.monotonic() - t0, 1)
                     results.append(r)
-                    console.print(f"[bold]{r.scenario}[/] {r.title}: {r.summary()} → ratio {r.ratio:.2f}")
+                    console.print(f"[bold]{r.scenario}[/] {r.title}: {r.summary()} → ratio {r.ratio:.3g}")
     finally:
         env.close()
     _table(results, console)
