@@ -11,7 +11,7 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from schemas import InferenceResult, Serde
 from sluice.analytics.store import Store
-from sluice.catalog import Catalog, ModelEntry
+from sluice.catalog import Catalog, ModelEntry, write_catalog
 from sluice.kafka_config import consumer_config, producer_config
 from sluice.settings import Settings
 from sluice.stack import LocalStack
@@ -163,14 +163,7 @@ class BenchEnv:
     def settings(self, name: str, catalog: Catalog) -> Settings:
         s = Settings(data_dir=self.work_dir / name, topic_prefix=f"bench-{name}-{uuid.uuid4().hex[:6]}.")
         s.data_dir.mkdir(parents=True, exist_ok=True)
-        path = s.data_dir / "catalog.toml"
-        lines = []
-        for m in catalog:
-            lines.append("[[models]]")
-            for k, v in m.model_dump(exclude_none=True).items():
-                lines.append(f"{k} = {v!r}".replace("True", "true").replace("False", "false"))
-        path.write_text("\n".join(lines) + "\n")
-        s.catalog_path = path
+        s.catalog_path = write_catalog(catalog, s.data_dir / "catalog.toml")
         return s
 
     @contextmanager
@@ -199,13 +192,3 @@ def instant_catalog(name: str = "bench") -> Catalog:
             )
         ]
     )
-
-
-def wait_ready(stack: LocalStack, probe: Callable[[], bool], timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stack.check()
-        if probe():
-            return
-        time.sleep(0.2)
-    raise TimeoutError("the stack did not become ready")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from collections.abc import Iterator
 from importlib import resources
@@ -11,7 +12,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from sluice.errors import CatalogError
 
-__all__ = ["Catalog", "ModelEntry", "load_catalog"]
+__all__ = ["Catalog", "ModelEntry", "load_catalog", "write_catalog"]
 
 
 class ModelEntry(BaseModel):
@@ -68,3 +69,15 @@ def load_catalog(path: Path | None = None) -> Catalog:
         return Catalog.model_validate(tomllib.loads(text))
     except (tomllib.TOMLDecodeError, ValidationError) as exc:
         raise CatalogError(f"invalid model catalog {where}: {exc}") from exc
+
+
+def write_catalog(catalog: Catalog, path: Path) -> Path:
+    """Write a catalog as TOML that :func:`load_catalog` reads back (for generated catalogs)."""
+    lines: list[str] = []
+    for m in catalog:
+        lines.append("[[models]]")
+        for key, value in m.model_dump(exclude_none=True).items():
+            lines.append(f"{key} = {json.dumps(value)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path

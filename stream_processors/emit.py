@@ -7,7 +7,6 @@ unit-tested and benchmarked alone; the Faust app sends them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from schemas import CostMetric, InferenceResult, RequestStatus, Serde
 from schemas.models import AvroRecord
@@ -77,7 +76,3 @@ class Emitter:
             detail=f"served from {result.deduplicated_from}" if result.deduplicated_from else None,
         )
         return out
-
-    @staticmethod
-    def result_fields(result: InferenceResult) -> dict[str, Any]:
-        return result.model_dump(exclude={"schema_file"})

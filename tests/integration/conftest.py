@@ -13,7 +13,7 @@ import pytest
 
 from schemas import Serde
 from sluice.analytics.store import Store
-from sluice.catalog import Catalog, ModelEntry
+from sluice.catalog import Catalog, ModelEntry, write_catalog
 from sluice.settings import Settings
 from sluice.stack import LocalStack
 from tests.conftest import unavailable
@@ -105,13 +105,7 @@ def catalog() -> Catalog:
 
 @pytest.fixture
 def settings(tmp_path: Path, kafka_bootstrap: str, clickhouse_store: Store, catalog: Catalog) -> Settings:
-    catalog_path = tmp_path / "catalog.toml"
-    lines = []
-    for m in catalog:
-        lines.append("[[models]]")
-        for k, v in m.model_dump(exclude_none=True).items():
-            lines.append(f"{k} = {v!r}".replace("True", "true").replace("False", "false"))
-    catalog_path.write_text("\n".join(lines) + "\n")
+    catalog_path = write_catalog(catalog, tmp_path / "catalog.toml")
     s = Settings(
         data_dir=tmp_path / "data",
         topic_prefix=f"t{uuid.uuid4().hex[:10]}.",

@@ -78,3 +78,31 @@ def test_openai_batch_jsonl_lines() -> None:
         "code": "context_overflow",
         "message": "too long",
     }
+
+
+def test_a_written_catalog_loads_back(tmp_path: Path) -> None:
+    from sluice.catalog import Catalog, ModelEntry, load_catalog, write_catalog
+
+    catalog = Catalog(
+        models=[
+            ModelEntry(
+                name="a",
+                source="builtin:x",
+                tier=1,
+                context_length=512,
+                input_price_per_1m=0.1,
+                output_price_per_1m=0.2,
+            ),
+            ModelEntry(
+                name="b.2",
+                source="/m/b",
+                tier=3,
+                context_length=8192,
+                input_price_per_1m=1,
+                output_price_per_1m=2,
+                available=False,
+                max_backlog=10,
+            ),
+        ]
+    )
+    assert load_catalog(write_catalog(catalog, tmp_path / "c.toml")) == catalog
