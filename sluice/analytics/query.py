@@ -76,16 +76,18 @@ def stats_sql(database: str = "sluice", where: str = "1") -> str:
 
 def savings_sql(database: str = "sluice", where: str = "1") -> str:
     """Per tenant: what dedupe, the cache and routing saved against running every request on the
-    catalog's most capable model (``baseline_cost_usd`` is that model's price for the same tokens)."""
+    catalog's most capable model (``baseline_cost_usd`` is that model's price for the same tokens).
+
+    Aliases must not reuse column names: ClickHouse resolves a later ``cached`` to the alias."""
     return f"""
         SELECT
             tenant,
             count() AS requests,
             countIf(NOT deduplicated AND NOT cached) AS engine_runs,
-            countIf(deduplicated) AS deduplicated,
-            countIf(cached) AS cached,
+            countIf(deduplicated) AS duplicates,
+            countIf(cached) AS cache_hits,
             sumIf(input_tokens + output_tokens, deduplicated OR cached) AS tokens_not_run,
-            round(sum(cost_usd), 8) AS cost_usd,
+            round(sum(cost_usd), 8) AS actual_usd,
             round(sum(baseline_cost_usd), 8) AS most_capable_usd,
             round(sumIf(baseline_cost_usd - cost_usd, deduplicated), 8) AS saved_dedupe_usd,
             round(sumIf(baseline_cost_usd - cost_usd, cached), 8) AS saved_cache_usd,

@@ -83,6 +83,24 @@ def test_duplicates_run_once_and_every_submitter_gets_a_result(
     ).rows[0]
     assert saved[0] == len(dups) and saved[1] > 0 and saved[2] == 0
 
+    # The same figures through `sluice stats` (another process, through the stack's query endpoint).
+    out = subprocess.run(
+        [sys.executable, "-m", "sluice", "stats", "--view", "savings", "--format", "json", "--tenant", "dd"],
+        env=child_env(stack.settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    (row,) = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert (row["requests"], row["engine_runs"], row["duplicates"], row["cache_hits"]) == (
+        len(everyone) - 1,  # the other tenant's request is not in tenant dd
+        len(ran) - 1,
+        len(dups),
+        0,
+    )
+    assert row["saved_dedupe_usd"] > 0 and row["saved_routing_usd"] >= 0 and row["tokens_not_run"] == saved[1]
+
 
 def test_a_cache_hit_never_touches_a_model_topic(
     make_stack: Callable[..., LocalStack], clickhouse_store: Store
