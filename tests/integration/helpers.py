@@ -1,17 +1,13 @@
-"""Helpers for end-to-end tests: raw produce, and ClickHouse lookups by request id."""
+"""Helpers for end-to-end tests: raw produce, topic reads, and ClickHouse lookups by request id."""
 
 from __future__ import annotations
 
-import io
-import struct
 import time
 import uuid
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-from fastavro import schemaless_writer
 
-from schemas.registry import load_schema
 from sluice.analytics.store import Store
 from sluice.kafka_config import consumer_config, producer_config
 from sluice.settings import Settings
@@ -22,14 +18,6 @@ def produce_raw(settings: Settings, topic: str, values: list[bytes], key: bytes 
     for v in values:
         p.produce(topic, key=key, value=v)
     assert p.flush(30) == 0
-
-
-def frame_request_dict(record: dict[str, Any], schema_id: int = 1) -> bytes:
-    """Encode a request dict with the v1 writer schema, bypassing pydantic validation."""
-    buf = io.BytesIO()
-    buf.write(struct.pack(">bI", 0, schema_id))
-    schemaless_writer(buf, load_schema("inference_request.v1.avsc"), record)
-    return buf.getvalue()
 
 
 def result_counts(store: Store, ids: list[str]) -> dict[str, int]:

@@ -17,8 +17,9 @@ from producers import SluiceClient
 from schemas import CostMetric, InferenceResult, Serde
 from sluice.analytics.store import Store
 from sluice.stack import LocalStack, child_env
+from tests.avro_frames import frame_request_dict
 from tests.conftest import wait_until
-from tests.integration.helpers import dead_letters, frame_request_dict, produce_raw, result_counts
+from tests.integration.helpers import dead_letters, produce_raw, result_counts
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 

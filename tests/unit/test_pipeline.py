@@ -12,7 +12,7 @@ from sluice.errors import DeadLetterReason
 from sluice.settings import ProcessorSettings
 from sluice.topics import Topics
 from stream_processors.pipeline import RequestPipeline
-from tests.integration.helpers import frame_request_dict
+from tests.avro_frames import frame_request_dict
 
 CHEAP = ModelEntry(
     name="cheap",
