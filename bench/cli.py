@@ -18,7 +18,7 @@ from rich.table import Table
 
 from bench.harness import BenchEnv, ScenarioResult
 
-__all__ = ["SCENARIOS", "main"]
+__all__ = ["SCENARIOS", "build_parser", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +61,17 @@ def _git_rev() -> str:
         return ""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description="Sluice benchmarks (ratios measured in one run)")
     p.add_argument("--quick", action="store_true", help="about a minute per scenario")
     p.add_argument("--only", default=",".join(SCENARIOS), help="comma list of p1..p6 (p2 and p3 run together)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here (compare between commits)")
     p.add_argument("--work-dir", type=Path, default=None, help="default: a temporary directory")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     console = Console(width=None if sys.stdout.isatty() else 160)

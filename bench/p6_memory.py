@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from bench.harness import BenchEnv, ScenarioResult, instant_catalog, produce_all
-from schemas import ChatMessage, InferenceRequest, Route, Serde
-from sluice.stack import child_env
+from schemas import ChatMessage, InferenceRequest, Priority, Route, Serde
+from sluice.local.stack import child_env
 
 __all__ = ["run_p6"]
 
@@ -36,7 +36,7 @@ def _consumer_peak(env: BenchEnv, backlog: int, seconds: float) -> float:
             r = InferenceRequest(
                 request_id=f"p6-{i}",
                 tenant="bench",
-                priority="low",
+                priority=Priority.LOW,
                 messages=[ChatMessage(role="user", content=f"backlog item {i}: " + "lorem ipsum " * 20)],
                 max_tokens=8,
                 cache=False,

@@ -10,17 +10,15 @@ import signal
 import sys
 import threading
 
-from confluent_kafka import Consumer, Producer
-
-from sluice.kafka_config import consumer_config, producer_config
+from sluice import clients
 from sluice.settings import KafkaSettings
 
 
 def main(argv: list[str]) -> None:
     bootstrap, source, sink = argv
     kafka = KafkaSettings(bootstrap_servers=bootstrap)
-    consumer = Consumer(consumer_config(kafka, f"passthrough-{source}", **{"enable.auto.commit": True}))
-    producer = Producer(producer_config(kafka))
+    consumer = clients.consumer(kafka, "passthrough", f"passthrough-{source}", **{"enable.auto.commit": True})
+    producer = clients.producer(kafka, "passthrough")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     consumer.subscribe([source])

@@ -12,8 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 
-from schemas import InferenceRequest
-from schemas.models import PRIORITY_RANK
+from schemas import InferenceRequest, Priority
 
 __all__ = ["Buffered", "PriorityBuffer"]
 
@@ -29,14 +28,14 @@ class Buffered:
 
     @property
     def rank(self) -> int:
-        return PRIORITY_RANK[self.request.priority]
+        return self.request.priority.rank
 
 
 class PriorityBuffer:
     def __init__(self, capacity_per_priority: int, aging_s: float) -> None:
         self.capacity = capacity_per_priority
         self.aging_s = aging_s
-        self._queues: dict[int, deque[Buffered]] = {r: deque() for r in sorted(set(PRIORITY_RANK.values()))}
+        self._queues: dict[int, deque[Buffered]] = {p.rank: deque() for p in Priority}
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._queues.values())

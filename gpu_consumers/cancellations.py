@@ -12,11 +12,11 @@ import logging
 import uuid
 from collections import OrderedDict
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
 from schemas import RequestStatus, Serde
+from sluice import clients
 from sluice.errors import BrokerError, SluiceError
-from sluice.kafka_config import consumer_config
 from sluice.settings import Settings
 from sluice.topics import Topics
 
@@ -32,7 +32,7 @@ class CancelWatch:
         self.max_ids = max_ids
         self._ids: OrderedDict[str, str] = OrderedDict()
         group = f"{settings.topic_prefix}cancel-watch-{uuid.uuid4().hex[:8]}"
-        self._consumer = Consumer(consumer_config(settings.kafka, group))
+        self._consumer = clients.consumer(settings.kafka, "cancel-watch", group)
         try:
             meta = self._consumer.list_topics(self.topic, timeout=10).topics[self.topic]
         except KafkaException as exc:

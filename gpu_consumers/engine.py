@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Protocol
 
 from sluice.catalog import ModelEntry
+from sluice.engines import engine_factory
 from sluice.settings import EngineSettings
 
 __all__ = ["Engine", "EngineOutput", "EngineRequest", "create_engine", "run_isolating"]
@@ -71,15 +72,6 @@ def run_isolating(engine: Engine, batch: Sequence[EngineRequest]) -> list[Engine
 
 
 def create_engine(settings: EngineSettings, model: ModelEntry, data_dir: Path) -> Engine:
-    if settings.kind == "instant":
-        from gpu_consumers.instant_engine import InstantTestEngine
-
-        return InstantTestEngine(
-            name=model.name,
-            batch_seconds=settings.instant_batch_seconds,
-            max_model_len=min(model.context_length, settings.max_model_len),
-        )
-    from gpu_consumers.vllm_engine import VLLMEngine
-    from sluice.models import resolve_model_source
-
-    return VLLMEngine(model.name, resolve_model_source(model.source, data_dir), settings)
+    """The engine ``settings.kind`` names in the engine registry (``sluice.engines``)."""
+    engine: Engine = engine_factory(settings.kind)(settings, model, data_dir)
+    return engine

@@ -11,10 +11,13 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Sequence
+from pathlib import Path
 
 from gpu_consumers.engine import EngineOutput, EngineRequest
+from sluice.catalog import ModelEntry
+from sluice.settings import EngineSettings
 
-__all__ = ["FLAKY", "POISON_PILL", "InstantTestEngine"]
+__all__ = ["FLAKY", "POISON_PILL", "InstantTestEngine", "create"]
 
 POISON_PILL = "POISON_PILL"
 FLAKY = "FLAKY"
@@ -65,3 +68,12 @@ class InstantTestEngine:
 
     def close(self) -> None:
         pass
+
+
+def create(settings: EngineSettings, model: ModelEntry, data_dir: Path) -> InstantTestEngine:
+    """Registry factory (engine name ``instant``)."""
+    return InstantTestEngine(
+        name=model.name,
+        batch_seconds=settings.instant_batch_seconds,
+        max_model_len=min(model.context_length, settings.max_model_len),
+    )

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from gpu_consumers.engine import EngineOutput, EngineRequest
+from gpu_consumers.model_source import resolve_model_source
+from sluice.catalog import ModelEntry
 from sluice.errors import EngineError
 from sluice.settings import EngineSettings
 
-__all__ = ["VLLMEngine", "configure_cpu_env"]
+__all__ = ["VLLMEngine", "configure_cpu_env", "create"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,3 +127,8 @@ class VLLMEngine:
 
     def close(self) -> None:
         del self._llm
+
+
+def create(settings: EngineSettings, model: ModelEntry, data_dir: Path) -> VLLMEngine:
+    """Registry factory (engine name ``vllm``)."""
+    return VLLMEngine(model.name, resolve_model_source(model.source, data_dir), settings)

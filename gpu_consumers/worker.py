@@ -15,22 +15,34 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from gpu_consumers.buffer import Buffered, PriorityBuffer
 from gpu_consumers.cancellations import CancelWatch
 from gpu_consumers.engine import Engine, EngineOutput, EngineRequest, run_isolating
 from gpu_consumers.offsets import OffsetTracker
-from schemas import CostMetric, DeadLetter, InferenceRequest, InferenceResult, RequestStatus, Serde, utcnow
-from schemas.models import PRIORITY_RANK, AvroRecord
+from schemas import (
+    AvroRecord,
+    CostMetric,
+    DeadLetter,
+    InferenceRequest,
+    InferenceResult,
+    Priority,
+    RequestState,
+    RequestStatus,
+    ResultStatus,
+    Serde,
+    Stage,
+    utcnow,
+)
+from sluice import clients
 from sluice.catalog import Catalog, ModelEntry
 from sluice.errors import BrokerError, DeadLetterReason, PipelineRejection
-from sluice.kafka_config import consumer_config, producer_config
 from sluice.metrics import BATCH_SIZE, ENGINE_SECONDS, REQUESTS
 from sluice.settings import Settings
 from sluice.topics import PRIORITIES, Topics, message_coords
-from stream_processors.pipeline import dead_letter_id
 
 __all__ = ["BatchReport", "GpuWorker"]
 
@@ -68,7 +80,7 @@ class GpuWorker:
         self.baseline = catalog.most_capable()
         self.engine = engine
         self.topics = Topics(settings.topic_prefix)
-        self.serde = serde or Serde.from_settings(settings.schema_registry)
+        self.serde = serde or clients.serde(settings)
         es = settings.engine
         self.max_batch = es.max_batch_size
         self.batch_wait_s = es.batch_wait_ms / 1000
@@ -77,9 +89,9 @@ class GpuWorker:
         self.on_batch = on_batch
         self.group_id = f"{settings.topic_prefix}gpu-{entry.name}"
         self._consumer: Consumer | None = None
-        self._producer = Producer(producer_config(settings.kafka, **{"linger.ms": 2}))
-        self._assigned: dict[str, set[tuple[str, int]]] = {p: set() for p in PRIORITIES}
-        self._paused: set[str] = set()
+        self._producer = clients.producer(settings.kafka, f"gpu-{entry.name}", **{"linger.ms": 2})
+        self._assigned: dict[Priority, set[tuple[str, int]]] = {p: set() for p in PRIORITIES}
+        self._paused: set[Priority] = set()
         self._rewound: dict[tuple[str, int], int] = {}
         self._rejects: list[tuple[tuple[str, int], int, AvroRecord, str | None]] = []
         self._delivery_errors: list[str] = []
@@ -106,8 +118,8 @@ class GpuWorker:
             self._assigned[pr] -= tps
         logger.info("revoked %s (released %d buffered)", sorted(tps), dropped)
 
-    def _priority_of(self, topic: str) -> str:
-        return topic.rsplit(".", 1)[-1]
+    def _priority_of(self, topic: str) -> Priority:
+        return Priority(topic.rsplit(".", 1)[-1])
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
@@ -158,7 +170,7 @@ class GpuWorker:
 
     def _backpressure(self, consumer: Consumer) -> None:
         for pr in PRIORITIES:
-            rank = PRIORITY_RANK[pr]
+            rank = pr.rank
             tps = [TopicPartition(t, p) for t, p in self._assigned[pr]]
             if pr not in self._paused and self.buffer.full(rank) and tps:
                 consumer.pause(tps)
@@ -194,7 +206,7 @@ class GpuWorker:
         rewound = self._rewound.get(tp)
         if rewound is not None and offset >= rewound:
             return  # prefetched past a rewind: it will be fetched again
-        if self.buffer.full(PRIORITY_RANK[self._priority_of(topic)]) and self._rewind(consumer, tp, offset):
+        if self.buffer.full(self._priority_of(topic).rank) and self._rewind(consumer, tp, offset):
             return
         self.tracker.fetched(tp, offset)
         value = msg.value() or b""
@@ -215,20 +227,16 @@ class GpuWorker:
         value: bytes,
         request: InferenceRequest | None,
     ) -> DeadLetter:
-        return DeadLetter(
-            dead_letter_id=dead_letter_id("consumer", tp[0], tp[1], offset),
-            reason=reason,
-            error=error,
-            request_id=request.request_id if request else None,
-            tenant=request.tenant if request else None,
-            model=self.entry.name,
-            priority=request.priority if request else None,
-            source_topic=tp[0],
-            source_partition=tp[1],
-            source_offset=offset,
-            attempt=request.attempt if request else 0,
+        return DeadLetter.from_event(
+            reason,
+            error,
+            stage=Stage.CONSUMER,
+            topic=tp[0],
+            partition=tp[1],
+            offset=offset,
             original=value,
-            stage="consumer",
+            request=request,
+            model=self.entry.name,
         )
 
     # -- Batches ------------------------------------------------------------------------------
@@ -263,7 +271,7 @@ class GpuWorker:
             else:
                 runnable.append(it)
         for it in runnable:
-            self._status(it.request.request_id, "running", f"batch {batch_id} of {len(runnable)}")
+            self._status(it.request.request_id, RequestState.RUNNING, f"batch {batch_id} of {len(runnable)}")
         # Not flushed here: "running" is advisory and rides along with the batch's results.
         self._producer.poll(0)
         engine_reqs = [
@@ -313,57 +321,31 @@ class GpuWorker:
             self.on_batch(report)
         return report
 
-    def _result(self, it: Buffered, started: object, **fields: object) -> InferenceResult:
-        req = it.request
-        return InferenceResult.model_validate(
-            {
-                "request_id": req.request_id,
-                "tenant": req.tenant,
-                "priority": req.priority,
-                "model": self.entry.name,
-                "created_at": req.created_at,
-                "started_at": started,
-                "completed_at": utcnow(),
-                "correlation_id": req.correlation_id,
-                "route_reason": req.route.reason if req.route else None,
-                "replay_of": req.replay_of,
-                "dedupe_key": req.dedupe_key,
-                "attempt": req.attempt,
-                **fields,
-            }
-        )
-
     def _succeed(
         self,
         it: Buffered,
         out: EngineOutput,
-        started: object,
+        started: datetime,
         report: BatchReport,
         batch_id: str,
         share: float,
         batch_size: int,
     ) -> None:
-        result = self._result(
-            it,
-            started,
-            status="succeeded",
+        req = it.request
+        result = InferenceResult.for_request(
+            req,
+            model=self.entry.name,
+            status=ResultStatus.SUCCEEDED,
+            started_at=started,
             output_text=out.text,
             finish_reason=out.finish_reason,
             prompt_tokens=out.prompt_tokens,
             completion_tokens=out.completion_tokens,
             batch_id=batch_id,
         )
-        req = it.request
-        metric = CostMetric(
-            request_id=req.request_id,
-            tenant=req.tenant,
-            priority=req.priority,
-            model=self.entry.name,
-            input_tokens=out.prompt_tokens,
-            output_tokens=out.completion_tokens,
-            queue_wait_ms=int((result.started_at - req.created_at).total_seconds() * 1000),
+        metric = CostMetric.for_result(
+            result,
             engine_ms=report.engine_seconds * 1000 * share,
-            latency_ms=result.latency_ms,
             cost_usd=self.entry.cost_usd(out.prompt_tokens, out.completion_tokens),
             baseline_cost_usd=self.baseline.cost_usd(out.prompt_tokens, out.completion_tokens),
             batch_id=batch_id,
@@ -371,33 +353,31 @@ class GpuWorker:
         )
         self._produce(self.topics.results, req.request_id, result)
         self._produce(self.topics.cost_metrics, req.request_id, metric)
-        self._status(req.request_id, "succeeded", f"batch {batch_id}")
+        self._status(req.request_id, RequestState.SUCCEEDED, f"batch {batch_id}")
         report.results.append(result)
 
     def _fail(
         self,
         it: Buffered,
-        started: object,
+        started: datetime,
         report: BatchReport,
         reason: DeadLetterReason,
         error: str,
         out: EngineOutput | None = None,
     ) -> None:
-        result = self._result(
-            it,
-            started,
-            status="failed",
-            error=f"{reason.value}: {error}",
+        result = InferenceResult.failed(
+            it.request,
+            reason,
+            error,
+            model=self.entry.name,
+            started_at=started,
             prompt_tokens=out.prompt_tokens if out else 0,
             batch_id=report.batch_id,
         )
         dl = self._dead_letter(reason, error, (it.topic, it.partition), it.offset, it.value, it.request)
         self._produce(self.topics.results, it.request.request_id, result)
         self._produce(self.topics.dead_letter, it.request.request_id, dl)
-        state = {DeadLetterReason.DEADLINE_EXPIRED: "expired", DeadLetterReason.CANCELLED: "cancelled"}.get(
-            reason, "failed"
-        )
-        self._status(it.request.request_id, state, f"{reason.value}: {error}")
+        self._status(it.request.request_id, reason.state, f"{reason.value}: {error}")
         report.results.append(result)
         report.dead_letters.append(dl)
 
@@ -405,7 +385,7 @@ class GpuWorker:
         wanted = request.metadata.get("max_attempts", "")
         return int(wanted) if wanted.isdigit() and int(wanted) >= 1 else self.settings.retry.max_attempts
 
-    def _retry_or_fail(self, it: Buffered, started: object, report: BatchReport, out: EngineOutput) -> None:
+    def _retry_or_fail(self, it: Buffered, started: datetime, report: BatchReport, out: EngineOutput) -> None:
         """Transient engine failure: back to a delay topic (the partition keeps flowing), or a
         dead letter once the attempts are used up."""
         req = it.request
@@ -421,16 +401,14 @@ class GpuWorker:
         self._produce(self.topics.retry(level), req.request_id, retry, [("target", it.topic.encode())])
         self._status(
             req.request_id,
-            "queued",
+            RequestState.QUEUED,
             f"retry {req.attempt + 1} of {max_attempts - 1} in {backoff[level] / 1000:g}s after: {error}",
         )
         report.retried.append(req.request_id)
 
-    def _status(self, request_id: str, state: str, detail: str | None = None) -> None:
+    def _status(self, request_id: str, state: RequestState, detail: str | None = None) -> None:
         if self.settings.publish_status:
-            rec = RequestStatus.model_validate(
-                {"request_id": request_id, "state": state, "model": self.entry.name, "detail": detail}
-            )
+            rec = RequestStatus.of(request_id, state, model=self.entry.name, detail=detail)
             self._produce(self.topics.status, request_id, rec)
 
     # -- Loop ---------------------------------------------------------------------------------
@@ -457,20 +435,19 @@ class GpuWorker:
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
         # A small prefetch queue keeps memory flat however deep the backlog is (the buffer is the
         # real queue).
-        consumer = Consumer(
-            consumer_config(
-                self.settings.kafka,
-                self.group_id,
-                **{
-                    "queued.max.messages.kbytes": 512,
-                    "fetch.max.bytes": 1 << 20,
-                    "max.partition.fetch.bytes": 128 << 10,
-                    # librdkafka postpones a partition's next fetch by this much (default 1 s) once
-                    # the prefetch queue is over its bound; with the bound this small that would
-                    # stall newly arriving high-priority requests behind rewound backlog.
-                    "fetch.queue.backoff.ms": 10,
-                },
-            )
+        consumer = clients.consumer(
+            self.settings.kafka,
+            f"gpu-{self.entry.name}",
+            self.group_id,
+            **{
+                "queued.max.messages.kbytes": 512,
+                "fetch.max.bytes": 1 << 20,
+                "max.partition.fetch.bytes": 128 << 10,
+                # librdkafka postpones a partition's next fetch by this much (default 1 s) once
+                # the prefetch queue is over its bound; with the bound this small that would
+                # stall newly arriving high-priority requests behind rewound backlog.
+                "fetch.queue.backoff.ms": 10,
+            },
         )
         self._consumer = consumer
         if self.watch_cancellations:

@@ -17,11 +17,11 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from schemas import ChatMessage, InferenceRequest, Priority, RequestStatus, Serde
+from schemas import ChatMessage, InferenceRequest, Priority, RequestState, RequestStatus, Serde
+from sluice import clients
 from sluice.errors import BrokerError, ConfigError
-from sluice.kafka_config import producer_config
 from sluice.settings import Settings
-from sluice.topics import PRIORITIES, Topics
+from sluice.topics import Topics
 
 __all__ = ["SluiceClient"]
 
@@ -32,7 +32,7 @@ class SluiceClient:
     def __init__(self, settings: Settings | None = None, *, serde: Serde | None = None) -> None:
         self.settings = settings or Settings()
         self.topics = Topics(self.settings.topic_prefix)
-        self._serde = serde or Serde.from_settings(self.settings.schema_registry)
+        self._serde = serde or clients.serde(self.settings)
         self._producer: Producer | None = None
         self._lock = threading.Lock()
         self._failed: list[tuple[str, str]] = []
@@ -41,7 +41,7 @@ class SluiceClient:
     def producer(self) -> Producer:
         # Lazy, like Quix Streams: constructing a client does not connect.
         if self._producer is None:
-            self._producer = Producer(producer_config(self.settings.kafka))
+            self._producer = clients.producer(self.settings.kafka, "producer")
         return self._producer
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
@@ -57,7 +57,7 @@ class SluiceClient:
         *,
         messages: Iterable[ChatMessage | Mapping[str, str]] | None = None,
         system: str | None = None,
-        priority: Priority = "normal",
+        priority: Priority | str = Priority.NORMAL,
         model: str | None = None,
         tenant: str = "default",
         max_tokens: int = 256,
@@ -102,15 +102,13 @@ class SluiceClient:
         return self.submit_request(InferenceRequest.model_validate(fields))
 
     def submit_request(self, request: InferenceRequest) -> str:
-        if request.priority not in PRIORITIES:  # pragma: no cover - guarded by the model
-            raise ConfigError(f"unknown priority {request.priority!r}")
         headers: list[tuple[str, str | bytes | None]] = [("tenant", request.tenant.encode())]
         if request.correlation_id:
             headers.append(("correlation_id", request.correlation_id.encode()))
         topic = self.topics.requests(request.priority)
         self._produce(topic, request.request_id, self._serde.encode(request), headers)
         if self.settings.publish_status:
-            status = RequestStatus(request_id=request.request_id, state="queued", detail=f"on {topic}")
+            status = RequestStatus.of(request.request_id, RequestState.QUEUED, detail=f"on {topic}")
             self._produce(self.topics.status, request.request_id, self._serde.encode(status), [])
         self.producer.poll(0)
         return request.request_id
@@ -120,7 +118,7 @@ class SluiceClient:
 
         A request already running finishes normally; a skipped one gets a failed result, a
         ``cancelled`` dead letter and the status ``cancelled``."""
-        record = RequestStatus(request_id=request_id, state="cancelled", detail=reason)
+        record = RequestStatus.of(request_id, RequestState.CANCELLED, detail=reason)
         self._produce(self.topics.cancellations, request_id, self._serde.encode(record), [])
         self.producer.poll(0)
 

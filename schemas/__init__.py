@@ -1,34 +1,51 @@
-"""Stage 1: the event contracts. Avro schemas (``avro/*.avsc``), pydantic mirrors, and
-Confluent-wire-format serializers usable by any Kafka client with a Schema Registry."""
+"""Stage 1: the event contracts. Avro schemas (``avro/*.avsc``), pydantic mirrors with the record
+constructors every stage uses, the wire vocabulary as enums, and Confluent-wire-format
+serializers usable by any Kafka client with a Schema Registry.
 
+This package imports nothing from the rest of Sluice: every service shares it.
+"""
+
+from schemas.errors import ConfigError, PipelineRejection, SerializationError, SluiceError
+from schemas.ids import dead_letter_id, new_id, utcnow
 from schemas.models import (
+    AvroRecord,
     ChatMessage,
     CostMetric,
     DeadLetter,
     InferenceRequest,
     InferenceResult,
-    Priority,
     RequestStatus,
     Route,
-    utcnow,
 )
 from schemas.registry import ConfluentSchemaRegistry, LocalSchemaRegistry, SchemaRegistry
 from schemas.serde import AvroDeserializer, AvroSerializer, Serde
+from schemas.vocabulary import DeadLetterReason, Priority, RequestState, ResultStatus, Stage
 
 __all__ = [
     "AvroDeserializer",
+    "AvroRecord",
     "AvroSerializer",
     "ChatMessage",
+    "ConfigError",
     "ConfluentSchemaRegistry",
     "CostMetric",
     "DeadLetter",
+    "DeadLetterReason",
     "InferenceRequest",
     "InferenceResult",
     "LocalSchemaRegistry",
+    "PipelineRejection",
     "Priority",
+    "RequestState",
     "RequestStatus",
+    "ResultStatus",
     "Route",
     "SchemaRegistry",
     "Serde",
+    "SerializationError",
+    "SluiceError",
+    "Stage",
+    "dead_letter_id",
+    "new_id",
     "utcnow",
 ]

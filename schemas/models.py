@@ -1,14 +1,16 @@
-"""Pydantic models mirroring the Avro schemas field for field (checked by a unit test)."""
+"""Pydantic models mirroring the Avro schemas field for field (checked by a unit test), and the
+constructors every stage builds its records with (so a failed result or a dead letter looks the
+same whichever stage wrote it)."""
 
 from __future__ import annotations
 
-import uuid
-from datetime import UTC, datetime
-from typing import ClassVar, Literal
+from datetime import datetime
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sluice.errors import DeadLetterReason
+from schemas.ids import dead_letter_id, new_id, utcnow
+from schemas.vocabulary import DeadLetterReason, Priority, RequestState, ResultStatus, Stage
 
 __all__ = [
     "AvroRecord",
@@ -17,25 +19,9 @@ __all__ = [
     "DeadLetter",
     "InferenceRequest",
     "InferenceResult",
-    "Priority",
     "RequestStatus",
     "Route",
-    "new_id",
-    "utcnow",
 ]
-
-Priority = Literal["high", "normal", "low"]
-PRIORITY_RANK: dict[str, int] = {"high": 0, "normal": 1, "low": 2}
-
-
-def utcnow() -> datetime:
-    # Avro timestamp-millis: keep millisecond precision so round trips compare equal.
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
 
 
 class AvroRecord(BaseModel):
@@ -69,7 +55,7 @@ class InferenceRequest(AvroRecord):
 
     request_id: str = Field(default_factory=new_id, min_length=1, max_length=128)
     tenant: str = Field(default="default", min_length=1, max_length=128)
-    priority: Priority = "normal"
+    priority: Priority = Priority.NORMAL
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
     max_tokens: int = Field(default=256, gt=0, le=32768)
@@ -103,9 +89,9 @@ class InferenceResult(AvroRecord):
 
     request_id: str
     tenant: str
-    priority: str
+    priority: Priority
     model: str
-    status: Literal["succeeded", "failed"]
+    status: ResultStatus
     output_text: str = ""
     finish_reason: str | None = None
     prompt_tokens: int = 0
@@ -127,6 +113,64 @@ class InferenceResult(AvroRecord):
     def latency_ms(self) -> int:
         return int((self.completed_at - self.created_at).total_seconds() * 1000)
 
+    @property
+    def queue_wait_ms(self) -> int:
+        return int((self.started_at - self.created_at).total_seconds() * 1000)
+
+    @classmethod
+    def for_request(
+        cls,
+        request: InferenceRequest,
+        *,
+        model: str,
+        status: ResultStatus,
+        started_at: datetime,
+        completed_at: datetime | None = None,
+        **fields: Any,
+    ) -> InferenceResult:
+        """A result answering ``request``: identity, lineage and routing copied from it."""
+        return cls.model_validate(
+            {
+                "request_id": request.request_id,
+                "tenant": request.tenant,
+                "priority": request.priority,
+                "model": model,
+                "status": status,
+                "created_at": request.created_at,
+                "started_at": started_at,
+                "completed_at": completed_at or utcnow(),
+                "correlation_id": request.correlation_id,
+                "route_reason": request.route.reason if request.route else None,
+                "replay_of": request.replay_of,
+                "dedupe_key": request.dedupe_key,
+                "attempt": request.attempt,
+                **fields,
+            }
+        )
+
+    @classmethod
+    def failed(
+        cls,
+        request: InferenceRequest,
+        reason: DeadLetterReason,
+        error: str,
+        *,
+        model: str,
+        started_at: datetime | None = None,
+        **fields: Any,
+    ) -> InferenceResult:
+        """The failed result a submitter gets for a dead-lettered request (``error`` = "reason: detail")."""
+        now = utcnow()
+        return cls.for_request(
+            request,
+            model=model,
+            status=ResultStatus.FAILED,
+            started_at=started_at or now,
+            completed_at=now,
+            error=f"{reason.value}: {error}",
+            **fields,
+        )
+
 
 class DeadLetter(AvroRecord):
     schema_file: ClassVar[str] = "dead_letter.v1.avsc"
@@ -137,13 +181,13 @@ class DeadLetter(AvroRecord):
     request_id: str | None = None
     tenant: str | None = None
     model: str | None = None
-    priority: str | None = None
+    priority: Priority | None = None
     source_topic: str
     source_partition: int
     source_offset: int
     attempt: int = 0
     original: bytes
-    stage: Literal["processor", "consumer"]
+    stage: Stage
     created_at: datetime = Field(default_factory=utcnow)
 
     def to_avro(self) -> dict[str, object]:
@@ -151,13 +195,45 @@ class DeadLetter(AvroRecord):
         data["reason"] = self.reason.value
         return data
 
+    @classmethod
+    def from_event(
+        cls,
+        reason: DeadLetterReason,
+        error: str,
+        *,
+        stage: Stage,
+        topic: str,
+        partition: int,
+        offset: int,
+        original: bytes,
+        request: InferenceRequest | None = None,
+        model: str | None = None,
+    ) -> DeadLetter:
+        """The dead letter for the event at (topic, partition, offset); its id is deterministic,
+        so processing the same event again replaces rather than adds a row."""
+        return cls(
+            dead_letter_id=dead_letter_id(stage, topic, partition, offset),
+            reason=reason,
+            error=error,
+            request_id=request.request_id if request else None,
+            tenant=request.tenant if request else None,
+            model=model if model is not None else (request.model if request else None),
+            priority=request.priority if request else None,
+            source_topic=topic,
+            source_partition=partition,
+            source_offset=offset,
+            attempt=request.attempt if request else 0,
+            original=original,
+            stage=stage,
+        )
+
 
 class CostMetric(AvroRecord):
     schema_file: ClassVar[str] = "cost_metric.v1.avsc"
 
     request_id: str
     tenant: str
-    priority: str
+    priority: Priority
     model: str
     input_tokens: int
     output_tokens: int
@@ -172,22 +248,52 @@ class CostMetric(AvroRecord):
     deduplicated: bool = False
     created_at: datetime = Field(default_factory=utcnow)
 
+    @classmethod
+    def for_result(
+        cls,
+        result: InferenceResult,
+        *,
+        cost_usd: float,
+        baseline_cost_usd: float,
+        model: str | None = None,
+        queue_wait_ms: int | None = None,
+        engine_ms: float = 0.0,
+        batch_id: str | None = None,
+        batch_size: int = 1,
+        cached: bool = False,
+        deduplicated: bool = False,
+    ) -> CostMetric:
+        """The cost ledger line of ``result``; the caller prices the tokens from its catalog."""
+        return cls(
+            request_id=result.request_id,
+            tenant=result.tenant,
+            priority=result.priority,
+            model=model or result.model,
+            input_tokens=result.prompt_tokens,
+            output_tokens=result.completion_tokens,
+            queue_wait_ms=result.queue_wait_ms if queue_wait_ms is None else queue_wait_ms,
+            engine_ms=engine_ms,
+            latency_ms=result.latency_ms,
+            cost_usd=cost_usd,
+            baseline_cost_usd=baseline_cost_usd,
+            batch_id=batch_id,
+            batch_size=batch_size,
+            cached=cached,
+            deduplicated=deduplicated,
+        )
+
 
 class RequestStatus(AvroRecord):
     schema_file: ClassVar[str] = "request_status.v1.avsc"
 
     request_id: str
-    state: Literal[
-        "queued",
-        "deduplicated",
-        "cached",
-        "routed",
-        "running",
-        "succeeded",
-        "failed",
-        "expired",
-        "cancelled",
-    ]
+    state: RequestState
     at: datetime = Field(default_factory=utcnow)
     model: str | None = None
     detail: str | None = None
+
+    @classmethod
+    def of(
+        cls, request_id: str, state: RequestState, *, model: str | None = None, detail: str | None = None
+    ) -> RequestStatus:
+        return cls(request_id=request_id, state=state, model=model, detail=detail)

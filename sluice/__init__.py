@@ -1,8 +1,9 @@
 """Sluice: asynchronous LLM inference on Kafka.
 
 Data flow: ``schemas`` -> ``producers`` -> ``stream_processors`` -> ``gpu_consumers`` ->
-results/analytics (``sluice.analytics``). This package holds the shared runtime glue:
-settings, errors, the model catalog, topic names, the embedded local stack and the CLI.
+``analytics``. This package is the foundation the stages share (settings, errors, topics, the
+catalog, the Kafka client factory, the engine registry, logs, metrics); ``sluice.local`` holds
+the embedded single-machine stack and ``sluice.cli`` the command line.
 """
 
 __all__ = ["__version__"]

@@ -1,8 +1,13 @@
-"""One error hierarchy for Sluice; boundaries wrap third-party errors with ``raise ... from``."""
+"""One error hierarchy for Sluice; boundaries wrap third-party errors with ``raise ... from``.
+
+The root (``SluiceError``) and the contract errors live in ``schemas.errors`` (the lowest layer)
+and are re-exported here beside the runtime errors.
+"""
 
 from __future__ import annotations
 
-from enum import StrEnum
+from schemas.errors import ConfigError, PipelineRejection, SerializationError, SluiceError
+from schemas.vocabulary import DeadLetterReason
 
 __all__ = [
     "BrokerError",
@@ -15,28 +20,6 @@ __all__ = [
     "SluiceError",
     "StoreError",
 ]
-
-
-class DeadLetterReason(StrEnum):
-    """Closed set of reasons a request becomes a dead letter (mirrors the Avro enum)."""
-
-    MALFORMED_EVENT = "malformed_event"
-    SCHEMA_MISMATCH = "schema_mismatch"
-    VALIDATION_ERROR = "validation_error"
-    UNKNOWN_MODEL = "unknown_model"
-    CONTEXT_OVERFLOW = "context_overflow"
-    ENGINE_ERROR = "engine_error"
-    DEADLINE_EXPIRED = "deadline_expired"
-    CANCELLED = "cancelled"
-    RETRIES_EXHAUSTED = "retries_exhausted"
-
-
-class SluiceError(Exception):
-    """Base of every error Sluice raises on purpose."""
-
-
-class ConfigError(SluiceError):
-    """Settings or files that cannot be used as given."""
 
 
 class CatalogError(ConfigError):
@@ -52,17 +35,4 @@ class StoreError(SluiceError):
 
 
 class EngineError(SluiceError):
-    """The inference engine failed to start or to run a batch."""
-
-
-class PipelineRejection(SluiceError):
-    """An event that must become a dead letter with a typed reason, not a crash."""
-
-    def __init__(self, reason: DeadLetterReason, message: str) -> None:
-        super().__init__(f"{reason.value}: {message}")
-        self.reason = reason
-        self.detail = message
-
-
-class SerializationError(PipelineRejection):
-    """Bytes that are not a decodable Sluice event (bad framing, unknown schema id, bad types)."""
+    """The inference engine failed to start or to run a request."""

@@ -7,6 +7,7 @@ from prometheus_client import Counter, Histogram, start_http_server
 __all__ = [
     "BATCH_SIZE",
     "ENGINE_SECONDS",
+    "KAFKA_CLIENT_ERRORS",
     "REQUESTS",
     "SINK_ROWS",
     "serve_metrics",
@@ -20,6 +21,9 @@ BATCH_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 ENGINE_SECONDS = Histogram("sluice_engine_seconds", "Engine time per batch", ["model"])
+KAFKA_CLIENT_ERRORS = Counter(
+    "sluice_kafka_client_errors_total", "Errors reported by Kafka clients (error_cb)", ["component", "class"]
+)
 SINK_ROWS = Counter("sluice_sink_rows_total", "Rows written to ClickHouse", ["table"])
 
 

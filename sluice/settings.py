@@ -6,9 +6,8 @@ Example: ``SLUICE_KAFKA__BOOTSTRAP_SERVERS=broker:9092``, ``SLUICE_CLICKHOUSE__U
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
@@ -74,7 +73,8 @@ class ClickHouseSettings(BaseModel):
 class EngineSettings(BaseModel):
     """How a GPU consumer runs its model."""
 
-    kind: Literal["vllm", "instant"] = "vllm"
+    # A name from the engine registry (``sluice.engines``): "vllm", or "instant" (a test double).
+    kind: str = "vllm"
     dtype: str = "float32"
     max_model_len: int = 1024
     enforce_eager: bool = True
@@ -84,6 +84,15 @@ class EngineSettings(BaseModel):
     batch_wait_ms: int = 250
     # Test double only: simulated seconds per batch for the instant engine.
     instant_batch_seconds: float = 0.0
+
+    @field_validator("kind")
+    @classmethod
+    def _registered(cls, kind: str) -> str:
+        from sluice.engines import engine_names
+
+        if kind not in engine_names():
+            raise ValueError(f"unknown engine {kind!r}; known engines: {', '.join(engine_names())}")
+        return kind
 
 
 class RetrySettings(BaseModel):

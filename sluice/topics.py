@@ -10,31 +10,32 @@ import logging
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, KafkaException, Message
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
+from schemas import Priority
+from sluice import clients
 from sluice.catalog import Catalog
 from sluice.errors import BrokerError
-from sluice.kafka_config import admin_config
 from sluice.settings import KafkaSettings
 
 __all__ = ["PRIORITIES", "Topics", "ensure_topics", "message_coords"]
 
 logger = logging.getLogger(__name__)
 
-PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
+PRIORITIES: tuple[Priority, ...] = tuple(Priority)
 
 
 @dataclass(frozen=True)
 class Topics:
     prefix: str = "sluice."
 
-    def requests(self, priority: str) -> str:
+    def requests(self, priority: Priority | str) -> str:
         return f"{self.prefix}requests.{priority}"
 
     def all_requests(self) -> list[str]:
         return [self.requests(p) for p in PRIORITIES]
 
-    def model(self, name: str, priority: str) -> str:
+    def model(self, name: str, priority: Priority | str) -> str:
         # One topic per model *and* priority: a consumer can then pause a full low-priority
         # buffer while still fetching high-priority requests (a shared topic would queue
         # high behind a low backlog in the partition log).
@@ -101,7 +102,7 @@ def message_coords(msg: Message) -> tuple[str, int, int]:
 
 def ensure_topics(kafka: KafkaSettings, topics: dict[str, dict[str, str]], timeout: float = 15.0) -> None:
     """Create missing topics; existing ones are left as they are."""
-    admin = AdminClient(admin_config(kafka))
+    admin = clients.admin(kafka, "admin")
     try:
         existing = set(admin.list_topics(timeout=timeout).topics)
     except KafkaException as exc:

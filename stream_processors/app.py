@@ -23,11 +23,13 @@ from typing import Any
 
 import faust
 
-from schemas import InferenceRequest, InferenceResult, Serde
+from schemas import InferenceRequest, InferenceResult
+from sluice import clients
 from sluice.catalog import Catalog, load_catalog
 from sluice.errors import SluiceError
 from sluice.settings import Settings
 from sluice.topics import Topics
+from stream_processors.classifier import Classifier
 from stream_processors.dedupe import DedupeStage
 from stream_processors.emit import Forward
 from stream_processors.pipeline import RequestPipeline
@@ -51,18 +53,24 @@ def _credentials(settings: Settings) -> Any:
     return None
 
 
-def create_app(settings: Settings, catalog: Catalog | None = None) -> faust.App:
+def create_app(
+    settings: Settings, catalog: Catalog | None = None, *, classifier: Classifier | None = None
+) -> faust.App:
+    """The router app; ``classifier`` replaces the rule classifier (the seam for a learned one)."""
     catalog = catalog or load_catalog(settings.catalog_path)
     topics = Topics(settings.topic_prefix)
-    serde = Serde.from_settings(settings.schema_registry)
+    serde = clients.serde(settings)
     ps = settings.processor
-    pipeline = RequestPipeline(catalog, topics, serde, ps, publish_status=settings.publish_status)
+    pipeline = RequestPipeline(
+        catalog, topics, serde, ps, classifier=classifier, publish_status=settings.publish_status
+    )
     faust_dir = settings.data_dir / "faust"
     faust_dir.mkdir(parents=True, exist_ok=True)
     app = App(
         f"{settings.topic_prefix}{ps.app_id}",
         fetch_max_wait_ms=settings.kafka.fetch_wait_max_ms,
         broker=faust_broker_urls(settings),
+        broker_client_id=clients.client_id("router"),
         broker_credentials=_credentials(settings),
         broker_session_timeout=settings.kafka.session_timeout_ms / 1000,
         broker_heartbeat_interval=settings.kafka.heartbeat_interval_ms / 1000,
@@ -80,6 +88,8 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> faust.App:
         web_enabled=False,
         datadir=str(faust_dir),
     )
+    # The per-event logic this app runs (for embedding applications and tests to inspect).
+    app.pipeline = pipeline
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     source = app.topic(*topics.all_requests(), internal=False, **raw)
     dedupe_topic = app.topic(topics.dedupe, partitions=settings.kafka.partitions, internal=False, **raw)

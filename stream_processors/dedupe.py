@@ -30,7 +30,7 @@ from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
-from schemas import InferenceRequest, InferenceResult, utcnow
+from schemas import InferenceRequest, InferenceResult, RequestState, ResultStatus, utcnow
 from sluice.settings import ProcessorSettings
 from stream_processors.emit import Emitter, Forward
 from stream_processors.router import Backlog
@@ -122,7 +122,10 @@ class DedupeStage:
                 entry = {**entry, "waiters": [*entry["waiters"], _waiter(request, raw)]}
                 self.table[key] = entry
             return self.emit.status(
-                request.request_id, "deduplicated", model=request.route.model, detail=f"attached to {entry['original']}"
+                request.request_id,
+                RequestState.DEDUPLICATED,
+                model=request.route.model,
+                detail=f"attached to {entry['original']}",
             )
         # Done: answer from the stored result without touching a model topic.
         cached = key.startswith("content:")
@@ -139,7 +142,10 @@ class DedupeStage:
             value=raw,
             record=request,
         )
-        return [fwd, *self.emit.status(request.request_id, "routed", model=model, detail=request.route.reason)]
+        return [
+            fwd,
+            *self.emit.status(request.request_id, RequestState.ROUTED, model=model, detail=request.route.reason),
+        ]
 
     # -- completions ----------------------------------------------------------------------
     def on_completed(self, result: InferenceResult) -> list[Forward]:
@@ -151,7 +157,7 @@ class DedupeStage:
         out: list[Forward] = []
         for w in entry["waiters"]:
             out += self.emit.result(self._answer(self._stored(result), w, result.request_id), deduplicated=True)
-        if result.status == "succeeded":
+        if result.status is ResultStatus.SUCCEEDED:
             self.table[key] = {
                 **entry,
                 "state": "done",

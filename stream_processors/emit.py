@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from schemas import CostMetric, InferenceResult, RequestStatus, Serde
-from schemas.models import AvroRecord
+from schemas import AvroRecord, CostMetric, InferenceResult, RequestState, RequestStatus, ResultStatus, Serde
 from sluice.catalog import Catalog
 from sluice.topics import Topics
 
@@ -37,33 +36,25 @@ class Emitter:
         return Forward(topic, key.encode() if key else None, self.serde.encode(record), record=record)
 
     def status(
-        self, request_id: str, state: str, *, model: str | None = None, detail: str | None = None
+        self, request_id: str, state: RequestState, *, model: str | None = None, detail: str | None = None
     ) -> list[Forward]:
         if not self.publish_status:
             return []
-        rec = RequestStatus.model_validate({"request_id": request_id, "state": state, "model": model, "detail": detail})
+        rec = RequestStatus.of(request_id, state, model=model, detail=detail)
         return [self.record(self.topics.status, request_id, rec)]
 
     def result(self, result: InferenceResult, *, cached: bool = False, deduplicated: bool = False) -> list[Forward]:
         """A result the processor answers itself (duplicate or cache hit), with its cost metric:
         zero cost, and the saving measured against the most capable model."""
         out = [self.record(self.topics.results, result.request_id, result)]
-        if result.status == "succeeded":
+        if result.status is ResultStatus.SUCCEEDED:
             served_by = self.catalog.get(result.model)
-            baseline = self.baseline.cost_usd(result.prompt_tokens, result.completion_tokens)
-            metric = CostMetric(
-                request_id=result.request_id,
-                tenant=result.tenant,
-                priority=result.priority,
+            metric = CostMetric.for_result(
+                result,
                 model=result.model if served_by else self.baseline.name,
-                input_tokens=result.prompt_tokens,
-                output_tokens=result.completion_tokens,
-                queue_wait_ms=0,
-                engine_ms=0.0,
-                latency_ms=result.latency_ms,
                 cost_usd=0.0,
-                baseline_cost_usd=baseline,
-                batch_id=None,
+                baseline_cost_usd=self.baseline.cost_usd(result.prompt_tokens, result.completion_tokens),
+                queue_wait_ms=0,
                 batch_size=0,
                 cached=cached,
                 deduplicated=deduplicated,
@@ -71,7 +62,7 @@ class Emitter:
             out.append(self.record(self.topics.cost_metrics, result.request_id, metric))
         out += self.status(
             result.request_id,
-            "cached" if cached else result.status,
+            RequestState.CACHED if cached else RequestState(result.status.value),
             model=result.model,
             detail=f"served from {result.deduplicated_from}" if result.deduplicated_from else None,
         )

@@ -7,27 +7,22 @@ status events): bad input never raises out of :meth:`RequestPipeline.process`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from datetime import datetime
 
-from schemas import DeadLetter, InferenceRequest, InferenceResult, Serde, utcnow
+from schemas import DeadLetter, InferenceRequest, InferenceResult, RequestState, Serde, Stage, utcnow
 from sluice.catalog import Catalog
 from sluice.errors import DeadLetterReason, PipelineRejection
 from sluice.settings import ProcessorSettings
 from sluice.topics import Topics
+from stream_processors.classifier import Classifier, RuleClassifier
 from stream_processors.dedupe import dedupe_key
 from stream_processors.emit import Emitter, Forward
 from stream_processors.router import Backlog, Router
 
-__all__ = ["Forward", "RequestPipeline", "dead_letter_id"]
+__all__ = ["Forward", "RequestPipeline"]
 
 logger = logging.getLogger(__name__)
-
-
-def dead_letter_id(stage: str, topic: str, partition: int, offset: int) -> str:
-    """Deterministic, so a redelivered poison event maps to the same dead letter row."""
-    return hashlib.sha1(f"{stage}|{topic}|{partition}|{offset}".encode()).hexdigest()[:24]
 
 
 class RequestPipeline:
@@ -39,12 +34,13 @@ class RequestPipeline:
         settings: ProcessorSettings | None = None,
         *,
         router: Router | None = None,
+        classifier: Classifier | None = None,
         publish_status: bool = True,
     ) -> None:
         self.topics = topics
         self.serde = serde
         self.settings = settings or ProcessorSettings()
-        self.router = router or Router(catalog, backlog=Backlog())
+        self.router = router or Router(catalog, classifier or RuleClassifier(), backlog=Backlog())
         self.emit = Emitter(topics, serde, catalog, publish_status=publish_status)
 
     def process(
@@ -70,7 +66,7 @@ class RequestPipeline:
         if request.deadline is not None and (request.deadline - now).total_seconds() < self.settings.deadline_warning_s:
             left = (request.deadline - now).total_seconds()
             out += self.emit.status(
-                request.request_id, "queued", model=route.model, detail=f"near deadline: {left:.1f}s left"
+                request.request_id, RequestState.QUEUED, model=route.model, detail=f"near deadline: {left:.1f}s left"
             )
         if request.dedupe_key is not None:
             # Repartition by dedupe key: every event about one key meets in one table partition.
@@ -84,7 +80,11 @@ class RequestPipeline:
             list(headers or []),
             request,
         )
-        return [*out, fwd, *self.emit.status(request.request_id, "routed", model=route.model, detail=route.reason)]
+        return [
+            *out,
+            fwd,
+            *self.emit.status(request.request_id, RequestState.ROUTED, model=route.model, detail=route.reason),
+        ]
 
     def _validate(self, request: InferenceRequest, topic: str, now: datetime) -> None:
         if topic != self.topics.requests(request.priority):
@@ -113,41 +113,21 @@ class RequestPipeline:
         request: InferenceRequest | None,
     ) -> list[Forward]:
         logger.warning("dead letter from %s[%d]@%d: %s", topic, partition, offset, exc)
-        dl = DeadLetter(
-            dead_letter_id=dead_letter_id("processor", topic, partition, offset),
-            reason=exc.reason,
-            error=exc.detail,
-            request_id=request.request_id if request else None,
-            tenant=request.tenant if request else None,
-            model=request.model if request else None,
-            priority=request.priority if request else None,
-            source_topic=topic,
-            source_partition=partition,
-            source_offset=offset,
-            attempt=request.attempt if request else 0,
+        dl = DeadLetter.from_event(
+            exc.reason,
+            exc.detail,
+            stage=Stage.PROCESSOR,
+            topic=topic,
+            partition=partition,
+            offset=offset,
             original=original,
-            stage="processor",
+            request=request,
         )
         key = request.request_id.encode() if request else None
         out = [Forward(self.topics.dead_letter, key, self.serde.encode(dl), record=dl)]
         if request is not None:
             # The submitter is told too: a failed result, as the GPU consumers do for their failures.
-            now = utcnow()
-            result = InferenceResult(
-                request_id=request.request_id,
-                tenant=request.tenant,
-                priority=request.priority,
-                model=request.model or "",
-                status="failed",
-                error=str(exc),
-                created_at=request.created_at,
-                started_at=now,
-                completed_at=now,
-                correlation_id=request.correlation_id,
-                replay_of=request.replay_of,
-                attempt=request.attempt,
-            )
+            result = InferenceResult.failed(request, exc.reason, exc.detail, model=request.model or "")
             out.append(self.emit.record(self.topics.results, request.request_id, result))
-            state = "expired" if exc.reason is DeadLetterReason.DEADLINE_EXPIRED else "failed"
-            out += self.emit.status(request.request_id, state, detail=str(exc))
+            out += self.emit.status(request.request_id, exc.reason.state, detail=str(exc))
         return out

@@ -39,6 +39,7 @@ class App(faust.App):  # type: ignore[misc]
     def __init__(self, *args: Any, fetch_max_wait_ms: int = 1500, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.pipeline: Any = None
 
     def _new_transport(self) -> Any:
         return _Transport(self.conf.broker_consumer, self, loop=self.loop)

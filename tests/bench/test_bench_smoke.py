@@ -1,6 +1,7 @@
 """Smoke test only: the benchmark harness starts, measures and prints its table. No figure is
 asserted here (benchmarks never gate the suite on speed); the quick P5 scenario is the cheapest
-that goes through the whole pipeline."""
+that goes through the whole pipeline. It runs as the README documents it, ``sluice bench --quick``
+(options after ``bench`` belong to the benchmark runner)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def test_quick_bench_prints_a_table_and_writes_json(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
+            "sluice",
             "bench",
             "--quick",
             "--only",

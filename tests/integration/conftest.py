@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from analytics.store import Store
 from schemas import Serde
-from sluice.analytics.store import Store
 from sluice.catalog import Catalog, ModelEntry, write_catalog
+from sluice.local.stack import LocalStack
 from sluice.settings import Settings
-from sluice.stack import LocalStack
-from tests.conftest import unavailable
+from tests.support import unavailable
 
 
 def _docker_available() -> bool:
@@ -43,8 +43,8 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with KafkaContainer("confluentinc/cp-kafka:7.7.1").with_kraft() as kafka:
             yield kafka.get_bootstrap_server()
         return
-    from sluice.broker import EmbeddedBroker
     from sluice.errors import BrokerError
+    from sluice.local.broker import EmbeddedBroker
 
     try:
         broker = EmbeddedBroker(log_path=tmp_path_factory.mktemp("tansu") / "tansu.log").start()
@@ -77,29 +77,13 @@ def clickhouse_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store
         container.stop()
 
 
-def make_catalog(*entries: ModelEntry) -> Catalog:
-    return Catalog(models=list(entries))
-
-
 @pytest.fixture
-def catalog() -> Catalog:
-    return make_catalog(
-        ModelEntry(
-            name="tiny",
-            source="builtin:unused-by-instant-engine",
-            tier=1,
-            context_length=1024,
-            input_price_per_1m=0.1,
-            output_price_per_1m=0.2,
-        ),
-        ModelEntry(
-            name="big",
-            source="builtin:unused-by-instant-engine",
-            tier=3,
-            context_length=8192,
-            input_price_per_1m=1.0,
-            output_price_per_1m=2.0,
-        ),
+def catalog(make_entry: Callable[..., ModelEntry]) -> Catalog:
+    return Catalog(
+        models=[
+            make_entry("tiny", tier=1, context_length=1024, input_price_per_1m=0.1, output_price_per_1m=0.2),
+            make_entry("big", tier=3, context_length=8192, input_price_per_1m=1.0, output_price_per_1m=2.0),
+        ]
     )
 
 

@@ -6,15 +6,15 @@ import time
 import uuid
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-from sluice.analytics.store import Store
-from sluice.kafka_config import consumer_config, producer_config
+from analytics.store import Store
+from sluice import clients
 from sluice.settings import Settings
 
 
 def produce_raw(settings: Settings, topic: str, values: list[bytes], key: bytes | None = None) -> None:
-    p = Producer(producer_config(settings.kafka))
+    p = clients.producer(settings.kafka, "test")
     for v in values:
         p.produce(topic, key=key, value=v)
     assert p.flush(30) == 0
@@ -41,7 +41,7 @@ def dead_letters(store: Store, prefix: str) -> list[dict[str, Any]]:
 def topic_keys(settings: Settings, topics: list[str], quiet_s: float = 3.0, timeout: float = 60.0) -> list[str]:
     """Every message key on ``topics`` from the start, read until nothing new arrives for ``quiet_s``
     (end offsets are not trusted: some brokers misreport the high watermark)."""
-    consumer = Consumer(consumer_config(settings.kafka, f"{settings.topic_prefix}probe-{uuid.uuid4().hex[:6]}"))
+    consumer = clients.consumer(settings.kafka, "test", f"{settings.topic_prefix}probe-{uuid.uuid4().hex[:6]}")
     # Assigned, not subscribed: no group join to wait for.
     meta = consumer.list_topics(timeout=10).topics
     consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in meta[t].partitions])

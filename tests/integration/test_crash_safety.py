@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
+from analytics.store import Store
 from producers import SluiceClient
-from sluice.analytics.store import Store
+from sluice.local.stack import LocalStack, _Child, child_env
 from sluice.settings import Settings
-from sluice.stack import LocalStack, _Child, child_env
-from tests.conftest import wait_until
 from tests.integration.helpers import result_counts
+from tests.support import wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
 

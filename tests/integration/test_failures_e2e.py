@@ -7,35 +7,24 @@ The engine is the named instant test double: ``FLAKY`` fails a request's first a
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from analytics.store import Store
 from gpu_consumers.instant_engine import FLAKY, POISON_PILL
 from producers import SluiceClient
-from sluice.analytics.store import Store
+from sluice.local.stack import LocalStack
 from sluice.settings import Settings
-from sluice.stack import LocalStack, child_env
-from tests.conftest import wait_until
 from tests.integration.helpers import results
+from tests.support import cli_json, run_cli, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
 
 def sluice(stack: LocalStack, *args: str) -> list[dict[str, Any]]:
-    """Run the CLI in another process (as a user would) and parse its JSON lines."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "sluice", *args, "--format", "json"],
-        env=child_env(stack.settings),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return cli_json(stack.settings, *args)
 
 
 def statuses(store: Store, rid: str) -> list[tuple[str, str | None]]:
@@ -121,13 +110,7 @@ def test_replay_after_fixing_the_cause_yields_one_result_and_a_second_replay_add
 
 
 def sluice_show(stack: LocalStack, dead_letter_id: str) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "sluice", "dlq", "show", dead_letter_id],
-        env=child_env(stack.settings),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_cli(stack.settings, "dlq", "show", dead_letter_id)
     assert proc.returncode == 0, proc.stderr[-2000:]
     shown: dict[str, Any] = json.loads(proc.stdout)
     return shown

@@ -5,21 +5,18 @@ The real-engine version of this journey is in test_vllm_engine.py.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from analytics.store import Store
 from gpu_consumers.instant_engine import POISON_PILL
 from producers import SluiceClient
 from schemas import CostMetric, InferenceResult, Serde
-from sluice.analytics.store import Store
-from sluice.stack import LocalStack, child_env
+from sluice.local.stack import LocalStack
 from tests.avro_frames import frame_request_dict
-from tests.conftest import wait_until
 from tests.integration.helpers import dead_letters, produce_raw, result_counts
+from tests.support import cli_json, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
@@ -88,15 +85,14 @@ def test_every_request_gets_exactly_one_result_row_and_bad_events_dead_letter(
 
 
 def test_results_topic_carries_avro_results_and_metrics(stack: LocalStack, serde: Serde) -> None:
-    from confluent_kafka import Consumer
 
-    from sluice.kafka_config import consumer_config
+    from sluice import clients
 
     settings = stack.settings
     client = SluiceClient(settings)
     rid = client.submit("hello there", priority="high", correlation_id="corr-1", tenant="acme")
     client.flush()
-    consumer = Consumer(consumer_config(settings.kafka, f"{settings.topic_prefix}check"))
+    consumer = clients.consumer(settings.kafka, "test", f"{settings.topic_prefix}check")
     consumer.subscribe([stack.topics.results, stack.topics.cost_metrics])
     seen: dict[str, object] = {}
 
@@ -204,35 +200,11 @@ def test_sql_and_stats_from_another_process_while_the_stack_runs(stack: LocalSta
     ids = [client.submit(f"stats {i}", priority="low", tenant="stats-tenant") for i in range(3)]
     client.flush()
     wait_until(lambda: len(result_counts(clickhouse_store, ids)) == 3, timeout=90, what="results")
-    env = child_env(settings)
     if clickhouse_store.embedded:
         # The stack's process owns the chDB directory; the CLI must go through its query endpoint.
         assert (settings.data_dir / "stack.json").is_file()
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sluice",
-            "sql",
-            "--format",
-            "json",
-            "SELECT count() AS n FROM sluice.results FINAL WHERE tenant = 'stats-tenant'",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
-    assert json.loads(out.strip().splitlines()[-1]) == {"n": 3}
-    out = subprocess.run(
-        [sys.executable, "-m", "sluice", "stats", "--view", "latency", "--format", "json", "--tenant", "stats-tenant"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
-    rows = [json.loads(line) for line in out.strip().splitlines()]
+    out = cli_json(settings, "sql", "SELECT count() AS n FROM sluice.results FINAL WHERE tenant = 'stats-tenant'")
+    assert out == [{"n": 3}]
+    rows = cli_json(settings, "stats", "--view", "latency", "--tenant", "stats-tenant")
     assert [(r["model"], r["priority"], r["requests"]) for r in rows] == [("tiny", "low", 3)]
     assert rows[0]["p95_ms"] >= rows[0]["p50_ms"] > 0

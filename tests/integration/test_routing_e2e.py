@@ -7,18 +7,16 @@ Faust processor and the consumer's scheduling are what these tests exercise.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 
 import pytest
 
+from analytics.store import Store
 from producers import SluiceClient
-from sluice.analytics.store import Store
+from sluice.local.stack import LocalStack
 from sluice.settings import Settings
-from sluice.stack import LocalStack, child_env
-from tests.conftest import wait_until
 from tests.integration.helpers import results, topic_keys
+from tests.support import cli_json, run_cli, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
@@ -84,15 +82,7 @@ def test_duplicates_run_once_and_every_submitter_gets_a_result(
     assert saved[0] == len(dups) and saved[1] > 0 and saved[2] == 0
 
     # The same figures through `sluice stats` (another process, through the stack's query endpoint).
-    out = subprocess.run(
-        [sys.executable, "-m", "sluice", "stats", "--view", "savings", "--format", "json", "--tenant", "dd"],
-        env=child_env(stack.settings),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    (row,) = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    (row,) = cli_json(stack.settings, "stats", "--view", "savings", "--tenant", "dd")
     assert (row["requests"], row["engine_runs"], row["duplicates"], row["cache_hits"]) == (
         len(everyone) - 1,  # the other tenant's request is not in tenant dd
         len(ran) - 1,
@@ -122,14 +112,8 @@ def test_a_cache_hit_never_touches_a_model_topic(
 
     # `sluice status` shows the lifecycle from the status topic (through ClickHouse).
     def status(rid: str) -> list[str]:
-        out = subprocess.run(
-            [sys.executable, "-m", "sluice", "status", rid, "--format", "json"],
-            env=child_env(stack.settings),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout
-        return [json.loads(line)["state"] for line in out.splitlines() if line.startswith("{")]
+        proc = run_cli(stack.settings, "status", rid, "--format", "json", timeout=60)
+        return [json.loads(line)["state"] for line in proc.stdout.splitlines() if line.startswith("{")]
 
     assert wait_until(lambda: status(hit), lambda s: "cached" in s, timeout=30, what="cached status") == [
         "queued",

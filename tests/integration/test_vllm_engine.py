@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from analytics.store import Store
 from producers import SluiceClient
-from sluice.analytics.store import Store
 from sluice.catalog import Catalog, ModelEntry
+from sluice.local.stack import LocalStack
 from sluice.settings import Settings
-from sluice.stack import LocalStack
-from tests.conftest import unavailable, wait_until
 from tests.integration.helpers import dead_letters, result_counts
+from tests.support import unavailable, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.engine, pytest.mark.slow]
 
@@ -24,25 +24,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         import vllm  # noqa: F401
     except Exception as exc:
         unavailable("vLLM", exc)
-    from sluice.models import build_tiny_model
+    from sluice.local.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture
-def catalog(tiny_model_dir: Path) -> Catalog:
-    return Catalog(
-        models=[
-            ModelEntry(
-                name="tiny",
-                source=str(tiny_model_dir),
-                tier=1,
-                context_length=512,
-                input_price_per_1m=0.1,
-                output_price_per_1m=0.2,
-            )
-        ]
-    )
+def catalog(tiny_model_dir: Path, make_entry: Callable[..., ModelEntry]) -> Catalog:
+    return Catalog(models=[make_entry("tiny", source=str(tiny_model_dir), context_length=512)])
 
 
 @pytest.fixture

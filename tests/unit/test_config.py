@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 
+from analytics.results import openai_batch_line
 from schemas import InferenceResult, utcnow
 from sluice.catalog import load_catalog
 from sluice.errors import CatalogError
-from sluice.follow import openai_batch_line
 from sluice.kafka_config import consumer_config, producer_config
+from sluice.local.stack import child_env
 from sluice.settings import Settings
-from sluice.stack import child_env
 
 
 def test_settings_from_env_and_librdkafka_mapping(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,16 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from schemas import ChatMessage, CostMetric, InferenceRequest, InferenceResult, RequestStatus, Route, Serde, utcnow
-from sluice.catalog import Catalog, ModelEntry
+from sluice.catalog import Catalog
 from sluice.settings import ProcessorSettings
 from sluice.topics import Topics
 from stream_processors.dedupe import DedupeStage, dedupe_key
 from stream_processors.emit import Emitter, Forward
+from tests.support import model_entry
 
 CATALOG = Catalog(
     models=[
-        ModelEntry(name="cheap", source="x", tier=1, context_length=1000, input_price_per_1m=1, output_price_per_1m=2),
-        ModelEntry(name="big", source="x", tier=3, context_length=9000, input_price_per_1m=10, output_price_per_1m=20),
+        model_entry("cheap", tier=1, context_length=1000, input_price_per_1m=1, output_price_per_1m=2),
+        model_entry("big", tier=3, context_length=9000, input_price_per_1m=10, output_price_per_1m=20),
     ]
 )
 SERDE = Serde()

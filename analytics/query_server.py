@@ -17,7 +17,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from sluice.analytics.store import Store
+from analytics.store import Store
 from sluice.errors import SluiceError
 
 __all__ = ["QueryServer", "to_jsonable"]

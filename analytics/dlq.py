@@ -22,19 +22,35 @@ import logging
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
-from producers import SluiceClient
-from schemas import InferenceRequest, Serde, utcnow
-from sluice.analytics.query import Query
+from analytics.query import Query
+from schemas import InferenceRequest, ResultStatus, Serde, utcnow
 from sluice.errors import ConfigError, SluiceError
 
-__all__ = ["DlqFilter", "ReplayOutcome", "list_dead_letters", "parse_age", "replay", "replay_id", "show_dead_letter"]
+__all__ = [
+    "DlqFilter",
+    "ReplayOutcome",
+    "RequestPublisher",
+    "list_dead_letters",
+    "parse_age",
+    "replay",
+    "replay_id",
+    "show_dead_letter",
+]
 
 logger = logging.getLogger(__name__)
 
 _AGE = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+class RequestPublisher(Protocol):
+    """What a replay publishes through (``producers.SluiceClient`` is one)."""
+
+    def submit_request(self, request: InferenceRequest) -> str: ...
+
+    def flush(self, timeout: float = ...) -> None: ...
 
 
 def parse_age(text: str) -> timedelta:
@@ -78,7 +94,7 @@ _COLUMNS = (
 )
 
 
-def list_dead_letters(query: Query, f: DlqFilter, limit: int = 100, database: str = "sluice") -> list[dict[str, Any]]:
+def list_dead_letters(query: Query, f: DlqFilter, database: str, limit: int = 100) -> list[dict[str, Any]]:
     where, params = f.where()
     res = query(
         f"SELECT {_COLUMNS} FROM {database}.dead_letters FINAL WHERE {where} ORDER BY created_at LIMIT {int(limit)}",
@@ -87,9 +103,7 @@ def list_dead_letters(query: Query, f: DlqFilter, limit: int = 100, database: st
     return res.dicts()
 
 
-def show_dead_letter(
-    query: Query, dead_letter_id: str, serde: Serde, database: str = "sluice"
-) -> dict[str, Any] | None:
+def show_dead_letter(query: Query, dead_letter_id: str, serde: Serde, database: str) -> dict[str, Any] | None:
     res = query(
         f"SELECT {_COLUMNS}, hex(original) AS original_hex FROM {database}.dead_letters FINAL "
         "WHERE dead_letter_id = {id:String}",
@@ -121,14 +135,14 @@ class ReplayOutcome:
 
 def replay(
     query: Query,
-    client: SluiceClient,
+    client: RequestPublisher,
     serde: Serde,
     f: DlqFilter,
     *,
     to_model: str | None = None,
     dry_run: bool = False,
     limit: int = 10_000,
-    database: str = "sluice",
+    database: str,
 ) -> list[ReplayOutcome]:
     where, params = f.where()
     if f.reason is None:
@@ -152,7 +166,7 @@ def replay(
         new_id = replay_id(dl_id)
         if new_id in done:
             detail = f"already replayed as {new_id} ({done[new_id]})"
-            if done[new_id] == "failed":
+            if done[new_id] == ResultStatus.FAILED:
                 detail += "; replay that request's own dead letter to try again"
             outcomes.append(ReplayOutcome(dl_id, "skipped", new_id, detail))
             continue

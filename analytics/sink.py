@@ -15,11 +15,10 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from schemas import CostMetric, DeadLetter, InferenceResult, RequestStatus, Serde
-from schemas.models import AvroRecord
-from sluice.analytics.store import Store
+from analytics.store import Store
+from schemas import AvroRecord, CostMetric, DeadLetter, InferenceResult, RequestStatus, Serde
+from sluice import clients
 from sluice.errors import SluiceError, StoreError
-from sluice.kafka_config import consumer_config
 from sluice.metrics import SINK_ROWS
 from sluice.settings import Settings
 from sluice.topics import Topics, message_coords
@@ -65,7 +64,7 @@ class ClickHouseSink:
     ) -> None:
         self.settings = settings
         self.store = store
-        self.serde = serde or Serde.from_settings(settings.schema_registry)
+        self.serde = serde or clients.serde(settings)
         topics = Topics(settings.topic_prefix)
         self._types: dict[str, type[AvroRecord]] = {
             topics.results: InferenceResult,
@@ -80,7 +79,7 @@ class ClickHouseSink:
 
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
         ch = self.settings.clickhouse
-        consumer = Consumer(consumer_config(self.settings.kafka, self.group_id))
+        consumer = clients.consumer(self.settings.kafka, "sink", self.group_id)
         consumer.subscribe(
             list(self._types),
             on_assign=lambda c, p: ready.set() if ready is not None else None,

@@ -16,12 +16,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from sluice.analytics.query_server import QueryServer
-from sluice.analytics.sink import ClickHouseSink
-from sluice.analytics.store import Store
-from sluice.broker import EmbeddedBroker
+from analytics.query_server import QueryServer
+from analytics.sink import ClickHouseSink
+from analytics.store import Store
 from sluice.catalog import Catalog, load_catalog
 from sluice.errors import SluiceError
+from sluice.local.broker import EmbeddedBroker
 from sluice.settings import Settings
 from sluice.stackfile import write_stack_file
 from sluice.topics import Topics, ensure_topics
@@ -129,12 +129,7 @@ class LocalStack:
         )
         if self.run_sink:
             if self.store is None:
-                self.store = Store(
-                    self.settings.clickhouse_url(),
-                    self.settings.clickhouse.database,
-                    self.settings.clickhouse.username,
-                    self.settings.clickhouse.password,
-                )
+                self.store = Store.from_settings(self.settings)
             self.store.ensure_schema()
             ch = self.settings.clickhouse
             self.query_server = QueryServer(self.store, ch.query_host, ch.query_port).start()

@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from sluice.analytics.store import QueryResult, Store
+from analytics.store import QueryResult, Store
 from sluice.errors import StoreError
 from sluice.settings import Settings
 from sluice.stackfile import read_stack_file
@@ -45,13 +45,12 @@ def open_query(settings: Settings) -> Query:
         info = read_stack_file(settings.data_dir)
         if info is not None:
             return _http_query(info["query_url"])
-    ch = settings.clickhouse
-    store = Store(url, ch.database, ch.username, ch.password)
+    store = Store.from_settings(settings)
     store.ensure_schema()
     return store.query
 
 
-def stats_sql(database: str = "sluice", where: str = "1") -> str:
+def stats_sql(database: str, where: str = "1") -> str:
     """p50/p95 latency, tokens and cost by model and priority, with the saving against running
     the same tokens on the catalog's most capable model."""
     return f"""
@@ -74,7 +73,7 @@ def stats_sql(database: str = "sluice", where: str = "1") -> str:
     """
 
 
-def savings_sql(database: str = "sluice", where: str = "1") -> str:
+def savings_sql(database: str, where: str = "1") -> str:
     """Per tenant: what dedupe, the cache and routing saved against running every request on the
     catalog's most capable model (``baseline_cost_usd`` is that model's price for the same tokens).
 
@@ -104,7 +103,7 @@ def savings_sql(database: str = "sluice", where: str = "1") -> str:
 STATE_ORDER = ["queued", "routed", "deduplicated", "cached", "running", "succeeded", "failed", "expired", "cancelled"]
 
 
-def status_sql(database: str = "sluice") -> str:
+def status_sql(database: str) -> str:
     return f"""
         SELECT state, min(at) AS at, any(model) AS model, any(detail) AS detail
         FROM {database}.request_status FINAL

@@ -7,11 +7,11 @@ import threading
 import uuid
 from collections.abc import Callable
 
-from confluent_kafka import Consumer, KafkaError
+from confluent_kafka import KafkaError
 
-from schemas import InferenceResult, Serde
+from schemas import InferenceResult, ResultStatus, Serde
+from sluice import clients
 from sluice.errors import SluiceError
-from sluice.kafka_config import consumer_config
 from sluice.settings import Settings
 from sluice.topics import Topics
 
@@ -20,7 +20,7 @@ __all__ = ["follow_results", "openai_batch_line"]
 
 def openai_batch_line(r: InferenceResult) -> str:
     """One line of OpenAI Batch API output JSONL (``custom_id`` is the Sluice request id)."""
-    if r.status == "succeeded":
+    if r.status is ResultStatus.SUCCEEDED:
         body = {
             "id": f"chatcmpl-{r.request_id}",
             "object": "chat.completion",
@@ -70,15 +70,9 @@ def follow_results(
     With a ``group_id`` the position is committed (a later follow resumes); without one a
     private group reads from the beginning of the topic.
     """
-    serde = serde or Serde.from_settings(settings.schema_registry)
+    serde = serde or clients.serde(settings)
     gid = group_id or f"{settings.topic_prefix}follow-{uuid.uuid4().hex[:8]}"
-    consumer = Consumer(
-        consumer_config(
-            settings.kafka,
-            gid,
-            **{"enable.auto.commit": group_id is not None},
-        )
-    )
+    consumer = clients.consumer(settings.kafka, "results", gid, **{"enable.auto.commit": group_id is not None})
     consumer.subscribe(
         [Topics(settings.topic_prefix).results],
         on_assign=lambda c, p: on_ready() if on_ready else None,

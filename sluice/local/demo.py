@@ -17,29 +17,29 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from analytics.query import savings_sql, stats_sql
+from analytics.results import follow_results
+from gpu_consumers.model_source import resolve_model_source
 from producers import SluiceClient
-from schemas import InferenceResult
-from sluice.analytics.query import savings_sql, stats_sql
+from schemas import InferenceResult, Priority, ResultStatus
 from sluice.catalog import load_catalog
 from sluice.errors import SluiceError
-from sluice.follow import follow_results
-from sluice.models import resolve_model_source
+from sluice.local.stack import LocalStack
 from sluice.settings import Settings
-from sluice.stack import LocalStack
 
 __all__ = ["DEMO_PROMPTS", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
-DEMO_PROMPTS: list[tuple[str, str]] = [
-    ("high", "What is the capital of France? Answer in one sentence."),
-    ("high", "Name three primary colors."),
-    ("normal", "Write one sentence explaining what Apache Kafka is."),
-    ("normal", "Give a short tip for writing clear commit messages."),
-    ("normal", "What is 12 plus 30?"),
-    ("low", "Suggest a name for a friendly robot."),
-    ("low", "Describe the ocean in one sentence."),
-    ("low", "Why do people batch work together? One sentence."),
+DEMO_PROMPTS: list[tuple[Priority, str]] = [
+    (Priority.HIGH, "What is the capital of France? Answer in one sentence."),
+    (Priority.HIGH, "Name three primary colors."),
+    (Priority.NORMAL, "Write one sentence explaining what Apache Kafka is."),
+    (Priority.NORMAL, "Give a short tip for writing clear commit messages."),
+    (Priority.NORMAL, "What is 12 plus 30?"),
+    (Priority.LOW, "Suggest a name for a friendly robot."),
+    (Priority.LOW, "Describe the ocean in one sentence."),
+    (Priority.LOW, "Why do people batch work together? One sentence."),
 ]
 
 
@@ -72,8 +72,10 @@ def _run(stack: LocalStack, console: Console, run: str, max_tokens: int, timeout
     def on_result(r: InferenceResult) -> None:
         with lock:
             results[r.request_id] = r
-        colour = {"high": "red", "normal": "yellow", "low": "blue"}.get(r.priority, "white")
-        answer = r.output_text.strip().replace("\n", " ") if r.status == "succeeded" else f"[red]{r.error}[/]"
+        colour = {Priority.HIGH: "red", Priority.NORMAL: "yellow", Priority.LOW: "blue"}[r.priority]
+        answer = (
+            r.output_text.strip().replace("\n", " ") if r.status is ResultStatus.SUCCEEDED else f"[red]{r.error}[/]"
+        )
         how = ""
         if r.deduplicated_from:
             how = f" [green]{'cache hit' if r.cached else 'deduplicated'}: answered with {r.deduplicated_from[:8]}[/]"
@@ -92,12 +94,14 @@ def _run(stack: LocalStack, console: Console, run: str, max_tokens: int, timeout
     ready.wait(30)
     client = SluiceClient(settings)
     ids = [
-        client.submit(p, priority=prio, tenant="demo", max_tokens=max_tokens, correlation_id=run)  # type: ignore[arg-type]
+        client.submit(p, priority=prio, tenant="demo", max_tokens=max_tokens, correlation_id=run)
         for prio, p in DEMO_PROMPTS
     ]
     # The same question twice: the second is attached to the first and never reaches the GPU.
     ids.append(
-        client.submit(DEMO_PROMPTS[2][1], priority="low", tenant="demo", max_tokens=max_tokens, correlation_id=run)
+        client.submit(
+            DEMO_PROMPTS[2][1], priority=Priority.LOW, tenant="demo", max_tokens=max_tokens, correlation_id=run
+        )
     )
     bad = client.submit("This model does not exist.", model="gpt-nonexistent", tenant="demo")
     client.flush()
@@ -120,25 +124,26 @@ def _run(stack: LocalStack, console: Console, run: str, max_tokens: int, timeout
 
     assert stack.store is not None
     store = stack.store
+    db = settings.clickhouse.database
     id_list = [*ids, bad]
     until = time.monotonic() + 60
     while time.monotonic() < until:
         n = store.query(
-            "SELECT (SELECT count() FROM sluice.results FINAL WHERE request_id IN {ids:Array(String)}),"
-            " (SELECT count() FROM sluice.dead_letters FINAL WHERE request_id = {bad:String})",
+            f"SELECT (SELECT count() FROM {db}.results FINAL WHERE request_id IN {{ids:Array(String)}}),"
+            f" (SELECT count() FROM {db}.dead_letters FINAL WHERE request_id = {{bad:String}})",
             {"ids": ids, "bad": bad},
         ).rows[0]
         if n[0] == len(ids) and n[1] >= 1:
             break
         time.sleep(0.3)
     dl = store.query(
-        "SELECT reason, error FROM sluice.dead_letters FINAL WHERE request_id = {bad:String}",
+        f"SELECT reason, error FROM {db}.dead_letters FINAL WHERE request_id = {{bad:String}}",
         {"bad": bad},
     ).rows
     if dl:
         console.print(f"[magenta]dead letter[/] {bad[:8]}: [bold]{dl[0][0]}[/] — {dl[0][1]}")
     summary = store.query(
-        stats_sql(settings.clickhouse.database, "r.request_id IN {ids:Array(String)}"),
+        stats_sql(db, "r.request_id IN {ids:Array(String)}"),
         {"ids": id_list},
     )
     _print_table(
@@ -147,9 +152,7 @@ def _run(stack: LocalStack, console: Console, run: str, max_tokens: int, timeout
         summary.columns,
         summary.rows,
     )
-    savings = store.query(
-        savings_sql(settings.clickhouse.database, "request_id IN {ids:Array(String)}"), {"ids": id_list}
-    )
+    savings = store.query(savings_sql(db, "request_id IN {ids:Array(String)}"), {"ids": id_list})
     _print_table(console, "Savings against running everything on the most capable model", savings.columns, savings.rows)
     return 0
 

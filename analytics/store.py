@@ -2,7 +2,7 @@
 
 chDB is synchronous and allows one process per data directory, so a Store serializes its calls
 with a lock and is owned by one process (the stack's sink); other processes query through the
-owner's query endpoint (``sluice.analytics.query_server``).
+owner's query endpoint (``analytics.query_server``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from sluice.analytics.ddl import ddl_statements
+from analytics.ddl import ddl_statements
 from sluice.errors import StoreError
+from sluice.settings import Settings
 
 __all__ = ["QueryResult", "Store"]
 
@@ -56,6 +57,12 @@ class Store:
                 )
         except Exception as exc:
             raise StoreError(f"cannot open ClickHouse at {url}: {exc}") from exc
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Store:
+        """The store the settings name: ``SLUICE_CLICKHOUSE__URL``, or the embedded chDB directory."""
+        ch = settings.clickhouse
+        return cls(settings.clickhouse_url(), ch.database, ch.username, ch.password)
 
     @property
     def embedded(self) -> bool:

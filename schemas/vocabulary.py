@@ -1,0 +1,86 @@
+"""The wire vocabulary: closed sets of values that travel in events, mirrored from the ``.avsc``.
+
+``DeadLetterReason`` mirrors the Avro enum of ``dead_letter.v1.avsc`` symbol for symbol. The
+others travel as Avro strings (an enum cannot be added to a string field compatibly); their
+symbols are listed in the field's ``doc`` there. ``tests/unit/test_vocabulary.py`` compares both.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = ["DeadLetterReason", "Priority", "RequestState", "ResultStatus", "Stage"]
+
+
+class Priority(StrEnum):
+    """A request's priority; it picks the request and model topics (``requests.<priority>``)."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        """Lower runs first (0 = high), as in vLLM's priority scheduler."""
+        return _RANK[self]
+
+    @classmethod
+    def by_rank(cls, rank: int) -> Priority:
+        return _ORDER[max(0, min(rank, len(_ORDER) - 1))]
+
+
+_ORDER: tuple[Priority, ...] = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
+_RANK: dict[Priority, int] = {p: i for i, p in enumerate(_ORDER)}
+
+
+class RequestState(StrEnum):
+    """Lifecycle states on the status topic, in lifecycle order."""
+
+    QUEUED = "queued"
+    ROUTED = "routed"
+    DEDUPLICATED = "deduplicated"
+    CACHED = "cached"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+
+class ResultStatus(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class Stage(StrEnum):
+    """Which stage wrote a dead letter."""
+
+    PROCESSOR = "processor"
+    CONSUMER = "consumer"
+
+
+class DeadLetterReason(StrEnum):
+    """Closed set of reasons a request becomes a dead letter (the Avro enum ``DeadLetterReason``)."""
+
+    MALFORMED_EVENT = "malformed_event"
+    SCHEMA_MISMATCH = "schema_mismatch"
+    VALIDATION_ERROR = "validation_error"
+    UNKNOWN_MODEL = "unknown_model"
+    CONTEXT_OVERFLOW = "context_overflow"
+    ENGINE_ERROR = "engine_error"
+    DEADLINE_EXPIRED = "deadline_expired"
+    CANCELLED = "cancelled"
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    # The Avro enum's default: a reader meets it when a newer writer used a symbol it lacks.
+    UNKNOWN = "unknown"
+
+    @property
+    def state(self) -> RequestState:
+        """The request state a dead letter of this reason ends in."""
+        return _REASON_STATE.get(self, RequestState.FAILED)
+
+
+_REASON_STATE = {
+    DeadLetterReason.DEADLINE_EXPIRED: RequestState.EXPIRED,
+    DeadLetterReason.CANCELLED: RequestState.CANCELLED,
+}

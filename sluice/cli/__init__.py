@@ -1,0 +1,53 @@
+"""The ``sluice`` command line: the composition root (nothing imports it). Thin argparse wrappers
+over the packages, one module per command group; heavy imports are lazy."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from sluice.cli import admin, dlq, query, requests, run
+from sluice.cli.common import console
+from sluice.errors import SluiceError
+from sluice.logs import setup_logging
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger(__name__)
+
+_GROUPS = (run, requests, query, dlq, admin)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sluice", description="Asynchronous LLM inference on Kafka.")
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: SLUICE_LOG_LEVEL or WARNING)")
+    p.add_argument("--bootstrap-servers", default=None, help="override SLUICE_KAFKA__BOOTSTRAP_SERVERS")
+    sub = p.add_subparsers(dest="command", required=True)
+    for group in _GROUPS:
+        group.register(sub)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging(args.log_level or "WARNING")
+    try:
+        code = args.fn(args)
+    except SluiceError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

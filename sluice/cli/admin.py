@@ -1,0 +1,62 @@
+"""``sluice topics``, ``sink`` and ``bench``: deployment and measurement."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from sluice.cli.common import add_command, settings_from
+from sluice.errors import ConfigError
+
+__all__ = ["register"]
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from sluice.catalog import load_catalog
+    from sluice.topics import Topics, ensure_topics
+
+    settings = settings_from(args)
+    topics = Topics(settings.topic_prefix).pipeline(
+        load_catalog(settings.catalog_path), settings.processor.app_id, len(settings.retry.backoff_ms)
+    )
+    ensure_topics(settings.kafka, topics)
+    for name in topics:
+        print(name)
+    return 0
+
+
+def cmd_sink(args: argparse.Namespace) -> int:
+    from analytics.sink import ClickHouseSink
+    from analytics.store import Store
+
+    settings = settings_from(args)
+    store = Store.from_settings(settings)
+    store.ensure_schema()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    ClickHouseSink(settings, store).run(stop)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from bench.cli import main as bench_main
+    except ImportError as exc:
+        # The benchmarks live in the source tree, not in the installed package.
+        raise ConfigError("the benchmarks run from a source checkout: `python -m bench` in its root") from exc
+    return bench_main(args.bench_args)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    add_command(sub, "topics", cmd_topics, "create the pipeline's topics (idempotent) and list them")
+    add_command(sub, "sink", cmd_sink, "run the ClickHouse sink alone (for deployments with a ClickHouse server)")
+    # Every option after `bench` belongs to `python -m bench` (main() passes the unparsed rest).
+    add_command(
+        sub,
+        "bench",
+        cmd_bench,
+        "run the benchmarks from a source checkout (same as `python -m bench`; try `sluice bench --quick`)",
+        add_help=False,
+    )

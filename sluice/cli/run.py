@@ -1,0 +1,56 @@
+"""``sluice demo`` and ``sluice up``: the embedded stack."""
+
+from __future__ import annotations
+
+import argparse
+
+from sluice.cli.common import add_command, console, settings_from
+from sluice.engines import engine_names
+
+__all__ = ["register"]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sluice.local.demo import run_demo
+
+    return run_demo(settings_from(args), console, max_tokens=args.max_tokens)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from sluice.local.stack import LocalStack
+
+    settings = settings_from(args)
+    if args.engine:
+        settings.engine.kind = args.engine
+    port = settings.kafka.bootstrap_servers.rpartition(":")[2]
+    stack = LocalStack(
+        settings,
+        embedded_broker=not args.external_kafka,
+        broker_port=int(port) if not args.external_kafka else None,
+    )
+    with console.status("starting the local stack…"):
+        stack.start()
+    console.print(
+        f"[green]Sluice is up[/]: Kafka {stack.bootstrap_servers}, "
+        f"ClickHouse {settings.clickhouse_url()}, "
+        f"queries/metrics {stack.query_server.url if stack.query_server else '-'}; "
+        f"logs in {stack.log_dir}. Ctrl-C stops."
+    )
+    try:
+        stack.wait()
+    except KeyboardInterrupt:
+        console.print("stopping…")
+    finally:
+        stack.stop()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sp = add_command(sub, "demo", cmd_demo, "run the whole pipeline once on the embedded stack with a real model")
+    sp.add_argument("--max-tokens", type=int, default=48)
+
+    sp = add_command(sub, "up", cmd_up, "run the local stack in the foreground until Ctrl-C")
+    sp.add_argument("--engine", choices=engine_names(), default=None)
+    sp.add_argument(
+        "--external-kafka", action="store_true", help="use SLUICE_KAFKA__BOOTSTRAP_SERVERS, start no broker"
+    )
