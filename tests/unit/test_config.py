@@ -106,3 +106,73 @@ def test_a_written_catalog_loads_back(tmp_path: Path) -> None:
         ]
     )
     assert load_catalog(write_catalog(catalog, tmp_path / "c.toml")) == catalog
+
+
+def test_every_kafka_client_gets_a_client_id_and_an_error_callback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sluice import clients
+    from sluice.settings import KafkaSettings
+
+    built: list[dict[str, object]] = []
+    for name in ("Producer", "Consumer", "AdminClient"):
+        monkeypatch.setattr(clients, name, lambda conf: built.append(conf) or conf)
+    kafka = KafkaSettings(extra={"compression.type": "lz4"})
+    clients.producer(kafka, "router")
+    clients.consumer(kafka, "gpu-tiny", "g1")
+    clients.admin(kafka, "admin")
+    assert [c["client.id"] for c in built] == ["sluice-router", "sluice-gpu-tiny", "sluice-admin"]
+    assert all(callable(c["error_cb"]) for c in built)
+    assert built[1]["group.id"] == "g1" and built[1]["enable.auto.commit"] is False
+
+
+def test_client_errors_are_classified_and_repeats_are_not_logged_again(caplog: pytest.LogCaptureFixture) -> None:
+    from confluent_kafka import KafkaError
+
+    from sluice.clients import ClientErrorClass, classify, error_callback
+
+    assert classify(KafkaError(KafkaError._TRANSPORT, "down")) is ClientErrorClass.TRANSIENT
+    assert classify(KafkaError(KafkaError._AUTHENTICATION, "bad")) is ClientErrorClass.CONFIGURATION
+    assert classify(KafkaError(KafkaError._FATAL, "fenced", fatal=True)) is ClientErrorClass.FATAL
+    on_error = error_callback("test-component", repeat_after_s=3600)
+    with caplog.at_level("WARNING", logger="sluice.clients"):
+        for _ in range(50):
+            on_error(KafkaError(KafkaError._TRANSPORT, "connection refused"))
+        on_error(KafkaError(KafkaError._AUTHENTICATION, "bad credentials"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert "transient" in lines[0] and "sluice-test-component" in lines[0]
+    assert "configuration" in lines[1] and caplog.records[1].levelname == "ERROR"
+
+
+def test_engines_come_from_one_registry_that_settings_validate_against(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from gpu_consumers.engine import create_engine
+    from gpu_consumers.instant_engine import InstantTestEngine
+    from sluice.engines import engine_names
+    from sluice.settings import EngineSettings
+    from tests.support import model_entry
+
+    assert {"vllm", "instant"} <= set(engine_names())
+    with pytest.raises(ValidationError, match="known engines: instant, vllm"):
+        EngineSettings(kind="nonsense")
+    engine = create_engine(EngineSettings(kind="instant"), model_entry("m"), tmp_path)
+    assert isinstance(engine, InstantTestEngine) and engine.name == "m"
+
+
+def test_the_router_app_takes_a_classifier(tmp_path: Path) -> None:
+    from schemas import InferenceRequest
+    from stream_processors.app import create_app
+    from stream_processors.classifier import Classification
+    from tests.support import model_entry
+
+    class Fixed:
+        def classify(self, request: InferenceRequest) -> Classification:
+            return Classification(
+                task_type="custom", estimated_input_tokens=1, required_tier=1, required_context=10, reason="fixed"
+            )
+
+    from sluice.catalog import Catalog
+
+    classifier = Fixed()
+    app = create_app(Settings(data_dir=tmp_path), Catalog(models=[model_entry("m")]), classifier=classifier)
+    assert app.pipeline.router.classifier is classifier
