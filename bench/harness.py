@@ -78,6 +78,9 @@ class Observer:
         self.topics = topics
         self.decode_results = decode_results
         self.arrivals: dict[str, float] = {}
+        # Messages per key and the partition each key was on (duplicates show as counts > 1).
+        self.counts: dict[str, int] = {}
+        self.partitions: dict[str, tuple[str, int]] = {}
         self.results: dict[str, InferenceResult] = {}
         self.count = 0
         self._stop = threading.Event()
@@ -100,6 +103,8 @@ class Observer:
                 with self._lock:
                     self.count += 1
                     self.arrivals.setdefault(key, now)
+                    self.counts[key] = self.counts.get(key, 0) + 1
+                    self.partitions[key] = (msg.topic() or "", msg.partition() or 0)
                     if self.decode_results:
                         self.results[key] = self._serde.decode(InferenceResult, msg.value())
 

@@ -4,6 +4,7 @@ with the instant test engine at a steady rate, so the pipeline's own overhead is
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from bench.harness import BenchEnv, Observer, ScenarioResult, instant_catalog, percentile
 from producers import SluiceClient
@@ -12,7 +13,7 @@ __all__ = ["run_p5", "steady_latencies"]
 
 
 def steady_latencies(
-    client: SluiceClient, observer: Observer, n: int, rate: float, tag: str, **submit: object
+    client: SluiceClient, observer: Observer, n: int, rate: float, tag: str, *, timeout: float = 300, **submit: Any
 ) -> list[float]:
     """Submit ``n`` requests at ``rate``/s (each flushed, as an online producer would); return
     the submit→result latency of each in milliseconds."""
@@ -25,10 +26,11 @@ def steady_latencies(
             time.sleep(next_at - now)
         next_at += interval
         t = time.perf_counter()
-        rid = client.submit(f"{tag} request {i}", tenant="bench", max_tokens=8, cache=False, **submit)  # type: ignore[arg-type]
+        fields: dict[str, object] = {"tenant": "bench", "max_tokens": 8, "cache": False, **submit}
+        rid = client.submit(f"{tag} request {i}", **fields)  # type: ignore[arg-type]
         client.producer.flush(5)
         sent[rid] = t
-    observer.wait_keys(list(sent), timeout=300)
+    observer.wait_keys(list(sent), timeout=timeout)
     return [(observer.arrivals[rid] - t) * 1000 for rid, t in sent.items()]
 
 
@@ -36,8 +38,6 @@ def run_p5(env: BenchEnv, quick: bool) -> ScenarioResult:
     n, rate = (300, 50.0) if quick else (3000, 100.0)
     settings = env.settings("p5", instant_catalog())
     settings.engine.kind = "instant"
-    # The batching window is a throughput/latency knob; the overhead target is for the pipeline.
-    settings.engine.batch_wait_ms = 5
     with env.stack(settings) as stack:
         observer = Observer(stack.settings, [stack.topics.results])
         client = SluiceClient(stack.settings)

@@ -27,7 +27,7 @@ def _peak_rss_mib(pid: int) -> float:
 def _consumer_peak(env: BenchEnv, backlog: int, seconds: float) -> float:
     settings = env.settings(f"p6-{backlog}", instant_catalog())
     settings.engine.kind = "instant"
-    settings.engine.instant_batch_seconds = 0.01
+    settings.engine.instant_token_seconds = 0.01
     with env.stack(settings, run_processor=False, run_consumers=False, run_sink=False) as stack:
         serde = Serde()
         route = Route(model="bench", reason="bench")

@@ -1,7 +1,7 @@
-"""Bounded per-priority buffers and batch formation with aging.
+"""Bounded per-priority buffers of fetched requests, taken in priority order with aging.
 
-Batches are formed from what this consumer has fetched and buffered (never from broker lag,
-which some brokers report wrongly): high first, then normal, then low. A request that has
+Requests go to the engine from what this consumer has fetched and buffered (never from broker
+lag, which some brokers report wrongly): high first, then normal, then low. A request that has
 waited longer than ``aging_s`` since it was created counts one tier higher per ``aging_s``,
 so low priority is never starved.
 """
@@ -59,6 +59,11 @@ class PriorityBuffer:
             return item.rank
         waited = (now - item.request.created_at).total_seconds()
         return item.rank - max(0, int(waited // self.aging_s))
+
+    def best_rank(self, now: datetime) -> int | None:
+        """The effective rank of the item :meth:`take` would return next."""
+        ranks = [self.effective_rank(q[0], now) for q in self._queues.values() if q]
+        return min(ranks, default=None)
 
     def take(self, n: int, now: datetime) -> list[Buffered]:
         out: list[Buffered] = []

@@ -1,18 +1,26 @@
-"""The engine seam: one protocol in front of vLLM (or the named instant test double)."""
+"""The engine seam: a streaming engine the consumer keeps full (vLLM, or the named instant test double).
+
+The consumer adds requests as slots free up, steps the engine, and takes each request's output as
+soon as it finishes; it can abort a running request (cancellation, deadline, shutdown). This is
+vLLM's own engine interface (``LLMEngine.add_request`` / ``step`` / ``abort_request``), so the
+consumer drives the engine continuously instead of waiting for a batch's slowest request.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from schemas import DeadLetterReason
 from sluice.catalog import ModelEntry
 from sluice.engines import engine_factory
+from sluice.errors import EngineError
 from sluice.settings import EngineSettings
 
-__all__ = ["Engine", "EngineOutput", "EngineRequest", "create_engine", "run_isolating"]
+__all__ = ["Engine", "EngineDied", "EngineOutput", "EngineRequest", "create_engine"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +33,7 @@ class EngineRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
-    # Lower runs first, as in vLLM's priority scheduler.
+    # Lower runs first, as in vLLM's priority scheduler (the consumer passes the aged rank).
     priority: int = 1
     # How many times this request already failed transiently (0 on its first run).
     attempt: int = 0
@@ -33,42 +41,52 @@ class EngineRequest:
 
 @dataclass(frozen=True)
 class EngineOutput:
+    """A finished (or aborted, or refused) request: what it produced and the tokens it used."""
+
     request_id: str
     text: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
-    # A per-request failure (vLLM run_batch style): the rest of the batch is unaffected.
+    # A per-request failure (vLLM run_batch style): the other requests are unaffected.
     error: str | None = None
-    error_kind: str | None = field(default=None)
+    error_kind: DeadLetterReason | None = None
+
+
+class EngineDied(EngineError):
+    """The engine failed as a whole (engine core died, out of memory): every request in it is lost
+    and the engine must be restarted before it takes new ones."""
 
 
 class Engine(Protocol):
     name: str
 
-    def generate(self, batch: Sequence[EngineRequest]) -> list[EngineOutput]:
-        """One output per request, same order. Raises only when the whole batch failed."""
+    @property
+    def max_inflight(self) -> int:
+        """How many requests the engine runs at once (vLLM's ``max_num_seqs``)."""
+        ...
+
+    def add(self, request: EngineRequest) -> EngineOutput | None:
+        """Start a request. Returns an output with an error if the request cannot run at all
+        (for example its prompt overflows the context); ``None`` when it was accepted."""
+        ...
+
+    def step(self) -> list[EngineOutput]:
+        """Advance every running request by one engine step; returns those that finished.
+        Raises :class:`EngineDied` when the engine failed as a whole."""
+        ...
+
+    def abort(self, request_ids: Sequence[str]) -> list[EngineOutput]:
+        """Stop running requests; their outputs so far (``finish_reason="abort"``), for billing."""
+        ...
+
+    def has_unfinished(self) -> bool: ...
+
+    def restart(self) -> None:
+        """A fresh engine after :class:`EngineDied`, with nothing in flight."""
         ...
 
     def close(self) -> None: ...
-
-
-def run_isolating(engine: Engine, batch: Sequence[EngineRequest]) -> list[EngineOutput]:
-    """Run a batch; if the engine fails it, bisect until the failing request(s) are isolated.
-
-    A poison request costs O(log n) extra engine calls instead of failing its whole batch.
-    """
-    if not batch:
-        return []
-    try:
-        return engine.generate(batch)
-    except Exception as exc:
-        if len(batch) == 1:
-            logger.error("engine failed request %s: %r", batch[0].request_id, exc)
-            return [EngineOutput(request_id=batch[0].request_id, error=repr(exc), error_kind="engine_error")]
-        logger.warning("engine failed a batch of %d (%r); bisecting", len(batch), exc)
-        mid = len(batch) // 2
-        return run_isolating(engine, batch[:mid]) + run_isolating(engine, batch[mid:])
 
 
 def create_engine(settings: EngineSettings, model: ModelEntry, data_dir: Path) -> Engine:

@@ -1,19 +1,23 @@
-"""TEST DOUBLE: an instant engine for plumbing tests and overhead benchmarks. Not an LLM.
+"""TEST DOUBLE: an instant streaming engine for plumbing tests and overhead benchmarks. Not an LLM.
 
-It answers with a deterministic echo so tests can check routing, batching, offsets and sinks
-without loading a model. A prompt containing ``POISON_PILL`` makes the whole batch raise, as a
-request that crashes a real engine would; one containing ``FLAKY`` does so on its first attempt
-only, as a transient failure would. The real engine path is ``vllm_engine.VLLMEngine``.
+It answers with a deterministic echo so tests can check routing, admission, offsets and sinks
+without loading a model. Like a real engine it runs many requests at once and emits one token per
+running request per step, with a simulated time per step (``instant_token_seconds``), so requests
+with different ``max_tokens`` finish at different times. A prompt containing ``POISON_PILL`` makes
+every step fail while it runs, as a request that crashes a real engine would; one containing
+``FLAKY`` does so on its first attempt only, as a transient failure would. The real engine path is
+``vllm_engine.VLLMEngine``.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from gpu_consumers.engine import EngineOutput, EngineRequest
+from gpu_consumers.engine import EngineDied, EngineOutput, EngineRequest
+from schemas import DeadLetterReason
 from sluice.catalog import ModelEntry
 from sluice.settings import EngineSettings
 
@@ -23,57 +27,105 @@ POISON_PILL = "POISON_PILL"
 FLAKY = "FLAKY"
 
 
-class InstantTestEngine:
-    def __init__(self, name: str, batch_seconds: float = 0.0, max_model_len: int = 1024) -> None:
-        self.name = name
-        self.batch_seconds = batch_seconds
-        self.max_model_len = max_model_len
-        # The most recent batches' request ids, for tests (bounded: benchmarks run it for hours).
-        self.batches: deque[list[str]] = deque(maxlen=1000)
+@dataclass
+class _Running:
+    request: EngineRequest
+    words: list[str]
+    prompt_tokens: int
+    generated: int = 0
 
-    def generate(self, batch: Sequence[EngineRequest]) -> list[EngineOutput]:
-        if any(POISON_PILL in m["content"] for r in batch for m in r.messages):
-            raise RuntimeError("instant engine: poison pill in batch")
-        if any(FLAKY in m["content"] and r.attempt == 0 for r in batch for m in r.messages):
-            raise RuntimeError("instant engine: transient failure (first attempt of a FLAKY request)")
-        self.batches.append([r.request_id for r in batch])
-        if self.batch_seconds:
-            time.sleep(self.batch_seconds)
-        outputs = []
-        for r in batch:
-            words = " ".join(m["content"] for m in r.messages).split()
-            prompt_tokens = len(words) + 4 * len(r.messages)
-            if prompt_tokens + r.max_tokens > self.max_model_len:
-                outputs.append(
-                    EngineOutput(
-                        request_id=r.request_id,
-                        prompt_tokens=prompt_tokens,
-                        error=f"prompt of {prompt_tokens} tokens + max_tokens {r.max_tokens} "
-                        f"exceeds the {self.max_model_len}-token context",
-                        error_kind="context_overflow",
-                    )
-                )
-                continue
-            n = min(r.max_tokens, 8)
-            outputs.append(
-                EngineOutput(
-                    request_id=r.request_id,
-                    text="echo: " + " ".join(words[:n]),
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=n,
-                    finish_reason="length" if n == r.max_tokens else "stop",
-                )
+    def output(self, finish_reason: str) -> EngineOutput:
+        text = " ".join(self.words[i % len(self.words)] for i in range(self.generated)) if self.words else ""
+        return EngineOutput(
+            request_id=self.request.request_id,
+            text=f"echo: {text}",
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.generated,
+            finish_reason=finish_reason,
+        )
+
+
+class InstantTestEngine:
+    def __init__(
+        self, name: str, *, token_seconds: float = 0.0, max_model_len: int = 1024, max_inflight: int = 256
+    ) -> None:
+        self.name = name
+        self.token_seconds = token_seconds
+        self.max_model_len = max_model_len
+        self._max_inflight = max_inflight
+        self._running: dict[str, _Running] = {}
+        self._dead = False
+        self.steps = 0
+        self.restarts = 0
+        # The most concurrent requests seen in one step, for tests.
+        self.peak_running = 0
+
+    @property
+    def max_inflight(self) -> int:
+        return self._max_inflight
+
+    def add(self, request: EngineRequest) -> EngineOutput | None:
+        if self._dead:
+            raise EngineDied("instant engine: add after the engine died (restart it first)")
+        words = " ".join(m["content"] for m in request.messages).split()
+        prompt_tokens = len(words) + 4 * len(request.messages)
+        if prompt_tokens + request.max_tokens > self.max_model_len:
+            return EngineOutput(
+                request_id=request.request_id,
+                prompt_tokens=prompt_tokens,
+                error=f"prompt of {prompt_tokens} tokens + max_tokens {request.max_tokens} "
+                f"exceeds the {self.max_model_len}-token context",
+                error_kind=DeadLetterReason.CONTEXT_OVERFLOW,
             )
-        return outputs
+        self._running[request.request_id] = _Running(request, words, prompt_tokens)
+        return None
+
+    def step(self) -> list[EngineOutput]:
+        if not self._running:
+            return []
+        for r in self._running.values():
+            content = " ".join(m["content"] for m in r.request.messages)
+            if POISON_PILL in content or (FLAKY in content and r.request.attempt == 0):
+                self._dead = True
+                raise EngineDied(f"instant engine: died running {r.request.request_id} (poison pill or flaky)")
+        if self.token_seconds:
+            time.sleep(self.token_seconds)
+        self.steps += 1
+        self.peak_running = max(self.peak_running, len(self._running))
+        done = []
+        for r in self._running.values():
+            r.generated += 1
+            if r.generated >= r.request.max_tokens:
+                done.append(r)
+        for r in done:
+            del self._running[r.request.request_id]
+        return [r.output("length") for r in done]
+
+    def abort(self, request_ids: Sequence[str]) -> list[EngineOutput]:
+        out = []
+        for rid in request_ids:
+            r = self._running.pop(rid, None)
+            if r is not None:
+                out.append(r.output("abort"))
+        return out
+
+    def has_unfinished(self) -> bool:
+        return bool(self._running)
+
+    def restart(self) -> None:
+        self._running.clear()
+        self._dead = False
+        self.restarts += 1
 
     def close(self) -> None:
-        pass
+        self._running.clear()
 
 
 def create(settings: EngineSettings, model: ModelEntry, data_dir: Path) -> InstantTestEngine:
     """Registry factory (engine name ``instant``)."""
     return InstantTestEngine(
         name=model.name,
-        batch_seconds=settings.instant_batch_seconds,
-        max_model_len=min(model.context_length, settings.max_model_len),
+        token_seconds=settings.instant_token_seconds,
+        max_model_len=model.engine_max_model_len,
+        max_inflight=model.engine.max_num_seqs or settings.max_inflight or 256,
     )

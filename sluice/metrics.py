@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 __all__ = [
-    "BATCH_SIZE",
+    "ENGINE_INFLIGHT",
     "ENGINE_SECONDS",
     "KAFKA_CLIENT_ERRORS",
     "REQUESTS",
@@ -14,13 +14,13 @@ __all__ = [
 ]
 
 REQUESTS = Counter("sluice_requests_total", "Requests finished by a GPU consumer", ["model", "status"])
-BATCH_SIZE = Histogram(
-    "sluice_batch_size",
-    "Requests per engine batch",
+ENGINE_INFLIGHT = Gauge("sluice_engine_inflight_requests", "Requests in the engine", ["model"])
+ENGINE_SECONDS = Histogram(
+    "sluice_engine_step_seconds",
+    "Engine time per step",
     ["model"],
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
-ENGINE_SECONDS = Histogram("sluice_engine_seconds", "Engine time per batch", ["model"])
 KAFKA_CLIENT_ERRORS = Counter(
     "sluice_kafka_client_errors_total", "Errors reported by Kafka clients (error_cb)", ["component", "class"]
 )

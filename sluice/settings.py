@@ -71,19 +71,28 @@ class ClickHouseSettings(BaseModel):
 
 
 class EngineSettings(BaseModel):
-    """How a GPU consumer runs its model."""
+    """How a GPU consumer runs its model. A catalog entry's ``[models.engine]`` table (max_model_len,
+    max_num_seqs, dtype, quantization, tensor_parallel_size, enable_prefix_caching) overrides these
+    per model."""
 
     # A name from the engine registry (``sluice.engines``): "vllm", or "instant" (a test double).
     kind: str = "vllm"
-    dtype: str = "float32"
-    max_model_len: int = 1024
-    enforce_eager: bool = True
+    # None picks by host: float32 and eager mode on CPU hosts (bf16 is slower on AVX2 and
+    # torch.compile costs minutes at every start there); vLLM's "auto" and CUDA graphs on GPUs.
+    dtype: str | None = None
+    enforce_eager: bool | None = None
+    # CPU hosts only: the KV cache in GiB (VLLM_CPU_KVCACHE_SPACE; unset, vLLM takes most of RAM).
     kv_cache_gib: int = 1
     gpu_memory_utilization: float = 0.85
-    max_batch_size: int = 32
-    batch_wait_ms: int = 250
-    # Test double only: simulated seconds per batch for the instant engine.
-    instant_batch_seconds: float = 0.0
+    # Requests kept in the engine at once; None: the engine's own max_num_seqs.
+    max_inflight: int | None = Field(default=None, gt=0)
+    # Fetched requests buffered per priority beyond those in the engine; None: 2 x max_inflight.
+    buffer_per_priority: int | None = Field(default=None, gt=0)
+    # SIGTERM (a spot machine's notice): in-flight requests get this long to finish, then the
+    # rest are aborted uncommitted for the next owner of their partitions.
+    drain_s: float = Field(default=30.0, ge=0)
+    # Test double only: simulated seconds per engine step (one token per running request).
+    instant_token_seconds: float = 0.0
 
     @field_validator("kind")
     @classmethod

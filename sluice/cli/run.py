@@ -27,6 +27,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         settings,
         embedded_broker=not args.external_kafka,
         broker_port=int(port) if not args.external_kafka else None,
+        replicas=args.replicas,
     )
     with console.status("starting the local stack…"):
         stack.start()
@@ -51,6 +52,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     sp = add_command(sub, "up", cmd_up, "run the local stack in the foreground until Ctrl-C")
     sp.add_argument("--engine", choices=engine_names(), default=None)
+    sp.add_argument("--replicas", type=int, default=1, help="GPU consumers per model, in one consumer group")
     sp.add_argument(
         "--external-kafka", action="store_true", help="use SLUICE_KAFKA__BOOTSTRAP_SERVERS, start no broker"
     )

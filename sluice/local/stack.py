@@ -85,6 +85,7 @@ class LocalStack:
         run_consumers: bool = True,
         run_sink: bool = True,
         store: Store | None = None,
+        replicas: int = 1,
     ) -> None:
         self.settings = settings.model_copy(deep=True)
         self.catalog = catalog or load_catalog(settings.catalog_path)
@@ -94,6 +95,8 @@ class LocalStack:
         self.run_processor = run_processor
         self.run_consumers = run_consumers
         self.run_sink = run_sink
+        # GPU consumers per model, in one consumer group (partitions are shared among them).
+        self.replicas = replicas
         self.log_dir = self.settings.data_dir / "logs"
         self.broker: EmbeddedBroker | None = None
         # A caller-owned store is used and left open (one chDB directory per process).
@@ -152,14 +155,12 @@ class LocalStack:
             )
         if self.run_consumers:
             for m in self.catalog:
-                if m.available:
+                if not m.available:
+                    continue
+                for replica in range(self.replicas):
+                    name = f"gpu-{m.name}" if self.replicas == 1 else f"gpu-{m.name}-{replica}"
                     self.children.append(
-                        _Child(
-                            f"gpu-{m.name}",
-                            [py, "-m", "gpu_consumers", "--model", m.name],
-                            env,
-                            self.log_dir / f"gpu-{m.name}.log",
-                        )
+                        _Child(name, [py, "-m", "gpu_consumers", "--model", m.name], env, self.log_dir / f"{name}.log")
                     )
 
     def _write_stack_file(self) -> None:
@@ -187,7 +188,8 @@ class LocalStack:
 
     def stop(self) -> None:
         for child in self.children:
-            child.stop()
+            # Consumers drain in-flight requests for up to drain_s on SIGTERM before they leave.
+            child.stop(self.settings.engine.drain_s + 15)
         self.children.clear()
         self._stop.set()
         if self._sink_thread is not None:

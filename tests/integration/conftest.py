@@ -98,8 +98,8 @@ def settings(tmp_path: Path, kafka_bootstrap: str, clickhouse_store: Store, cata
     s.kafka.bootstrap_servers = kafka_bootstrap
     s.clickhouse.url = clickhouse_store.url
     s.engine.kind = "instant"
-    s.engine.batch_wait_ms = 100
-    s.engine.max_batch_size = 8
+    # A small engine: 8 requests at a time, so backlogs form and priorities matter.
+    s.engine.max_inflight = 8
     s.clickhouse.sink_flush_ms = 200
     s.retry.backoff_ms = [200, 400]
     return s
@@ -113,7 +113,7 @@ def serde() -> Serde:
 @pytest.fixture
 def make_stack(settings: Settings, clickhouse_store: Store) -> Iterator[Callable[..., LocalStack]]:
     """Start the local stack (embedded broker per test, the session's ClickHouse) with tweaks:
-    ``make_stack(lambda s: setattr(s.engine, "instant_batch_seconds", 0.2))``."""
+    ``make_stack(lambda s: setattr(s.engine, "instant_token_seconds", 0.05))``."""
     started: list[LocalStack] = []
 
     def make(tweak: Callable[[Settings], None] | None = None) -> LocalStack:

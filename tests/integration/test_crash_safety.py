@@ -20,8 +20,8 @@ pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
 
 def test_sigkill_mid_batch_then_restart_yields_each_result_once(settings: Settings, clickhouse_store: Store) -> None:
     # Slow batches so the kill lands while a batch is in the engine.
-    settings.engine.instant_batch_seconds = 0.4
-    settings.engine.max_batch_size = 4
+    settings.engine.instant_token_seconds = 0.1
+    settings.engine.max_inflight = 4
     stack = LocalStack(settings, store=clickhouse_store, run_consumers=False).start()
     env = child_env(stack.settings)
     cmd = [sys.executable, "-m", "gpu_consumers", "--model", "tiny"]

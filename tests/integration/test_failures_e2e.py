@@ -120,7 +120,8 @@ def test_a_cancelled_request_that_has_not_started_is_skipped(
     make_stack: Callable[..., LocalStack], clickhouse_store: Store
 ) -> None:
     def slow(s: Settings) -> None:
-        s.engine.instant_batch_seconds = 0.5
+        # 256 tokens (the default max_tokens) at 2 ms: 0.5 s per request, 8 at a time.
+        s.engine.instant_token_seconds = 0.002
 
     stack = make_stack(slow)
     client = SluiceClient(stack.settings)

@@ -25,9 +25,9 @@ def _model_topics(stack: LocalStack) -> list[str]:
     return [t for m in stack.catalog for t in stack.topics.model_topics(m.name)]
 
 
-def _slow_batches(seconds: float) -> Callable[[Settings], None]:
+def _slow_engine(token_seconds: float) -> Callable[[Settings], None]:
     def tweak(s: Settings) -> None:
-        s.engine.instant_batch_seconds = seconds
+        s.engine.instant_token_seconds = token_seconds
 
     return tweak
 
@@ -35,7 +35,7 @@ def _slow_batches(seconds: float) -> Callable[[Settings], None]:
 def test_duplicates_run_once_and_every_submitter_gets_a_result(
     make_stack: Callable[..., LocalStack], clickhouse_store: Store
 ) -> None:
-    stack = make_stack(_slow_batches(0.3))
+    stack = make_stack(_slow_engine(0.04))
     client = SluiceClient(stack.settings)
     unique = [client.submit(f"question {i} about streams", tenant="dd", max_tokens=8) for i in range(10)]
     # k = 6 duplicates: 4 exact content repeats and 2 repeats of an idempotency key.
@@ -151,7 +151,7 @@ def test_simple_requests_go_to_the_cheap_model_and_hard_or_long_ones_to_the_capa
 def test_high_priority_overtakes_a_low_priority_backlog_and_low_still_finishes(
     make_stack: Callable[..., LocalStack], clickhouse_store: Store
 ) -> None:
-    stack = make_stack(_slow_batches(0.2))
+    stack = make_stack(_slow_engine(0.05))
     client = SluiceClient(stack.settings)
     low = [client.submit(f"low {i}", priority="low", tenant="prio", cache=False, max_tokens=4) for i in range(240)]
     client.flush()
@@ -167,6 +167,6 @@ def test_high_priority_overtakes_a_low_priority_backlog_and_low_still_finishes(
     )
     high_done = max(rows[h]["completed_at"] for h in high)
     low_after = sum(1 for i in low if rows[i]["completed_at"] > high_done)
-    # 240 low at 8 per 0.2 s batch is ~6 s of work; high must not queue behind it.
+    # 240 low, 8 at a time at 0.2 s each, is ~6 s of work; high must not queue behind it.
     assert low_after >= 100, f"only {low_after} low requests finished after the last high one"
     assert all(rows[i]["status"] == "succeeded" for i in low)

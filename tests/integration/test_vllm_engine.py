@@ -37,8 +37,6 @@ def catalog(tiny_model_dir: Path, make_entry: Callable[..., ModelEntry]) -> Cata
 @pytest.fixture
 def vllm_stack(settings: Settings, clickhouse_store: Store) -> Iterator[LocalStack]:
     settings.engine.kind = "vllm"
-    settings.engine.max_model_len = 512
-    settings.engine.max_batch_size = 16
     stack = LocalStack(settings, store=clickhouse_store).start()
     yield stack
     stack.stop()

@@ -2,13 +2,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pytest
-
 from gpu_consumers.buffer import Buffered, PriorityBuffer
-from gpu_consumers.engine import EngineRequest, run_isolating
-from gpu_consumers.instant_engine import POISON_PILL, InstantTestEngine
+from gpu_consumers.engine import EngineRequest
+from gpu_consumers.instant_engine import InstantTestEngine
 from gpu_consumers.offsets import OffsetTracker
-from schemas import ChatMessage, InferenceRequest, utcnow
+from schemas import ChatMessage, DeadLetterReason, InferenceRequest, utcnow
 
 
 def item(priority: str, n: int, age_s: float = 0) -> Buffered:
@@ -67,36 +65,11 @@ def test_offsets_commit_only_below_the_lowest_pending() -> None:
     assert t.committable() == {("a", 0): 8}
 
 
-def _reqs(*contents: str) -> list[EngineRequest]:
-    return [
-        EngineRequest(request_id=str(i), messages=[{"role": "user", "content": c}], max_tokens=4)
-        for i, c in enumerate(contents)
-    ]
-
-
-def test_poison_pill_is_isolated_by_bisection() -> None:
-    engine = InstantTestEngine("m")
-    outs = run_isolating(engine, _reqs("a", "b", POISON_PILL, "d", "e", "f", "g", "h"))
-    assert [o.error_kind for o in outs] == [
-        None,
-        None,
-        "engine_error",
-        None,
-        None,
-        None,
-        None,
-        None,
-    ]
-    assert all(o.text for i, o in enumerate(outs) if i != 2)
-    # log2(8) levels: the poisoned request is found with few extra engine calls.
-    assert len(engine.batches) <= 6
-
-
 def test_instant_engine_reports_context_overflow_per_request() -> None:
-    outs = InstantTestEngine("m", max_model_len=20).generate(_reqs("short", "w " * 50))
-    assert outs[0].error is None and outs[1].error_kind == "context_overflow"
-
-
-@pytest.mark.parametrize("n", [0, 1])
-def test_run_isolating_small_batches(n: int) -> None:
-    assert len(run_isolating(InstantTestEngine("m"), _reqs(*["x"] * n))) == n
+    engine = InstantTestEngine("m", max_model_len=20)
+    ok = EngineRequest(request_id="a", messages=[{"role": "user", "content": "short"}], max_tokens=4)
+    long = EngineRequest(request_id="b", messages=[{"role": "user", "content": "w " * 50}], max_tokens=4)
+    assert engine.add(ok) is None
+    refused = engine.add(long)
+    assert refused is not None and refused.error_kind is DeadLetterReason.CONTEXT_OVERFLOW
+    assert engine.has_unfinished() and not engine.step()  # one token of four

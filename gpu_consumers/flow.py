@@ -1,0 +1,105 @@
+"""Partition flow control: which partitions this consumer owns, per priority, and when to stop
+fetching them.
+
+Backpressure is built on what this consumer has fetched and buffered (never on broker lag, which
+some brokers misreport). When a priority's buffer is full its partitions are paused, and the
+consumer seeks back to the first message it could not buffer: the client's prefetched backlog is
+dropped (fetched again on resume) instead of queueing ahead of newly fetched high-priority work.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from confluent_kafka import KafkaException, TopicPartition
+
+from gpu_consumers.buffer import PriorityBuffer
+from schemas import Priority
+from sluice.topics import PRIORITIES
+
+__all__ = ["FlowConsumer", "PartitionFlow"]
+
+logger = logging.getLogger(__name__)
+
+TP = tuple[str, int]
+
+
+class FlowConsumer(Protocol):
+    """The part of ``confluent_kafka.Consumer`` flow control uses (tests pass a fake)."""
+
+    def pause(self, partitions: list[TopicPartition]) -> None: ...
+
+    def resume(self, partitions: list[TopicPartition]) -> None: ...
+
+    def seek(self, partition: TopicPartition) -> None: ...
+
+
+def priority_of(topic: str) -> Priority:
+    """Model topics end in their priority (``<prefix>model.<name>.<priority>``)."""
+    return Priority(topic.rsplit(".", 1)[-1])
+
+
+class PartitionFlow:
+    def __init__(self, buffer: PriorityBuffer) -> None:
+        self.buffer = buffer
+        self.assigned: dict[Priority, set[TP]] = {p: set() for p in PRIORITIES}
+        self.paused: set[Priority] = set()
+        self._rewound: dict[TP, int] = {}
+        self.draining = False
+
+    def owns(self, tp: TP) -> bool:
+        return tp in self.assigned[priority_of(tp[0])]
+
+    def assign(self, tps: list[TP]) -> None:
+        for tp in tps:
+            self.assigned[priority_of(tp[0])].add(tp)
+
+    def revoke(self, tps: set[TP]) -> None:
+        for tp in tps:
+            self._rewound.pop(tp, None)
+        for pr in PRIORITIES:
+            self.assigned[pr] -= tps
+
+    def skip(self, tp: TP, offset: int) -> bool:
+        """A message prefetched past a rewind: it will be fetched again, so ignore it now."""
+        rewound = self._rewound.get(tp)
+        return rewound is not None and offset >= rewound
+
+    def rewind(self, consumer: FlowConsumer, tp: TP, offset: int) -> bool:
+        """Hand a message back to the broker: pause its partition and seek to it."""
+        try:
+            consumer.pause([TopicPartition(*tp)])
+            consumer.seek(TopicPartition(tp[0], tp[1], offset))
+        except KafkaException as exc:
+            logger.debug("cannot rewind %s to %d (%s); buffering it instead", tp, offset, exc)
+            return False
+        self._rewound[tp] = offset
+        self.paused.add(priority_of(tp[0]))
+        return True
+
+    def full(self, tp: TP) -> bool:
+        return self.buffer.full(priority_of(tp[0]).rank)
+
+    def apply(self, consumer: FlowConsumer) -> None:
+        """Pause full priorities, resume those that drained below half (hysteresis)."""
+        if self.draining:
+            return
+        for pr in PRIORITIES:
+            tps = [TopicPartition(t, p) for t, p in self.assigned[pr]]
+            if pr not in self.paused and self.buffer.full(pr.rank) and tps:
+                consumer.pause(tps)
+                self.paused.add(pr)
+            elif pr in self.paused and self.buffer.has_room(pr.rank):
+                if tps:
+                    consumer.resume(tps)
+                for tp in self.assigned[pr]:
+                    self._rewound.pop(tp, None)
+                self.paused.discard(pr)
+
+    def stop_fetching(self, consumer: FlowConsumer) -> None:
+        """Draining: fetch nothing more (what is buffered stays uncommitted for the next owner)."""
+        self.draining = True
+        tps = [TopicPartition(t, p) for pr in PRIORITIES for t, p in self.assigned[pr]]
+        if tps:
+            consumer.pause(tps)
