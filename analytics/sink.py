@@ -79,7 +79,11 @@ class ClickHouseSink:
 
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
         ch = self.settings.clickhouse
-        consumer = clients.consumer(self.settings.kafka, "sink", self.group_id)
+        # Rows wait up to sink_flush_ms anyway: a fetch may wait as long, which spares the broker
+        # (and the host's CPU) a poll every few milliseconds while the pipeline is idle.
+        consumer = clients.consumer(
+            self.settings.kafka, "sink", self.group_id, **{"fetch.wait.max.ms": max(ch.sink_flush_ms, 10)}
+        )
         consumer.subscribe(
             list(self._types),
             on_assign=lambda c, p: ready.set() if ready is not None else None,

@@ -32,7 +32,8 @@ class CancelWatch:
         self.max_ids = max_ids
         self._ids: OrderedDict[str, str] = OrderedDict()
         group = f"{settings.topic_prefix}cancel-watch-{uuid.uuid4().hex[:8]}"
-        self._consumer = clients.consumer(settings.kafka, "cancel-watch", group)
+        # A cancellation may take a tenth of a second to arrive; the consumer need not poll faster.
+        self._consumer = clients.consumer(settings.kafka, "cancel-watch", group, **{"fetch.wait.max.ms": 100})
         try:
             meta = self._consumer.list_topics(self.topic, timeout=10).topics[self.topic]
         except KafkaException as exc:

@@ -1,9 +1,12 @@
 """``sluice demo``: one real run of the whole pipeline on the embedded stack.
 
 Starts tansu, chDB, the Faust router and a vLLM consumer with SmolLM2-135M-Instruct (CPU), submits
-a handful of prompts at mixed priorities (one of them twice, to show dedupe) plus one request for a
-model that does not exist, prints
-each answer as it arrives, then a cost/latency summary computed by SQL in ClickHouse.
+a handful of prompts of mixed lengths at mixed priorities (one of them twice, to show dedupe) plus
+one request for a model that does not exist, and prints each answer as it finishes (short ones
+first: the engine takes them all at once and each leaves as soon as it is done). Then the same
+prompts are served one at a time for comparison, and it ends with cost/latency and savings
+summaries computed by SQL in ClickHouse and a line comparing output tokens/s and cost per 1M
+output tokens.
 """
 
 from __future__ import annotations
@@ -31,15 +34,16 @@ __all__ = ["DEMO_PROMPTS", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
-DEMO_PROMPTS: list[tuple[Priority, str]] = [
-    (Priority.HIGH, "What is the capital of France? Answer in one sentence."),
-    (Priority.HIGH, "Name three primary colors."),
-    (Priority.NORMAL, "Write one sentence explaining what Apache Kafka is."),
-    (Priority.NORMAL, "Give a short tip for writing clear commit messages."),
-    (Priority.NORMAL, "What is 12 plus 30?"),
-    (Priority.LOW, "Suggest a name for a friendly robot."),
-    (Priority.LOW, "Describe the ocean in one sentence."),
-    (Priority.LOW, "Why do people batch work together? One sentence."),
+# (priority, prompt, max_tokens as a share of --max-tokens): short and long answers mixed.
+DEMO_PROMPTS: list[tuple[Priority, str, float]] = [
+    (Priority.HIGH, "What is the capital of France? Answer in one sentence.", 0.3),
+    (Priority.HIGH, "Name three primary colors.", 0.3),
+    (Priority.NORMAL, "Write one sentence explaining what Apache Kafka is.", 1.0),
+    (Priority.NORMAL, "Give a short tip for writing clear commit messages.", 1.0),
+    (Priority.NORMAL, "What is 12 plus 30?", 0.2),
+    (Priority.LOW, "Suggest a name for a friendly robot.", 0.4),
+    (Priority.LOW, "Describe the ocean in one sentence.", 0.6),
+    (Priority.LOW, "Why do people batch work together? One sentence.", 1.0),
 ]
 
 
@@ -93,34 +97,48 @@ def _run(stack: LocalStack, console: Console, run: str, max_tokens: int, timeout
     follower.start()
     ready.wait(30)
     client = SluiceClient(settings)
+    lengths = [max(4, round(max_tokens * share)) for _, _, share in DEMO_PROMPTS]
     ids = [
-        client.submit(p, priority=prio, tenant="demo", max_tokens=max_tokens, correlation_id=run)
-        for prio, p in DEMO_PROMPTS
+        client.submit(p, priority=prio, tenant="demo", max_tokens=n, correlation_id=run)
+        for (prio, p, _), n in zip(DEMO_PROMPTS, lengths, strict=True)
     ]
     # The same question twice: the second is attached to the first and never reaches the GPU.
     ids.append(
         client.submit(
-            DEMO_PROMPTS[2][1], priority=Priority.LOW, tenant="demo", max_tokens=max_tokens, correlation_id=run
+            DEMO_PROMPTS[2][1], priority=Priority.LOW, tenant="demo", max_tokens=lengths[2], correlation_id=run
         )
     )
     bad = client.submit("This model does not exist.", model="gpt-nonexistent", tenant="demo")
     client.flush()
     console.print(
         f"Submitted {len(ids)} prompts (high/normal/low, one of them a duplicate) and 1 request for an "
-        "unknown model; waiting for answers (the first batch waits for vLLM to start)…"
+        "unknown model; answers print as each finishes (the first ones wait for vLLM to start)…"
     )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stack.check()
+
+    def wait_for(wanted: list[str]) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stack.check()
+            with lock:
+                if all(i in results for i in wanted):
+                    return
+            time.sleep(0.1)
+        missing = [i for i in wanted if i not in results]
+        raise SluiceError(f"{len(missing)} demo request(s) got no result within {timeout:.0f}s")
+
+    wait_for(ids)
+    with lock:
+        continuous = [results[i] for i in ids if not results[i].deduplicated_from]
+    console.print("\nNow the same prompts one at a time, each waiting for its answer, as a synchronous server would:")
+    one_by_one: list[InferenceResult] = []
+    for (prio, p, _), n in zip(DEMO_PROMPTS, lengths, strict=True):
+        rid = client.submit(p, priority=prio, tenant="demo-sync", max_tokens=n, cache=False, correlation_id=run)
+        client.flush()
+        wait_for([rid])
         with lock:
-            if all(i in results for i in ids):
-                break
-        time.sleep(0.2)
+            one_by_one.append(results[rid])
     stop.set()
     follower.join(10)
-    missing = [i for i in ids if i not in results]
-    if missing:
-        raise SluiceError(f"{len(missing)} demo request(s) got no result within {timeout:.0f}s")
 
     assert stack.store is not None
     store = stack.store
@@ -128,12 +146,12 @@ def _run(stack: LocalStack, console: Console, run: str, max_tokens: int, timeout
     id_list = [*ids, bad]
     until = time.monotonic() + 60
     while time.monotonic() < until:
-        n = store.query(
+        counts = store.query(
             f"SELECT (SELECT count() FROM {db}.results FINAL WHERE request_id IN {{ids:Array(String)}}),"
             f" (SELECT count() FROM {db}.dead_letters FINAL WHERE request_id = {{bad:String}})",
             {"ids": ids, "bad": bad},
         ).rows[0]
-        if n[0] == len(ids) and n[1] >= 1:
+        if counts[0] == len(ids) and counts[1] >= 1:
             break
         time.sleep(0.3)
     dl = store.query(
@@ -154,7 +172,37 @@ def _run(stack: LocalStack, console: Console, run: str, max_tokens: int, timeout
     )
     savings = store.query(savings_sql(db, "request_id IN {ids:Array(String)}"), {"ids": id_list})
     _print_table(console, "Savings against running everything on the most capable model", savings.columns, savings.rows)
+    _print_economics(console, stack, continuous, one_by_one)
     return 0
+
+
+def _engine_rate(results: list[InferenceResult], *, concurrent: bool) -> tuple[int, float]:
+    """(output tokens, engine seconds): the busy window when the requests ran together, the sum of
+    each one's run when they ran one after another."""
+    tokens = sum(r.completion_tokens for r in results)
+    if concurrent:
+        seconds = (max(r.completed_at for r in results) - min(r.started_at for r in results)).total_seconds()
+    else:
+        seconds = sum((r.completed_at - r.started_at).total_seconds() for r in results)
+    return tokens, max(seconds, 1e-3)
+
+
+def _print_economics(
+    console: Console, stack: LocalStack, continuous: list[InferenceResult], one_by_one: list[InferenceResult]
+) -> None:
+    hour = next((m.gpu_hour_price for m in stack.catalog if m.gpu_hour_price), None) or 0.0
+    tok_c, s_c = _engine_rate(continuous, concurrent=True)
+    tok_o, s_o = _engine_rate(one_by_one, concurrent=False)
+    rate_c, rate_o = tok_c / s_c, tok_o / s_o
+
+    def per_million(rate: float) -> str:
+        return f"${hour / 3600 / rate * 1_000_000:.2f}" if hour else "n/a"
+
+    console.print(
+        f"[bold]Continuous batching[/]: {rate_c:.1f} output tok/s ({per_million(rate_c)} per 1M output tokens at "
+        f"${hour}/GPU-hour); [bold]one at a time[/]: {rate_o:.1f} tok/s ({per_million(rate_o)} per 1M) "
+        f"→ {rate_c / rate_o:.1f}x the throughput for the same prompts."
+    )
 
 
 def _print_table(console: Console, title: str, columns: list[str], rows: list[list[Any]]) -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from analytics.store import Store
+from schemas import AvroRecord, Serde
 from sluice import clients
 from sluice.settings import Settings
+
+R = TypeVar("R", bound=AvroRecord)
 
 
 def produce_raw(settings: Settings, topic: str, values: list[bytes], key: bytes | None = None) -> None:
@@ -57,6 +60,27 @@ def topic_keys(settings: Settings, topics: list[str], quiet_s: float = 3.0, time
     finally:
         consumer.close()
     return keys
+
+
+def topic_records(
+    settings: Settings, topic: str, record_type: type[R], serde: Serde, quiet_s: float = 3.0, timeout: float = 60.0
+) -> list[R]:
+    """Every record on ``topic`` from the start, decoded (read until nothing new for ``quiet_s``)."""
+    consumer = clients.consumer(settings.kafka, "test", f"{settings.topic_prefix}probe-{uuid.uuid4().hex[:6]}")
+    meta = consumer.list_topics(timeout=10).topics
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta[topic].partitions])
+    out: list[R] = []
+    deadline = time.monotonic() + timeout
+    last_new = time.monotonic()
+    try:
+        while time.monotonic() - last_new < quiet_s and time.monotonic() < deadline:
+            for msg in consumer.consume(500, timeout=0.1):
+                if msg.error() is None and msg.value() is not None:
+                    out.append(serde.decode(record_type, msg.value()))
+                    last_new = time.monotonic()
+    finally:
+        consumer.close()
+    return out
 
 
 def results(store: Store, ids: list[str]) -> dict[str, dict[str, Any]]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from analytics.store import Store
 from producers import SluiceClient
+from schemas import utcnow
 from sluice.catalog import Catalog, ModelEntry
 from sluice.local.stack import LocalStack
 from sluice.settings import Settings
@@ -37,6 +40,7 @@ def catalog(tiny_model_dir: Path, make_entry: Callable[..., ModelEntry]) -> Cata
 @pytest.fixture
 def vllm_stack(settings: Settings, clickhouse_store: Store) -> Iterator[LocalStack]:
     settings.engine.kind = "vllm"
+    settings.engine.max_inflight = None  # the engine's own max_num_seqs, as deployed
     stack = LocalStack(settings, store=clickhouse_store).start()
     yield stack
     stack.stop()
@@ -79,3 +83,62 @@ def test_requests_run_through_real_vllm_end_to_end(vllm_stack: LocalStack, click
         timeout=60,
     )
     assert [(d["reason"], d["request_id"]) for d in dls] == [("context_overflow", overflow)]
+
+
+def test_the_engine_loop_on_real_vllm_mixed_lengths_cancel_and_deadline(
+    vllm_stack: LocalStack, clickhouse_store: Store
+) -> None:
+    """Short requests finish before long ones submitted with them; a running request is aborted
+    on cancellation and on its deadline, and billed for the tokens it used."""
+    settings = vllm_stack.settings
+    client = SluiceClient(settings)
+    warm = client.submit("warm up", max_tokens=2, cache=False)
+    client.flush()
+    wait_until(lambda: result_counts(clickhouse_store, [warm]), timeout=300, interval=1, what="engine up")
+
+    long = [client.submit(f"long story {i}", max_tokens=400, cache=False, priority="low") for i in range(3)]
+    short = [client.submit(f"short answer {i}", max_tokens=4, cache=False, priority="low") for i in range(6)]
+    doomed = client.submit("a very long essay that nobody will read", max_tokens=450, cache=False)
+    late = client.submit(
+        "another very long essay, with a deadline",
+        max_tokens=450,
+        cache=False,
+        deadline=utcnow() + timedelta(seconds=1.5),
+    )
+    client.flush()
+    time.sleep(0.8)  # the engine has started both
+    client.cancel(doomed, "no longer needed")
+    client.flush()
+    everything = [*long, *short, doomed, late]
+    wait_until(
+        lambda: result_counts(clickhouse_store, everything),
+        lambda c: len(c) == len(everything),
+        timeout=300,
+        interval=1,
+        what="every result",
+    )
+    rows = {
+        r["request_id"]: r
+        for r in clickhouse_store.query(
+            "SELECT request_id, status, error, completion_tokens, completed_at FROM sluice.results FINAL "
+            "WHERE request_id IN {ids:Array(String)}",
+            {"ids": everything},
+        ).dicts()
+    }
+    assert max(rows[s]["completed_at"] for s in short) < min(rows[lg]["completed_at"] for lg in long)
+    assert all(rows[rid]["status"] == "succeeded" for rid in [*long, *short])
+    assert rows[doomed]["error"] == "cancelled: no longer needed"
+    assert rows[late]["error"].startswith("deadline_expired: ") and "while it ran" in rows[late]["error"]
+    metrics = wait_until(
+        lambda: (
+            clickhouse_store.query(
+                "SELECT request_id, output_tokens, cost_usd FROM sluice.cost_metrics FINAL "
+                "WHERE request_id IN {ids:Array(String)}",
+                {"ids": [doomed, late]},
+            ).rows
+        ),
+        lambda r: len(r) == 2,
+        timeout=60,
+    )
+    for _rid, output_tokens, cost in metrics:
+        assert 0 < output_tokens < 450 and cost > 0
