@@ -25,6 +25,7 @@ class Buffered:
     value: bytes
     request: InferenceRequest
     arrived: float  # monotonic time it entered the buffer
+    timestamp_ms: int | None = None  # the record's timestamp (part of a dead letter's id)
 
     @property
     def rank(self) -> int:

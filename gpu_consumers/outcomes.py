@@ -10,6 +10,7 @@ from datetime import datetime
 
 from gpu_consumers.buffer import Buffered
 from gpu_consumers.engine import EngineOutput
+from gpu_consumers.flow import priority_of
 from schemas import (
     AvroRecord,
     CostMetric,
@@ -17,6 +18,8 @@ from schemas import (
     DeadLetterReason,
     InferenceRequest,
     InferenceResult,
+    PipelineRejection,
+    RequestIdentity,
     RequestState,
     RequestStatus,
     ResultStatus,
@@ -145,25 +148,43 @@ class Outcomes:
             partition=item.partition,
             offset=item.offset,
             original=item.value,
+            timestamp_ms=item.timestamp_ms,
             request=request,
             model=self.entry.name,
         )
 
     def rejected(
-        self, topic: str, partition: int, offset: int, value: bytes, reason: DeadLetterReason, error: str
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        value: bytes,
+        timestamp_ms: int | None,
+        rejection: PipelineRejection,
     ) -> list[Out]:
-        """A message that is not a request this consumer can read: a dead letter, nothing else."""
+        """A message that is not a request this consumer can run: a dead letter, and a failed
+        result when the requester can still be read from it."""
+        who = RequestIdentity.of(rejection.record, priority=priority_of(topic))
         dl = DeadLetter.from_event(
-            reason,
-            error,
+            rejection.reason,
+            rejection.detail,
             stage=Stage.CONSUMER,
             topic=topic,
             partition=partition,
             offset=offset,
             original=value,
+            timestamp_ms=timestamp_ms,
+            request=who,
             model=self.entry.name,
         )
-        return [Out(self.topics.dead_letter, None, dl)]
+        if who is None:
+            return [Out(self.topics.dead_letter, None, dl)]
+        result = InferenceResult.failed(who, rejection.reason, rejection.detail, model=self.entry.name)
+        return [
+            Out(self.topics.results, who.request_id, result),
+            Out(self.topics.dead_letter, who.request_id, dl),
+            *self.status(who.request_id, rejection.reason.state, str(rejection)),
+        ]
 
     def max_attempts(self, request: InferenceRequest) -> int:
         wanted = request.metadata.get("max_attempts", "")

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import cast
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from gpu_consumers.buffer import Buffered, PriorityBuffer
 from gpu_consumers.cancellations import CancelWatch
@@ -147,14 +147,16 @@ class GpuWorker:
             return
         self.tracker.fetched(tp, offset)
         value = msg.value() or b""
+        kind, ts = msg.timestamp()
+        timestamp_ms = ts if kind != TIMESTAMP_NOT_AVAILABLE else None
         try:
             request = self.serde.decode(InferenceRequest, value)
         except PipelineRejection as exc:
             self.publisher.publish(
-                tp, offset, self.outcomes.rejected(topic, partition, offset, value, exc.reason, exc.detail)
+                tp, offset, self.outcomes.rejected(topic, partition, offset, value, timestamp_ms, exc)
             )
             return
-        self.buffer.add(Buffered(topic, partition, offset, value, request, time.monotonic()))
+        self.buffer.add(Buffered(topic, partition, offset, value, request, time.monotonic(), timestamp_ms))
 
     def _drain_client(self, consumer: Consumer, timeout: float, chunk: int = 500, max_chunks: int = 20) -> None:
         """Take in everything the client has prefetched (a full buffer rewinds its partitions, so

@@ -14,6 +14,7 @@ from schemas.models import (
     DeadLetter,
     InferenceRequest,
     InferenceResult,
+    RequestIdentity,
     RequestStatus,
     Route,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "LocalSchemaRegistry",
     "PipelineRejection",
     "Priority",
+    "RequestIdentity",
     "RequestState",
     "RequestStatus",
     "ResultStatus",

@@ -19,6 +19,7 @@ __all__ = [
     "DeadLetter",
     "InferenceRequest",
     "InferenceResult",
+    "RequestIdentity",
     "RequestStatus",
     "Route",
 ]
@@ -84,6 +85,42 @@ class InferenceRequest(AvroRecord):
         return sum(len(m.content) for m in self.messages)
 
 
+class RequestIdentity(BaseModel):
+    """Who asked, for a request that was readable but invalid: enough to send its requester a
+    failed result (the full :class:`InferenceRequest` could not be built)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    request_id: str = Field(min_length=1, max_length=128)
+    tenant: str = Field(default="default", min_length=1, max_length=128)
+    priority: Priority = Priority.NORMAL
+    created_at: datetime = Field(default_factory=utcnow)
+    correlation_id: str | None = None
+    replay_of: str | None = None
+    attempt: int = 0
+    route: Route | None = None
+    dedupe_key: str | None = None
+
+    @classmethod
+    def of(cls, record: dict[str, Any] | None, *, priority: Priority = Priority.NORMAL) -> RequestIdentity | None:
+        """The identity in a decoded record, field by field: an invalid field falls back to its
+        default (``priority`` to the given one); ``None`` without a usable request id."""
+        if not record:
+            return None
+        fields: dict[str, Any] = {"priority": priority}
+        for name in cls.model_fields:
+            if name in record and record[name] is not None:
+                try:
+                    cls.__pydantic_validator__.validate_assignment(cls.model_construct(), name, record[name])
+                except ValueError:
+                    continue
+                fields[name] = record[name]
+        try:
+            return cls.model_validate(fields)
+        except ValueError:
+            return None
+
+
 class InferenceResult(AvroRecord):
     schema_file: ClassVar[str] = "inference_result.v1.avsc"
 
@@ -120,7 +157,7 @@ class InferenceResult(AvroRecord):
     @classmethod
     def for_request(
         cls,
-        request: InferenceRequest,
+        request: InferenceRequest | RequestIdentity,
         *,
         model: str,
         status: ResultStatus,
@@ -151,7 +188,7 @@ class InferenceResult(AvroRecord):
     @classmethod
     def failed(
         cls,
-        request: InferenceRequest,
+        request: InferenceRequest | RequestIdentity,
         reason: DeadLetterReason,
         error: str,
         *,
@@ -206,18 +243,21 @@ class DeadLetter(AvroRecord):
         partition: int,
         offset: int,
         original: bytes,
-        request: InferenceRequest | None = None,
+        timestamp_ms: int | None = None,
+        request: InferenceRequest | RequestIdentity | None = None,
         model: str | None = None,
     ) -> DeadLetter:
-        """The dead letter for the event at (topic, partition, offset); its id is deterministic,
-        so processing the same event again replaces rather than adds a row."""
+        """The dead letter for the event at (topic, partition, offset) written at ``timestamp_ms``;
+        its id is deterministic, so processing the same event again replaces rather than adds a row."""
         return cls(
-            dead_letter_id=dead_letter_id(stage, topic, partition, offset),
+            dead_letter_id=dead_letter_id(
+                stage, topic, partition, offset, timestamp_ms=timestamp_ms, original=original
+            ),
             reason=reason,
             error=error,
             request_id=request.request_id if request else None,
             tenant=request.tenant if request else None,
-            model=model if model is not None else (request.model if request else None),
+            model=model if model is not None else (request.model if isinstance(request, InferenceRequest) else None),
             priority=request.priority if request else None,
             source_topic=topic,
             source_partition=partition,

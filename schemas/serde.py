@@ -14,7 +14,7 @@ from confluent_kafka.serialization import Deserializer, SerializationContext, Se
 from fastavro import schemaless_reader, schemaless_writer
 from pydantic import ValidationError
 
-from schemas.errors import SerializationError
+from schemas.errors import SerializationError, validation_summary
 from schemas.models import AvroRecord
 from schemas.registry import (
     ConfluentSchemaRegistry,
@@ -106,12 +106,7 @@ class AvroDeserializer(Deserializer, Generic[R]):  # type: ignore[misc]
         try:
             return self._type.model_validate(record)
         except ValidationError as exc:
-            raise SerializationError(DeadLetterReason.VALIDATION_ERROR, _short_validation_error(exc)) from exc
-
-
-def _short_validation_error(exc: ValidationError) -> str:
-    parts = [f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()]
-    return "; ".join(parts[:5])
+            raise SerializationError(DeadLetterReason.VALIDATION_ERROR, validation_summary(exc), record=record) from exc
 
 
 class Serde:

@@ -124,6 +124,7 @@ def create_app(
                         partition=msg.partition,
                         offset=msg.offset,
                         headers=list(msg.headers or []),
+                        timestamp_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
                     )
                 )
 

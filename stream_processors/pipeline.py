@@ -10,7 +10,17 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
-from schemas import DeadLetter, InferenceRequest, InferenceResult, RequestState, Serde, Stage, utcnow
+from schemas import (
+    DeadLetter,
+    InferenceRequest,
+    InferenceResult,
+    Priority,
+    RequestIdentity,
+    RequestState,
+    Serde,
+    Stage,
+    utcnow,
+)
 from sluice.catalog import Catalog
 from sluice.errors import DeadLetterReason, PipelineRejection
 from sluice.settings import ProcessorSettings
@@ -51,6 +61,7 @@ class RequestPipeline:
         partition: int,
         offset: int,
         headers: list[tuple[str, bytes]] | None = None,
+        timestamp_ms: int | None = None,
         now: datetime | None = None,
     ) -> list[Forward]:
         request: InferenceRequest | None = None
@@ -60,7 +71,9 @@ class RequestPipeline:
             self._validate(request, topic, now)
             route = request.route = self.router.route(request)
         except PipelineRejection as exc:
-            return self._dead_letter(exc, value or b"", topic, partition, offset, request)
+            # A readable but invalid request still names its requester: they get a failed result.
+            who = request or RequestIdentity.of(exc.record, priority=self._topic_priority(topic))
+            return self._dead_letter(exc, value or b"", topic, partition, offset, timestamp_ms, who)
         request.dedupe_key = dedupe_key(request, self.settings)
         out: list[Forward] = []
         if request.deadline is not None and (request.deadline - now).total_seconds() < self.settings.deadline_warning_s:
@@ -86,6 +99,9 @@ class RequestPipeline:
             *self.emit.status(request.request_id, RequestState.ROUTED, model=route.model, detail=route.reason),
         ]
 
+    def _topic_priority(self, topic: str) -> Priority:
+        return next((p for p in Priority if self.topics.requests(p) == topic), Priority.NORMAL)
+
     def _validate(self, request: InferenceRequest, topic: str, now: datetime) -> None:
         if topic != self.topics.requests(request.priority):
             raise PipelineRejection(
@@ -110,7 +126,8 @@ class RequestPipeline:
         topic: str,
         partition: int,
         offset: int,
-        request: InferenceRequest | None,
+        timestamp_ms: int | None,
+        request: InferenceRequest | RequestIdentity | None,
     ) -> list[Forward]:
         logger.warning("dead letter from %s[%d]@%d: %s", topic, partition, offset, exc)
         dl = DeadLetter.from_event(
@@ -121,13 +138,15 @@ class RequestPipeline:
             partition=partition,
             offset=offset,
             original=original,
+            timestamp_ms=timestamp_ms,
             request=request,
         )
         key = request.request_id.encode() if request else None
         out = [Forward(self.topics.dead_letter, key, self.serde.encode(dl), record=dl)]
         if request is not None:
             # The submitter is told too: a failed result, as the GPU consumers do for their failures.
-            result = InferenceResult.failed(request, exc.reason, exc.detail, model=request.model or "")
+            model = request.model or "" if isinstance(request, InferenceRequest) else ""
+            result = InferenceResult.failed(request, exc.reason, exc.detail, model=model)
             out.append(self.emit.record(self.topics.results, request.request_id, result))
             out += self.emit.status(request.request_id, exc.reason.state, detail=str(exc))
         return out

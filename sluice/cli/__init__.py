@@ -8,8 +8,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
+from schemas.errors import validation_summary
 from sluice.cli import admin, dlq, query, requests, run
-from sluice.cli.common import console
 from sluice.errors import SluiceError
 from sluice.logs import setup_logging
 
@@ -42,11 +44,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    setup_logging(args.log_level or "WARNING")
+    level = (args.log_level or "WARNING").upper()
+    setup_logging(level)
     try:
         code = args.fn(args)
-    except SluiceError as exc:
-        console.print(f"[red]error:[/] {exc}")
+    except (SluiceError, ValidationError, ValueError) as exc:
+        # Invalid input is one clear line on stderr; the traceback only when debugging.
+        if level == "DEBUG":
+            logger.exception("sluice %s failed", args.command)
+        message = validation_summary(exc) if isinstance(exc, ValidationError) else str(exc)
+        print(f"sluice {args.command}: error: {message}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         code = 130

@@ -73,3 +73,25 @@ def test_bench_options_reach_the_benchmark_runner() -> None:
     args = parse_args(["bench", "--quick", "--only", "p5"])
     bench = build_parser().parse_args(args.bench_args)
     assert bench.quick is True and bench.only == "p5"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["submit", ""], "sluice submit: error: messages: Value error, all messages are empty"),
+        (["submit", "hi", "--max-tokens", "1000000000"], "max_tokens: Input should be less than or equal to 32768"),
+        (["dlq", "list", "--since", "yesterday"], "age 'yesterday' must look like 30s, 15m, 2h or 7d"),
+    ],
+)
+def test_invalid_input_is_one_line_on_stderr_without_a_traceback(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sluice.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and expected in err, err
+    assert "Traceback" not in err

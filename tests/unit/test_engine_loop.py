@@ -57,6 +57,9 @@ class FakeMessage:
     def error(self) -> None:
         return None
 
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_700_000_000_000 + self._coords[2])
+
 
 class FakeConsumer:
     """Hands out queued messages of unpaused partitions; records commits."""

@@ -155,3 +155,42 @@ def test_fuzz_random_field_values_route_or_dead_letter_never_raise(
         assert first.topic == topics.dedupe or first.topic.startswith("p.model.")
         routed = serde.decode(InferenceRequest, first.value)
         assert routed.route is not None and routed.priority == topic_priority
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("messages", [{"role": "user", "content": "   "}], "all messages are empty"),
+        ("max_tokens", -5, "max_tokens"),
+        ("priority", "urgent", "priority"),
+    ],
+)
+def test_a_readable_but_invalid_request_keeps_its_requester(field: str, value: object, why: str) -> None:
+    pipe, serde, topics = _pipeline()
+    record = req(request_id="r-invalid", tenant="acme", correlation_id="c-1").to_avro()
+    record[field] = value
+    fwds = pipe.process(frame_request_dict(record), topic=topics.requests("low"), partition=0, offset=3)
+    dl = serde.decode(DeadLetter, fwds[0].value)
+    assert dl.reason is DeadLetterReason.VALIDATION_ERROR and why in dl.error
+    assert (dl.request_id, dl.tenant) == ("r-invalid", "acme")
+    result = serde.decode(InferenceResult, fwds[1].value)
+    assert (result.request_id, result.tenant, result.status) == ("r-invalid", "acme", "failed")
+    assert result.correlation_id == "c-1" and result.error is not None and result.error.startswith("validation_error")
+    # An invalid priority cannot be echoed back: the result carries the topic's.
+    assert result.priority == ("low" if field == "priority" else record["priority"])
+
+
+def test_dead_letter_ids_repeat_for_the_same_message_and_differ_across_broker_lifetimes() -> None:
+    pipe, serde, topics = _pipeline()
+    value = serde.encode(req(model="gpt-x"))
+    topic = topics.requests("normal")
+
+    def dl_id(**kw: object) -> str:
+        fwds = pipe.process(kw.pop("value", value), topic=topic, partition=0, offset=0, **kw)  # type: ignore[arg-type]
+        return serde.decode(DeadLetter, fwds[0].value).dead_letter_id
+
+    first = dl_id(timestamp_ms=1_700_000_000_000)
+    assert dl_id(timestamp_ms=1_700_000_000_000) == first  # redelivered: the same row
+    # A new broker numbers offsets from 0 again: same coordinates, another message.
+    assert dl_id(timestamp_ms=1_700_000_999_000) != first
+    assert dl_id(timestamp_ms=1_700_000_000_000, value=serde.encode(req(model="gpt-y"))) != first
