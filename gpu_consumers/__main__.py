@@ -9,6 +9,7 @@ import threading
 from gpu_consumers.engine import create_engine
 from gpu_consumers.worker import GpuWorker
 from sluice.catalog import load_catalog
+from sluice.lifecycle import die_with_parent
 from sluice.logs import setup_logging
 from sluice.metrics import serve_metrics
 from sluice.settings import Settings
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port")
     args = parser.parse_args(argv)
     setup_logging()
+    die_with_parent()
     settings = Settings()
     catalog = load_catalog(settings.catalog_path)
     entry = catalog.get(args.model)

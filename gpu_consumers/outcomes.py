@@ -42,6 +42,8 @@ class Out:
     key: str | None
     record: AvroRecord
     headers: Headers = field(default_factory=list)
+    # Unset: the producer's partitioner picks one.
+    partition: int | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,17 @@ class Outcomes:
             Out(self.topics.results, who.request_id, result),
             Out(self.topics.dead_letter, who.request_id, dl),
             *self.status(who.request_id, rejection.reason.state, str(rejection)),
+        ]
+
+    def handback(self, item: Buffered, why: str) -> list[Out]:
+        """A request this consumer started but will not finish (shutdown, lost partition), put
+        back at the end of its own partition: once that is acknowledged, the offsets of the
+        requests that finished behind it can be committed, so none of them runs twice, and the
+        next owner runs this one."""
+        req = item.request
+        return [
+            Out(item.topic, req.request_id, req, partition=item.partition),
+            *self.status(req.request_id, RequestState.QUEUED, f"handed back: {why}"),
         ]
 
     def max_attempts(self, request: InferenceRequest) -> int:

@@ -30,7 +30,13 @@ class Producer(Protocol):
     """The part of ``confluent_kafka.Producer`` the publisher uses (tests pass an in-memory one)."""
 
     def produce(
-        self, topic: str, value: Any = ..., key: Any = ..., headers: Any = ..., on_delivery: Any = ...
+        self,
+        topic: str,
+        value: Any = ...,
+        key: Any = ...,
+        headers: Any = ...,
+        partition: int = ...,
+        on_delivery: Any = ...,
     ) -> None: ...
 
     def poll(self, timeout: float = ...) -> int: ...
@@ -77,7 +83,17 @@ class Publisher:
         key = out.key.encode() if out.key is not None else None
         while True:
             try:
-                self.producer.produce(out.topic, value=value, key=key, headers=out.headers, on_delivery=callback)
+                if out.partition is None:
+                    self.producer.produce(out.topic, value=value, key=key, headers=out.headers, on_delivery=callback)
+                else:
+                    self.producer.produce(
+                        out.topic,
+                        value=value,
+                        key=key,
+                        headers=out.headers,
+                        partition=out.partition,
+                        on_delivery=callback,
+                    )
                 return
             except BufferError:
                 # Local queue full: serve delivery reports to make room.

@@ -120,12 +120,10 @@ class GpuWorker:
 
     def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         tps = {(p.topic, p.partition) for p in parts}
-        # The new owner refetches from the committed offset: abort what is running from these
-        # partitions (its records were never produced, so nothing is doubled), release what is
+        # The new owner refetches from the committed offset: hand back what is running from these
+        # partitions (nothing was produced for it, so nothing is doubled), release what is
         # buffered, and commit what is acknowledged.
-        aborted = self.engine.abort(self.inflight.on(tps))
-        for out in aborted:
-            self.inflight.pop(out.request_id)
+        aborted = self._hand_back(self.inflight.on(tps), "its partition moved to another consumer")
         dropped = self.buffer.drop(tps)
         self._suspects = deque([it for it in g if (it.topic, it.partition) not in tps] for g in self._suspects)
         self._suspects = deque(g for g in self._suspects if g)
@@ -250,6 +248,17 @@ class GpuWorker:
             return
         self.inflight.add(item, now, rank)
         self.publisher.advisory(self.outcomes.status(req.request_id, RequestState.RUNNING, f"engine run {self.run_id}"))
+
+    def _hand_back(self, request_ids: list[str], why: str) -> list[str]:
+        self.engine.abort(request_ids)
+        handed = []
+        for rid in request_ids:
+            running = self.inflight.pop(rid)
+            if running is not None:
+                item = running.item
+                self.publisher.publish((item.topic, item.partition), item.offset, self.outcomes.handback(item, why))
+                handed.append(rid)
+        return handed
 
     def _admit(self) -> None:
         now = utcnow()
@@ -416,16 +425,16 @@ class GpuWorker:
             self._commit(consumer)
 
     def _drain(self, consumer: Consumer) -> None:
-        """Graceful stop: admit nothing more, let running requests finish within ``drain_s``, abort
-        the rest uncommitted (the next owner reruns them), commit what is acknowledged."""
+        """Graceful stop: admit nothing more, let running requests finish within ``drain_s``, hand
+        the rest back to their partitions (the next owner runs them), commit what is acknowledged.
+        Buffered requests that never started stay uncommitted for the next owner."""
         self.flow.stop_fetching(consumer)
         grace = self.settings.engine.drain_s
         deadline = time.monotonic() + grace
         while len(self.inflight) and time.monotonic() < deadline:
             self._cycle(consumer, idle_wait=0)
-        left = self.inflight.pop_all()
+        left = self._hand_back(self.inflight.ids(), f"the consumer stopped; not finished within {grace:g}s")
         if left:
-            self.engine.abort([r.item.request.request_id for r in left])
-            logger.warning("drain: %d request(s) still running after %.0fs aborted, left uncommitted", len(left), grace)
+            logger.warning("drain: %d request(s) still running after %.0fs handed back", len(left), grace)
         self.publisher.flush(30)
         self._commit(consumer, asynchronous=False)

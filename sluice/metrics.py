@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 __all__ = [
+    "CHILD_RESTARTS",
     "ENGINE_INFLIGHT",
     "ENGINE_SECONDS",
     "KAFKA_CLIENT_ERRORS",
@@ -24,6 +25,7 @@ ENGINE_SECONDS = Histogram(
 KAFKA_CLIENT_ERRORS = Counter(
     "sluice_kafka_client_errors_total", "Errors reported by Kafka clients (error_cb)", ["component", "class"]
 )
+CHILD_RESTARTS = Counter("sluice_child_restarts_total", "Children of a local stack restarted after dying", ["child"])
 SINK_ROWS = Counter("sluice_sink_rows_total", "Rows written to ClickHouse", ["table"])
 
 

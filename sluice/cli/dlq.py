@@ -31,7 +31,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     from analytics.query import open_query
 
     settings = settings_from(args)
-    rows = list_dead_letters(open_query(settings), _filter(args), settings.clickhouse.database, args.limit)
+    where = _filter(args)
+    rows = list_dead_letters(open_query(settings), where, settings.clickhouse.database, args.limit)
     columns = ["dead_letter_id", "created_at", "reason", "stage", "request_id", "tenant", "model", "attempt", "error"]
     print_rows(columns, [[r[c] for c in columns] for r in rows], args.format)
     return 0
@@ -60,12 +61,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from sluice import clients
 
     settings = settings_from(args)
+    where = _filter(args)
     with SluiceClient(settings) as client:
         outcomes = replay(
             open_query(settings),
             client,
             clients.serde(settings),
-            _filter(args),
+            where,
             to_model=args.to_model,
             dry_run=args.dry_run,
             limit=args.limit,

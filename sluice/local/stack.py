@@ -1,6 +1,7 @@
-"""The local stack: broker, topics, ClickHouse sink and query endpoint in this process, and the
-Faust processor and one GPU consumer per catalog model as child processes (as they would be
-separate services in production). Used by ``sluice up``, ``sluice demo`` and the tests."""
+"""The local stack: broker (and, durable, its object storage), topics, ClickHouse sink and query
+endpoint in this process, and the Faust processor and the GPU consumers of each catalog model as
+supervised child processes (as they would be separate services in production). Used by
+``sluice up``, ``sluice demo`` and the tests."""
 
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ from analytics.sink import ClickHouseSink
 from analytics.store import Store
 from sluice.catalog import Catalog, load_catalog
 from sluice.errors import SluiceError
+from sluice.lifecycle import PARENT_PID_ENV
 from sluice.local.broker import EmbeddedBroker
+from sluice.local.storage import ObjectStore
+from sluice.metrics import CHILD_RESTARTS
 from sluice.settings import Settings
 from sluice.stackfile import write_stack_file
 from sluice.topics import Topics, ensure_topics
@@ -45,26 +49,56 @@ def child_env(settings: Settings) -> dict[str, str]:
 
 
 class _Child:
+    """A supervised child process: its own session (a terminal's Ctrl-C reaches only the stack,
+    which stops children in order), its log appended across restarts."""
+
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path) -> None:
         self.name = name
+        self.cmd = cmd
+        self.env = env
         self.log_path = log
+        self.failures: list[float] = []
+        self.restart_at: float | None = None
+        self.restarts = 0
         log.parent.mkdir(parents=True, exist_ok=True)
-        self._log: IO[bytes] = log.open("ab")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self._log: IO[bytes] | None = None
+        self.proc = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        if self._log is None:
+            self._log = self.log_path.open("ab")
+        return subprocess.Popen(
+            self.cmd,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def respawn(self) -> None:
+        self.proc = self._spawn()
+        self.restart_at = None
+        self.restarts += 1
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def signal(self, sig: int) -> None:
         if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                logger.warning("%s did not stop in %.0fs; killing", self.name, timeout)
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop in %.0fs; killing", self.name, timeout)
+            self.proc.kill()
+            self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def tail(self, lines: int = 20) -> str:
         try:
@@ -74,6 +108,16 @@ class _Child:
 
 
 class LocalStack:
+    """Broker, storage, ClickHouse sink and query endpoint, the router and the GPU consumers.
+
+    ``durable=True`` (what ``sluice up`` runs) keeps the broker's log in a local S3-compatible
+    store under the data directory, so acknowledged requests, committed offsets and the router's
+    tables survive kill -9 of every process. Children are supervised: one that dies is restarted
+    with exponential backoff; one that dies ``max_restarts`` times within ``restart_window_s``
+    stops the stack with its name and last log lines. :meth:`stop` stops in dependency order:
+    consumers drain and commit, then the router, the sink flushes, then the broker and storage.
+    """
+
     def __init__(
         self,
         settings: Settings,
@@ -86,6 +130,10 @@ class LocalStack:
         run_sink: bool = True,
         store: Store | None = None,
         replicas: int = 1,
+        durable: bool = False,
+        supervise: bool = True,
+        max_restarts: int = 5,
+        restart_window_s: float = 60.0,
     ) -> None:
         self.settings = settings.model_copy(deep=True)
         self.catalog = catalog or load_catalog(settings.catalog_path)
@@ -97,7 +145,12 @@ class LocalStack:
         self.run_sink = run_sink
         # GPU consumers per model, in one consumer group (partitions are shared among them).
         self.replicas = replicas
+        self.durable = durable
+        self.supervise = supervise
+        self.max_restarts = max_restarts
+        self.restart_window_s = restart_window_s
         self.log_dir = self.settings.data_dir / "logs"
+        self.object_store: ObjectStore | None = None
         self.broker: EmbeddedBroker | None = None
         # A caller-owned store is used and left open (one chDB directory per process).
         self.store: Store | None = store
@@ -108,6 +161,9 @@ class LocalStack:
         self._stop = threading.Event()
         self._sink_ready = threading.Event()
         self._sink_thread: threading.Thread | None = None
+        self._supervisor: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._failure: str | None = None
 
     @property
     def bootstrap_servers(self) -> str:
@@ -124,7 +180,13 @@ class LocalStack:
     def _start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         if self.embedded_broker:
-            self.broker = EmbeddedBroker(self.broker_port, log_path=self.log_dir / "tansu.log").start()
+            storage_env = None
+            if self.durable:
+                self.object_store = ObjectStore(self.settings.data_dir / "broker", self.log_dir / "storage.log").start()
+                storage_env = self.object_store.client_env()
+            self.broker = EmbeddedBroker(
+                self.broker_port, log_path=self.log_dir / "tansu.log", storage_env=storage_env
+            ).start()
             self.settings.kafka.bootstrap_servers = self.broker.bootstrap_servers
         ensure_topics(
             self.settings.kafka,
@@ -142,16 +204,11 @@ class LocalStack:
             )
             self._sink_thread.start()
             self._write_stack_file()
-        env = child_env(self.settings)
+        env = {**child_env(self.settings), PARENT_PID_ENV: str(os.getpid())}
         py = sys.executable
         if self.run_processor:
             self.children.append(
-                _Child(
-                    "processor",
-                    [py, "-m", "stream_processors"],
-                    env,
-                    self.log_dir / "processor.log",
-                )
+                _Child("processor", [py, "-m", "stream_processors"], env, self.log_dir / "processor.log")
             )
         if self.run_consumers:
             for m in self.catalog:
@@ -162,6 +219,9 @@ class LocalStack:
                     self.children.append(
                         _Child(name, [py, "-m", "gpu_consumers", "--model", m.name], env, self.log_dir / f"{name}.log")
                     )
+        if self.supervise:
+            self._supervisor = threading.Thread(target=self._supervise_loop, name="supervisor", daemon=True)
+            self._supervisor.start()
 
     def _write_stack_file(self) -> None:
         assert self.query_server is not None
@@ -174,22 +234,79 @@ class LocalStack:
             },
         )
 
-    def check(self) -> None:
-        """Raise if a child process died (with the end of its log)."""
+    # -- Supervision ----------------------------------------------------------------------------
+    def _supervise_loop(self) -> None:
+        while not self._stopping.wait(0.5):
+            try:
+                self.supervise_once()
+            except SluiceError as exc:
+                self._failure = str(exc)
+                logger.error("%s", exc)
+                return
+
+    def supervise_once(self, now: float | None = None) -> None:
+        """Restart dead children (with backoff); raise when one keeps dying or the broker died."""
+        now = time.monotonic() if now is None else now
+        for name, part in (("the embedded broker", self.broker), ("the broker's storage", self.object_store)):
+            if part is not None and not part.alive():
+                raise SluiceError(f"{name} exited; see {self.log_dir}")
         for child in self.children:
-            if not child.alive():
-                raise SluiceError(
-                    f"{child.name} exited with {child.proc.returncode}; "
-                    f"last log lines ({child.log_path}):\n{child.tail()}"
+            if self._stopping.is_set() or child.alive():
+                continue
+            if child.restart_at is None:
+                child.failures = [t for t in child.failures if now - t < self.restart_window_s] + [now]
+                if len(child.failures) > self.max_restarts:
+                    raise SluiceError(
+                        f"{child.name} died {len(child.failures)} times within {self.restart_window_s:.0f}s "
+                        f"(last exit code {child.proc.returncode}); last log lines ({child.log_path}):\n{child.tail()}"
+                    )
+                delay = min(30.0, 0.5 * 2 ** (len(child.failures) - 1))
+                child.restart_at = now + delay
+                logger.warning(
+                    "%s exited with %s; restarting in %.1fs (%d failure(s) in %.0fs)",
+                    child.name,
+                    child.proc.returncode,
+                    delay,
+                    len(child.failures),
+                    self.restart_window_s,
                 )
+            elif now >= child.restart_at:
+                child.respawn()
+                CHILD_RESTARTS.labels(child.name).inc()
+                logger.warning("%s restarted (restart %d)", child.name, child.restarts)
+
+    def check(self) -> None:
+        """Raise if the stack gave up (a child kept dying, or the broker died)."""
+        if self._failure is not None:
+            raise SluiceError(self._failure)
+        if not self.supervise:
+            for child in self.children:
+                if not child.alive():
+                    raise SluiceError(
+                        f"{child.name} exited with {child.proc.returncode}; "
+                        f"last log lines ({child.log_path}):\n{child.tail()}"
+                    )
 
     def wait_sink_ready(self, timeout: float = 30.0) -> bool:
         return self._sink_ready.wait(timeout)
 
+    # -- Stop -----------------------------------------------------------------------------------
     def stop(self) -> None:
-        for child in self.children:
-            # Consumers drain in-flight requests for up to drain_s on SIGTERM before they leave.
+        """Stop in dependency order, each part once the parts that use it are gone."""
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(5)
+            self._supervisor = None
+        consumers = [c for c in self.children if c.name.startswith("gpu-")]
+        others = [c for c in self.children if c not in consumers]
+        # Consumers first, all at once: each drains its in-flight requests (up to drain_s),
+        # commits and leaves its group while the broker is still there.
+        for child in consumers:
+            child.signal(signal.SIGTERM)
+        for child in consumers:
             child.stop(self.settings.engine.drain_s + 15)
+        for child in others:
+            child.stop(30)
         self.children.clear()
         self._stop.set()
         if self._sink_thread is not None:
@@ -205,12 +322,24 @@ class LocalStack:
         if self.broker is not None:
             self.broker.stop()
             self.broker = None
+        if self.object_store is not None:
+            self.object_store.stop()
+            self.object_store = None
 
     def wait(self) -> None:
-        """Block until a child dies or Ctrl-C."""
+        """Block until the stack gives up or the process is interrupted (Ctrl-C, SIGTERM)."""
         while True:
             self.check()
             time.sleep(0.5)
+
+    def pids(self) -> dict[str, int]:
+        """Every process of the stack (this one included), for operators and tests."""
+        out = {"stack": os.getpid()}
+        for name, part in (("tansu", self.broker), ("storage", self.object_store)):
+            if part is not None and part.pid is not None:
+                out[name] = part.pid
+        out.update({c.name: c.proc.pid for c in self.children})
+        return out
 
     def __enter__(self) -> LocalStack:
         return self.start()

@@ -101,7 +101,13 @@ class MemoryProducer:
         self._pending: list[tuple[Any, FakeMessage]] = []
 
     def produce(
-        self, topic: str, value: bytes, key: bytes | None = None, headers: Any = None, on_delivery: Any = None
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None = None,
+        headers: Any = None,
+        partition: int = -1,
+        on_delivery: Any = None,
     ) -> None:
         record = SERDE.decode(_TYPES[topic], value)
         self.records.append((topic, key.decode() if key else None, record))
@@ -128,6 +134,7 @@ _TYPES: dict[str, type] = {
     TOPICS.dead_letter: DeadLetter,
     TOPICS.status: RequestStatus,
     **{TOPICS.retry(i): InferenceRequest for i in range(3)},
+    **{TOPICS.model("m", p): InferenceRequest for p in Priority},
 }
 
 
@@ -324,7 +331,7 @@ def test_a_request_that_kills_the_engine_is_isolated_and_the_others_finish() -> 
     assert consumer.committed[(TOPICS.model("m", Priority.LOW), 0)] == 8
 
 
-def test_draining_finishes_what_it_can_and_leaves_the_rest_uncommitted() -> None:
+def test_draining_finishes_what_it_can_and_hands_the_rest_back() -> None:
     worker, engine, consumer, producer = _worker(max_inflight=4, token_seconds=0.001)
     worker.settings.engine.drain_s = 0.2
     _feed(consumer, [_request("short", 2), _request("endless", 30_000), _request("queued", 1)])
@@ -332,11 +339,14 @@ def test_draining_finishes_what_it_can_and_leaves_the_rest_uncommitted() -> None
     worker._drain(consumer)  # type: ignore[arg-type]
     assert sorted(_finished_order(producer)) == ["queued", "short"]
     assert not engine.has_unfinished()
-    # "endless" (offset 1) was aborted without a record: the next owner of the partition runs it.
-    assert consumer.committed[(TOPICS.model("m", Priority.LOW), 0)] == 1
+    # "endless" (offset 1) is put back at the end of its partition, without a result: the next
+    # owner runs it, and "queued" (offset 2), finished behind it, is committed and not run twice.
+    low = TOPICS.model("m", Priority.LOW)
+    assert [(t, r.request_id) for t, _, r in producer.records if isinstance(r, InferenceRequest)] == [(low, "endless")]
+    assert consumer.committed[(low, 0)] == 3
 
 
-def test_a_revoked_partition_releases_its_running_requests_without_records() -> None:
+def test_a_revoked_partition_hands_its_running_requests_back_without_results() -> None:
     worker, engine, consumer, producer = _worker(max_inflight=4)
     _feed(consumer, [_request("a", 30_000), _request("b", 30_000)])
     for _ in range(2):
@@ -346,4 +356,5 @@ def test_a_revoked_partition_releases_its_running_requests_without_records() -> 
     worker._on_revoke(consumer, [TopicPartition(low, 0)])  # type: ignore[arg-type]
     assert len(worker.inflight) == 0 and not engine.has_unfinished()
     assert producer.of(InferenceResult) == []
-    assert consumer.committed.get((low, 0), 0) == 0
+    assert sorted(r.request_id for r in producer.of(InferenceRequest)) == ["a", "b"]
+    assert consumer.committed[(low, 0)] == 2

@@ -1,0 +1,301 @@
+"""``sluice up`` as a small team runs it: a real ``sluice up`` process, through its public
+interfaces only (its broker, its query endpoint, signals). Durable by default; supervised;
+stopped cleanly by SIGTERM or a terminal's Ctrl-C.
+
+Counting is what a subscriber sees: result messages per request id on the results topic, and raw
+ClickHouse rows without ``FINAL`` beside the deduplicated count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from producers import SluiceClient
+from sluice.catalog import Catalog, write_catalog
+from sluice.local.broker import free_port
+from sluice.settings import Settings
+from tests.integration.helpers import topic_keys
+from tests.support import model_entry, run_cli, wait_until
+
+pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
+
+
+class Up:
+    """One ``sluice up`` process on a data directory."""
+
+    def __init__(self, data_dir: Path, *args: str, token_seconds: float = 0.01) -> None:
+        self.data_dir = data_dir
+        self.args = args
+        data_dir.mkdir(parents=True, exist_ok=True)
+        catalog = write_catalog(Catalog(models=[model_entry("tiny")]), data_dir / "catalog.toml")
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")},
+            "SLUICE_DATA_DIR": str(data_dir),
+            "SLUICE_CATALOG_PATH": str(catalog),
+            "SLUICE_TOPIC_PREFIX": "up.",
+            "SLUICE_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+            "SLUICE_ENGINE__INSTANT_TOKEN_SECONDS": str(token_seconds),
+            "SLUICE_ENGINE__MAX_INFLIGHT": "8",
+            "SLUICE_ENGINE__DRAIN_S": "3",
+            "SLUICE_CLICKHOUSE__SINK_FLUSH_MS": "200",
+            "SLUICE_LOG_LEVEL": "INFO",
+        }
+        self.proc: subprocess.Popen[str] | None = None
+        self.output: list[str] = []
+        self._reader: threading.Thread | None = None
+
+    def start(self, timeout: float = 90.0) -> Up:
+        self.output = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sluice", "--log-level", "INFO", "up", "--engine", "instant", *self.args],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            # Its own process group, like a shell job: a group SIGINT is what Ctrl-C sends.
+            start_new_session=True,
+        )
+        stdout = self.proc.stdout
+        assert stdout is not None
+        # Read everything it prints, all the time: a full pipe would block it.
+        self._reader = threading.Thread(target=lambda: self.output.extend(stdout), daemon=True)
+        self._reader.start()
+        wait_until(
+            lambda: any("Sluice is up" in line for line in self.output),
+            timeout=timeout,
+            what="the ready line",
+        )
+        wait_until(self.children, lambda c: len(c) >= 4, timeout=30, what="broker, storage and children")
+        return self
+
+    def settings(self) -> Settings:
+        s = Settings(data_dir=self.data_dir, topic_prefix="up.")
+        s.kafka.bootstrap_servers = self.env["SLUICE_KAFKA__BOOTSTRAP_SERVERS"]
+        return s
+
+    def children(self) -> dict[int, str]:
+        """Processes whose parent is this ``sluice up`` (pid -> command)."""
+        assert self.proc is not None
+        out = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if int(fields[1]) == self.proc.pid:
+                out[int(stat.parent.name)] = cmdline
+        return out
+
+    def sql(self, query: str, **params: Any) -> list[list[Any]]:
+        info = json.loads((self.data_dir / "stack.json").read_text())
+        body = json.dumps({"sql": query, "parameters": params}).encode()
+        req = urllib.request.Request(
+            f"{info['query_url']}/query", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            rows: list[list[Any]] = json.loads(resp.read())["rows"]
+        return rows
+
+    def stop(self, sig: int = signal.SIGTERM, *, group: bool = False, timeout: float = 60) -> float:
+        assert self.proc is not None
+        t0 = time.monotonic()
+        if group:
+            os.killpg(self.proc.pid, sig)
+        else:
+            self.proc.send_signal(sig)
+        self.proc.wait(timeout)
+        elapsed = time.monotonic() - t0
+        if self._reader is not None:
+            self._reader.join(10)
+        return elapsed
+
+    def kill_everything(self) -> list[int]:
+        pids = [*self.children(), self.proc.pid if self.proc else 0]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert self.proc is not None
+        self.proc.wait(10)
+        return pids
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill_everything()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _results_on_topic(settings: Settings, ids: list[str]) -> Counter[str]:
+    wanted = set(ids)
+    return Counter(k for k in topic_keys(settings, [settings.topic_prefix + "results"]) if k in wanted)
+
+
+def _submit(up: Up, n: int, tag: str, **kw: Any) -> list[str]:
+    client = SluiceClient(up.settings())
+    ids = [client.submit(f"{tag} {i}", cache=False, max_tokens=8, **kw) for i in range(n)]
+    client.flush()  # acknowledged: from here on, none of these may be lost
+    return ids
+
+
+def test_kill_9_of_every_process_then_a_restart_loses_nothing(tmp_path: Path) -> None:
+    up = Up(tmp_path / "data").start()
+    try:
+        ids = _submit(up, 300, "kill-all")
+        killed = up.kill_everything()
+        assert not any(_alive(p) for p in killed)
+        up.start()
+        settings = up.settings()
+        on_topic = wait_until(
+            lambda: _results_on_topic(settings, ids),
+            lambda c: len(c) == len(ids),
+            timeout=180,
+            what="a result for every acknowledged request after the restart",
+        )
+        rows = wait_until(
+            lambda: up.sql(
+                "SELECT request_id, count() FROM sluice.results WHERE request_id IN {ids:Array(String)} "
+                "GROUP BY request_id",
+                ids=ids,
+            ),
+            lambda r: len(r) == len(ids),
+            timeout=60,
+        )
+        once = up.sql("SELECT count() FROM sluice.results FINAL WHERE request_id IN {ids:Array(String)}", ids=ids)[0][0]
+        duplicates = sum(n - 1 for n in on_topic.values())
+        print(
+            f"kill -9 of everything: {len(ids)} acknowledged, {len(on_topic)} answered, "
+            f"{duplicates} duplicate result message(s), raw rows {sum(r[1] for r in rows)}"
+        )
+        assert once == len(ids)
+        assert all(int(r[1]) >= 1 for r in rows)
+        assert duplicates <= 2 * 8  # the in-flight window of the one consumer (max_inflight 8)
+    finally:
+        up.close()
+
+
+def test_a_killed_consumer_is_restarted_and_nothing_is_lost(tmp_path: Path) -> None:
+    up = Up(tmp_path / "data", token_seconds=0.02).start()
+    try:
+        ids = _submit(up, 150, "consumer-dies")
+        consumer = next(p for p, cmd in up.children().items() if "gpu_consumers" in cmd)
+        time.sleep(1.0)
+        os.kill(consumer, signal.SIGKILL)
+        wait_until(
+            lambda: [p for p, cmd in up.children().items() if "gpu_consumers" in cmd and p != consumer],
+            timeout=30,
+            what="a new consumer process",
+        )
+        on_topic = wait_until(lambda: _results_on_topic(up.settings(), ids), lambda c: len(c) == len(ids), timeout=120)
+        assert set(on_topic) == set(ids)
+        assert up.proc is not None and up.proc.poll() is None  # the stack kept serving
+    finally:
+        up.stop()
+    assert "gpu-tiny exited" in "".join(up.output) and "gpu-tiny restarted" in "".join(up.output)
+
+
+def test_a_graceful_stop_keeps_the_backlog_and_the_cache(tmp_path: Path) -> None:
+    up = Up(tmp_path / "data", token_seconds=0.05).start()
+    try:
+        client = SluiceClient(up.settings())
+        first = client.submit("What is the capital of France?", tenant="cache", max_tokens=4)
+        client.flush()
+        wait_until(lambda: _results_on_topic(up.settings(), [first]), timeout=60, what="the first answer")
+        backlog = _submit(up, 400, "backlog", priority="low")
+        time.sleep(1.0)
+        stopped_in = up.stop(signal.SIGTERM)
+        assert up.proc is not None and up.proc.returncode == 0, "".join(up.output[-20:])
+        assert stopped_in < 3 + 20, stopped_in
+        up.start()
+        on_topic = wait_until(
+            lambda: _results_on_topic(up.settings(), backlog),
+            lambda c: len(c) == len(backlog),
+            timeout=180,
+            what="the whole backlog after the restart",
+        )
+        assert set(on_topic) == set(backlog)
+        client = SluiceClient(up.settings())
+        repeat = client.submit("What is the capital of France?", tenant="cache", max_tokens=4)
+        client.flush()
+        cached = wait_until(
+            lambda: up.sql(
+                "SELECT cached, deduplicated_from FROM sluice.results FINAL WHERE request_id = {r:String}", r=repeat
+            ),
+            timeout=60,
+            what="the repeat's answer",
+        )
+        assert cached == [[True, first]]
+    finally:
+        up.stop()
+
+
+def test_dead_letters_from_two_broker_lifetimes_keep_distinct_ids_and_both_replay(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    dead: list[str] = []
+    for lifetime in range(2):
+        # In memory: the second broker numbers offsets from 0 again.
+        up = Up(data, "--ephemeral").start()
+        try:
+            client = SluiceClient(up.settings())
+            rid = client.submit(f"lifetime {lifetime}", model="retired-model", max_tokens=4)
+            client.flush()
+            rows = wait_until(
+                lambda rid=rid, up=up: up.sql(
+                    "SELECT dead_letter_id, source_partition, source_offset FROM sluice.dead_letters FINAL "
+                    "WHERE request_id = {r:String}",
+                    r=rid,
+                ),
+                timeout=60,
+                what="the dead letter",
+            )
+            dead.append(rows[0][0])
+            if lifetime == 1:
+                listed = up.sql("SELECT dead_letter_id FROM sluice.dead_letters FINAL WHERE reason = 'unknown_model'")
+                assert sorted(r[0] for r in listed) == sorted(dead)
+                settings = up.settings()
+                settings.catalog_path = data / "catalog.toml"
+                out = run_cli(
+                    settings, "dlq", "replay", "--reason", "unknown_model", "--to-model", "tiny", "--format", "json"
+                )
+                assert out.returncode == 0, out.stderr
+                actions = [json.loads(line)["action"] for line in out.stdout.splitlines() if line.startswith("{")]
+                assert actions == ["replayed", "replayed"]
+        finally:
+            up.stop()
+    assert len(set(dead)) == 2
+
+
+@pytest.mark.parametrize(("sig", "group"), [(signal.SIGTERM, False), (signal.SIGINT, True)], ids=["sigterm", "ctrl-c"])
+def test_stopping_leaves_no_process_and_no_error_flood(tmp_path: Path, sig: int, group: bool) -> None:
+    up = Up(tmp_path / "data", token_seconds=0.05).start()
+    children = list(up.children())
+    _submit(up, 100, "stop")
+    time.sleep(1.0)
+    stopped_in = up.stop(sig, group=group)
+    assert up.proc is not None and up.proc.returncode in (0, 130), "".join(up.output[-20:])
+    assert stopped_in < 3 + 20, stopped_in  # the consumers' drain grace plus a few seconds
+    assert not [p for p in children if _alive(p)]
+    logs = "".join(up.output) + "".join(
+        p.read_text(errors="replace") for p in (tmp_path / "data" / "logs").glob("*.log")
+    )
+    connection_errors = [line for line in logs.splitlines() if "Connection refused" in line or "|FAIL|" in line]
+    assert len(connection_errors) <= 5, connection_errors[:10]
