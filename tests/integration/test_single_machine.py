@@ -78,7 +78,8 @@ class Up:
             timeout=timeout,
             what="the ready line",
         )
-        wait_until(self.children, lambda c: len(c) >= 4, timeout=30, what="broker, storage and children")
+        expected = 3 if "--ephemeral" in self.args else 4  # broker (+ its storage), router, consumer
+        wait_until(self.children, lambda c: len(c) >= expected, timeout=30, what="broker, storage and children")
         return self
 
     def settings(self) -> Settings:
