@@ -24,11 +24,11 @@ def _peak_rss_mib(pid: int) -> float:
     raise RuntimeError("no VmHWM in /proc status")
 
 
-def _consumer_peak(env: BenchEnv, backlog: int, seconds: float) -> float:
-    settings = env.settings(f"p6-{backlog}", instant_catalog())
+def _consumer_peak(env: BenchEnv, backlog: int, seconds: float, *, durable: bool = False) -> float:
+    settings = env.settings(f"p6-{backlog}{'-durable' if durable else ''}", instant_catalog())
     settings.engine.kind = "instant"
     settings.engine.instant_token_seconds = 0.01
-    with env.stack(settings, run_processor=False, run_consumers=False, run_sink=False) as stack:
+    with env.stack(settings, run_processor=False, run_consumers=False, run_sink=False, durable=durable) as stack:
         serde = Serde()
         route = Route(model="bench", reason="bench")
         msgs = []
@@ -76,13 +76,23 @@ def run_p6(env: BenchEnv, quick: bool) -> ScenarioResult:
     # plateaus once the backlog exceeds what the consumer buffers and prefetches.
     middle = _consumer_peak(env, 10_000, seconds)
     large = _consumer_peak(env, 100_000, seconds)
+    # The same consumer against the durable broker (`sluice up`'s default).
+    durable_small = _consumer_peak(env, 1_000, seconds, durable=True)
+    durable_large = _consumer_peak(env, 100_000, seconds, durable=True)
     ratio = large / small
     return ScenarioResult(
         "P6",
         "bounded consumer memory",
-        {"peak_rss_1k_mib": small, "peak_rss_10k_mib": middle, "peak_rss_100k_mib": large, "seconds_each": seconds},
+        {
+            "peak_rss_1k_mib": small,
+            "peak_rss_10k_mib": middle,
+            "peak_rss_100k_mib": large,
+            "durable_peak_rss_1k_mib": durable_small,
+            "durable_peak_rss_100k_mib": durable_large,
+            "seconds_each": seconds,
+        },
         ratio,
         "<= 1.1x",
         ratio <= 1.1,
-        notes=f"100k vs 10k: {large / middle:.3f}x",
+        notes=f"100k vs 10k: {large / middle:.3f}x; durable broker 100k vs 1k: {durable_large / durable_small:.3f}x",
     )

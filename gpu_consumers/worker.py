@@ -43,6 +43,7 @@ from gpu_consumers.inflight import InFlight, Running
 from gpu_consumers.offsets import OffsetTracker
 from gpu_consumers.outcomes import Out, Outcomes
 from gpu_consumers.publisher import Producer, Publisher
+from gpu_consumers.transactions import TransactionalPublisher
 from schemas import DeadLetterReason, InferenceRequest, PipelineRejection, RequestState, Serde, utcnow
 from sluice import clients
 from sluice.catalog import Catalog, ModelEntry
@@ -100,10 +101,15 @@ class GpuWorker:
         )
         self.group_id = f"{settings.topic_prefix}gpu-{entry.name}"
         self.component = f"gpu-{entry.name}"
-        kafka_producer = producer or cast(
-            Producer, clients.producer(settings.kafka, self.component, **{"linger.ms": 2})
-        )
-        self.publisher = Publisher(kafka_producer, self.serde, self.tracker.done)
+        extra: dict[str, object] = {"linger.ms": 2}
+        if settings.kafka.transactional:
+            extra["transactional.id"] = f"{self.group_id}-{self.run_id}"
+        kafka_producer = producer or cast(Producer, clients.producer(settings.kafka, self.component, **extra))
+        self.publisher: Publisher
+        if settings.kafka.transactional:
+            self.publisher = TransactionalPublisher(kafka_producer, self.serde, self.tracker.done)
+        else:
+            self.publisher = Publisher(kafka_producer, self.serde, self.tracker.done)
         self.on_finished = on_finished
         self.watch_cancellations = watch_cancellations
         self.cancels: CancelWatch | None = None
@@ -339,6 +345,10 @@ class GpuWorker:
 
     # -- Commit ---------------------------------------------------------------------------------
     def _commit(self, consumer: Consumer, only: set[TP] | None = None, *, asynchronous: bool = True) -> None:
+        if isinstance(self.publisher, TransactionalPublisher):
+            self.publisher.commit(consumer, self.tracker, only)
+            self._last_commit = time.monotonic()
+            return
         positions = self.tracker.committable()
         if only is not None:
             positions = {tp: pos for tp, pos in positions.items() if tp in only}

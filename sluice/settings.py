@@ -45,6 +45,9 @@ class KafkaSettings(BaseModel):
     fetch_wait_max_ms: int = 20
     replication_factor: int = 1
     partitions: int = 3
+    # Exactly-once results (Apache Kafka): each GPU consumer commits results, cost metrics, dead
+    # letters and its source offsets in one short transaction per commit interval.
+    transactional: bool = False
     # Passthrough of any librdkafka property, e.g. {"ssl.ca.location": "/etc/ca.pem"}.
     extra: dict[str, str] = Field(default_factory=dict)
 
