@@ -42,7 +42,8 @@ def run_p7(env: BenchEnv, quick: bool) -> ScenarioResult:
     settings.engine.kind = "instant"
     settings.engine.instant_token_seconds = 0.01
     session_s = settings.kafka.session_timeout_ms / 1000
-    with env.stack(settings, replicas=2) as stack:
+    # Not supervised: the killed replica stays dead, so the survivor is what serves its partitions.
+    with env.stack(settings, replicas=2, supervise=False) as stack:
         results = Observer(stack.settings, [stack.topics.results])
         routed = Observer(stack.settings, stack.topics.model_topics("bench"))
         client = SluiceClient(stack.settings)
