@@ -73,13 +73,17 @@ class Up:
         # Read everything it prints, all the time: a full pipe would block it.
         self._reader = threading.Thread(target=lambda: self.output.extend(stdout), daemon=True)
         self._reader.start()
-        wait_until(
-            lambda: any("Sluice is up" in line for line in self.output),
-            timeout=timeout,
-            what="the ready line",
-        )
-        expected = 3 if "--ephemeral" in self.args else 4  # broker (+ its storage), router, consumer
-        wait_until(self.children, lambda c: len(c) >= expected, timeout=30, what="broker, storage and children")
+        try:
+            wait_until(
+                lambda: any("Sluice is up" in line for line in self.output),
+                timeout=timeout,
+                what="the ready line",
+            )
+            expected = 3 if "--ephemeral" in self.args else 4  # broker (+ its storage), router, consumer
+            wait_until(self.children, lambda c: len(c) >= expected, timeout=30, what="broker, storage and children")
+        except BaseException:
+            self.close()  # never leave a half-started stack behind
+            raise
         return self
 
     def settings(self) -> Settings:
