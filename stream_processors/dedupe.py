@@ -94,6 +94,10 @@ class DedupeStage:
         self.settings = settings
         self.backlog = backlog or Backlog()
         self.clock = clock
+        # Entries written before this process started were recovered from the changelog. A
+        # recovered "running" entry may be stale (its completion handled just before a crash, or
+        # a broker that reports a short changelog), so duplicates do not wait on it: they run.
+        self.started_at: float = clock()
 
     # -- requests -------------------------------------------------------------------------
     def on_request(self, request: InferenceRequest, raw: bytes, partition: int) -> list[Forward]:
@@ -117,6 +121,11 @@ class DedupeStage:
             return self._forward(request, raw)
         if entry["original"] == request.request_id:
             return []  # the original redelivered after it completed: its result exists
+        if entry["state"] == "running" and entry["at"] < self.started_at:
+            logger.info(
+                "%s: in flight since before this router started; running %s on its own", key, request.request_id
+            )
+            return self._forward(request, raw)
         if entry["state"] == "running":
             if all(w["request_id"] != request.request_id for w in entry["waiters"]):
                 entry = {**entry, "waiters": [*entry["waiters"], _waiter(request, raw)]}

@@ -19,7 +19,7 @@ from typing import IO
 
 from sluice.errors import BrokerError
 
-__all__ = ["EmbeddedBroker", "free_port", "tansu_binary"]
+__all__ = ["EmbeddedBroker", "free_port", "stop_process", "tansu_binary"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,19 @@ def tansu_binary() -> Path:
     if not mode & stat.S_IXUSR:
         path.chmod(mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float, name: str = "process") -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        logger.warning("%s did not stop in %.0fs; killing", name, timeout)
+        proc.kill()
+        proc.wait()
 
 
 def free_port() -> int:
@@ -114,13 +127,7 @@ class EmbeddedBroker:
         raise BrokerError(f"tansu did not listen on {self.port} within {timeout}s")
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_process(self._proc, 5, "tansu")
         self._proc = None
         if self._log:
             self._log.close()

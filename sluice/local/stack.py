@@ -23,7 +23,7 @@ from analytics.store import Store
 from sluice.catalog import Catalog, load_catalog
 from sluice.errors import SluiceError
 from sluice.lifecycle import PARENT_PID_ENV
-from sluice.local.broker import EmbeddedBroker
+from sluice.local.broker import EmbeddedBroker, stop_process
 from sluice.local.storage import ObjectStore
 from sluice.metrics import CHILD_RESTARTS
 from sluice.settings import Settings
@@ -89,13 +89,7 @@ class _Child:
             self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 30.0) -> None:
-        self.signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            logger.warning("%s did not stop in %.0fs; killing", self.name, timeout)
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, timeout, self.name)
         if self._log is not None:
             self._log.close()
             self._log = None

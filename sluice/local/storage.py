@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import IO
 
 from sluice.errors import BrokerError
-from sluice.local.broker import free_port
+from sluice.local.broker import free_port, stop_process
 
 __all__ = ["ObjectStore", "weed_binary"]
 
@@ -130,13 +130,7 @@ class ObjectStore:
             return False
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_process(self._proc, timeout, "SeaweedFS")
         self._proc = None
         if self._log:
             self._log.close()

@@ -24,9 +24,9 @@ def produce_raw(settings: Settings, topic: str, values: list[bytes], key: bytes 
 
 
 def result_counts(store: Store, ids: list[str]) -> dict[str, int]:
+    """Result rows per request id as inserted (no FINAL, which would collapse duplicates)."""
     rows = store.query(
-        "SELECT request_id, count() FROM sluice.results FINAL "
-        "WHERE request_id IN {ids:Array(String)} GROUP BY request_id",
+        "SELECT request_id, count() FROM sluice.results WHERE request_id IN {ids:Array(String)} GROUP BY request_id",
         {"ids": ids},
     ).rows
     return {r[0]: int(r[1]) for r in rows}

@@ -160,3 +160,21 @@ def test_sweep_touches_only_its_partition_and_runs_orphaned_duplicates_alone() -
         clock.now += 1
     s.sweep(0)
     assert [e["p"] for e in table.values()].count(0) == 1
+
+
+def test_after_a_restart_duplicates_do_not_wait_on_a_recovered_running_entry() -> None:
+    # One router process routes the original, then stops before its completion is recorded.
+    before, table, clock = stage()
+    a, b = req(), req()
+    before.on_request(a, SERDE.encode(a), 0)
+    assert table[a.dedupe_key or ""]["state"] == "running"
+    # The next process recovers that table: a duplicate runs on its own instead of waiting on an
+    # original whose completion may never come again.
+    clock.now += 5
+    after = DedupeStage(table, Emitter(TOPICS, SERDE, CATALOG), ProcessorSettings(), clock=clock)
+    assert topics_of(after.on_request(b, SERDE.encode(b), 0))[0] == "u.model.cheap.normal"
+    # Entries this process wrote itself still collect duplicates.
+    fresh = req("other")
+    after.on_request(fresh, SERDE.encode(fresh), 0)
+    dup = req("other")
+    assert "u.model.cheap.normal" not in topics_of(after.on_request(dup, SERDE.encode(dup), 0))
