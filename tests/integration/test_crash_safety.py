@@ -45,14 +45,17 @@ def _results_on_topic(settings: Settings, ids: list[str], quiet_s: float = 3.0) 
 
 
 def _in_flight(settings: Settings, ids: list[str]) -> set[str]:
-    """Requests a consumer had put into its engine (status ``running``) without a result yet."""
+    """Requests a consumer had put into its engine (status ``running``) without a result yet.
+
+    Read after the kill, when nothing changes any more; the quiet period must outlast a new
+    reader's first fetch, or a slow start reads as an empty topic."""
     serde = Serde()
     running = {
         r.request_id
-        for r in topic_records(settings, settings.topic_prefix + "status", RequestStatus, serde, quiet_s=0.5)
+        for r in topic_records(settings, settings.topic_prefix + "status", RequestStatus, serde, quiet_s=3.0)
         if r.state is RequestState.RUNNING
     }
-    done = set(_results_on_topic(settings, ids, quiet_s=0.5))
+    done = set(_results_on_topic(settings, ids, quiet_s=3.0))
     return (running & set(ids)) - done
 
 
