@@ -165,6 +165,27 @@ class BenchEnv:
             self._tiny = build_tiny_model(self.work_dir / "models" / "tiny")
         return self._tiny
 
+    def engine_model(self, quick: bool) -> tuple[ModelEntry, Path]:
+        """The real-engine scenarios' model: the tiny test model in quick mode, SmolLM2 otherwise."""
+        if quick:
+            model_dir = self.tiny_model()
+            source, name, context = str(model_dir), "tiny", 512
+        else:
+            from gpu_consumers.model_source import resolve_model_source
+
+            source, name, context = "builtin:smollm2-135m-instruct", "smollm2-135m", 2048
+            model_dir = resolve_model_source(source, self.work_dir / "data")
+        entry = ModelEntry(
+            name=name,
+            source=source,
+            tier=1,
+            context_length=context,
+            input_price_per_1m=0.02,
+            output_price_per_1m=0.04,
+            gpu_hour_price=1.2,
+        )
+        return entry, model_dir
+
     def settings(self, name: str, catalog: Catalog) -> Settings:
         s = Settings(data_dir=self.work_dir / name, topic_prefix=f"bench-{name}-{uuid.uuid4().hex[:6]}.")
         s.data_dir.mkdir(parents=True, exist_ok=True)

@@ -124,24 +124,9 @@ def _pipeline(env: BenchEnv, catalog: Catalog, workload: list[tuple[str, int]]) 
 
 
 def run_p2_p3(env: BenchEnv, quick: bool) -> list[ScenarioResult]:
-    from gpu_consumers.model_source import resolve_model_source
-
     n = 96
-    if quick:
-        model_dir, name, context = env.tiny_model(), "tiny", 512
-        source = str(model_dir)
-    else:
-        source, name, context = "builtin:smollm2-135m-instruct", "smollm2-135m", 2048
-        model_dir = resolve_model_source(source, env.work_dir / "data")
-    entry = ModelEntry(
-        name=name,
-        source=source,
-        tier=1,
-        context_length=context,
-        input_price_per_1m=0.02,
-        output_price_per_1m=0.04,
-        gpu_hour_price=1.2,
-    )
+    entry, model_dir = env.engine_model(quick)
+    name = entry.name
     workload = mixed_workload(n)
     direct = _direct(model_dir, entry, workload)
     pipe_tps = _pipeline(env, Catalog(models=[entry]), workload)

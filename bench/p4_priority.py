@@ -14,35 +14,15 @@ from bench.harness import BenchEnv, Observer, ScenarioResult, percentile
 from bench.p2_engine import PROMPTS, mixed_workload
 from bench.p5_latency import steady_latencies
 from producers import SluiceClient
-from sluice.catalog import Catalog, ModelEntry
+from sluice.catalog import Catalog
 
 __all__ = ["run_p4"]
 
 
 def run_p4(env: BenchEnv, quick: bool) -> ScenarioResult:
-    from gpu_consumers.model_source import resolve_model_source
-
-    if quick:
-        model_dir, name, context, backlog, probes, probe_tokens = env.tiny_model(), "tiny", 512, 1_500, 20, 16
-        source = str(model_dir)
-    else:
-        source, name, context, backlog, probes, probe_tokens = (
-            "builtin:smollm2-135m-instruct",
-            "smollm2-135m",
-            2048,
-            1_000,
-            20,
-            16,
-        )
-        resolve_model_source(source, env.work_dir / "data")
-    entry = ModelEntry(
-        name=name,
-        source=source,
-        tier=1,
-        context_length=context,
-        input_price_per_1m=0.02,
-        output_price_per_1m=0.04,
-    )
+    backlog, probes, probe_tokens = (1_500, 20, 16) if quick else (1_000, 20, 16)
+    entry, _ = env.engine_model(quick)
+    name = entry.name
     settings = env.settings("p4", Catalog(models=[entry]))
     settings.engine.kind = "vllm"
     with env.stack(settings) as stack:
