@@ -32,6 +32,10 @@ TABLES: dict[str, str] = {
         batch_id Nullable(String),
         dedupe_key Nullable(String),
         attempt Int32 DEFAULT 0,
+        custom_id Nullable(String),
+        engine_run_id Nullable(String),
+        reply_to Nullable(String),
+        webhook_url Nullable(String),
         ingested_at {_TS} DEFAULT now64(3)
     """,
     "dead_letters": f"""
@@ -68,6 +72,7 @@ TABLES: dict[str, str] = {
         cached Bool,
         deduplicated Bool,
         created_at {_TS},
+        engine_run_id Nullable(String),
         ingested_at {_TS} DEFAULT now64(3)
     """,
     "request_status": f"""
@@ -76,6 +81,32 @@ TABLES: dict[str, str] = {
         at {_TS},
         model Nullable(String),
         detail Nullable(String),
+        tenant Nullable(String),
+        ingested_at {_TS} DEFAULT now64(3)
+    """,
+    "batches": f"""
+        batch_id String,
+        tenant LowCardinality(String),
+        state LowCardinality(String),
+        endpoint String,
+        input_file_id String,
+        completion_window String,
+        priority LowCardinality(String),
+        total UInt32,
+        completed UInt32,
+        failed UInt32,
+        output_file_id Nullable(String),
+        error_file_id Nullable(String),
+        error Nullable(String),
+        webhook_url Nullable(String),
+        metadata Map(String, String),
+        created_at {_TS},
+        expires_at {_TS},
+        updated_at {_TS},
+        in_progress_at Nullable({_TS}),
+        finalizing_at Nullable({_TS}),
+        ended_at Nullable({_TS}),
+        cancelling_at Nullable({_TS}),
         ingested_at {_TS} DEFAULT now64(3)
     """,
 }
@@ -86,7 +117,11 @@ _KEYS = {
     "cost_metrics": "request_id",
     # The status history keeps one row per state change; a redelivered change collapses.
     "request_status": "(request_id, state, at)",
+    "batches": "batch_id",
 }
+# The version column of each ReplacingMergeTree: the row with the highest wins under FINAL. A
+# batch's status is replaced by its latest update, whatever order the sink sees them in.
+_VERSION = {"batches": "updated_at"}
 _PARTITION = {"request_status": "toYYYYMM(at)"}
 
 
@@ -95,7 +130,7 @@ def ddl_statements(database: str) -> list[str]:
     for table, columns in TABLES.items():
         stmts.append(
             f"CREATE TABLE IF NOT EXISTS {database}.{table} ({columns}) "
-            f"ENGINE = ReplacingMergeTree(ingested_at) "
+            f"ENGINE = ReplacingMergeTree({_VERSION.get(table, 'ingested_at')}) "
             f"PARTITION BY {_PARTITION.get(table, 'toYYYYMM(created_at)')} ORDER BY {_KEYS[table]}"
         )
         # Additive migration: columns added in later releases appear in existing tables.

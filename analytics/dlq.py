@@ -71,8 +71,10 @@ class DlqFilter:
     tenant: str | None = None
     since: timedelta | None = None
     ids: list[str] = field(default_factory=list)
+    # Only the dead letters of this batch's requests (``sluice dlq replay --batch``).
+    batch_id: str | None = None
 
-    def where(self) -> tuple[str, dict[str, Any]]:
+    def where(self, database: str = "sluice") -> tuple[str, dict[str, Any]]:
         clauses, params = ["1"], {}
         for column in ("reason", "model", "tenant"):
             value = getattr(self, column)
@@ -85,6 +87,11 @@ class DlqFilter:
         if self.ids:
             clauses.append("dead_letter_id IN {ids:Array(String)}")
             params["ids"] = self.ids
+        if self.batch_id is not None:
+            clauses.append(
+                f"request_id IN (SELECT request_id FROM {database}.results FINAL WHERE batch_id = {{batch_id:String}})"
+            )
+            params["batch_id"] = self.batch_id
         return " AND ".join(clauses), params
 
 
@@ -95,7 +102,7 @@ _COLUMNS = (
 
 
 def list_dead_letters(query: Query, f: DlqFilter, database: str, limit: int = 100) -> list[dict[str, Any]]:
-    where, params = f.where()
+    where, params = f.where(database)
     res = query(
         f"SELECT {_COLUMNS} FROM {database}.dead_letters FINAL WHERE {where} ORDER BY created_at LIMIT {int(limit)}",
         params,
@@ -144,7 +151,7 @@ def replay(
     limit: int = 10_000,
     database: str,
 ) -> list[ReplayOutcome]:
-    where, params = f.where()
+    where, params = f.where(database)
     if f.reason is None:
         where += " AND reason != 'cancelled'"  # a cancellation is a decision, not a failure
     rows = query(

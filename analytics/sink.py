@@ -16,7 +16,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from analytics.store import Store
-from schemas import AvroRecord, CostMetric, DeadLetter, InferenceResult, RequestStatus, Serde
+from schemas import AvroRecord, BatchStatus, CostMetric, DeadLetter, InferenceResult, RequestStatus, Serde
 from sluice import clients
 from sluice.errors import SluiceError, StoreError
 from sluice.metrics import SINK_ROWS
@@ -45,6 +45,7 @@ _TABLES: dict[type[AvroRecord], tuple[str, Callable[[Any], dict[str, Any]]]] = {
     DeadLetter: ("dead_letters", _dead_letter_row),
     CostMetric: ("cost_metrics", lambda m: m.model_dump()),
     RequestStatus: ("request_status", lambda m: m.model_dump()),
+    BatchStatus: ("batches", lambda m: m.model_dump()),
 }
 
 
@@ -71,6 +72,7 @@ class ClickHouseSink:
             topics.dead_letter: DeadLetter,
             topics.cost_metrics: CostMetric,
             topics.status: RequestStatus,
+            topics.batches: BatchStatus,
         }
         self.group_id = f"{settings.topic_prefix}clickhouse-sink"
         self.on_rows = on_rows

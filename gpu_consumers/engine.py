@@ -37,6 +37,9 @@ class EngineRequest:
     priority: int = 1
     # How many times this request already failed transiently (0 on its first run).
     attempt: int = 0
+    stop: tuple[str, ...] = ()
+    # OpenAI's response_format as JSON text: {"type": "json_object"} or {"type": "json_schema", ...}.
+    response_format: str | None = None
 
 
 @dataclass(frozen=True)

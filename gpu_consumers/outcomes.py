@@ -69,7 +69,7 @@ class Outcomes:
         self.baseline = baseline
         self.topics = topics
         self.retry = retry
-        # Stamped as batch_id on every result and cost metric: which engine run produced it.
+        # Stamped as engine_run_id on every result and cost metric: which engine run produced it.
         self.run_id = run_id
         self.publish_status = publish_status
 
@@ -86,7 +86,7 @@ class Outcomes:
             engine_ms=usage.engine_ms,
             cost_usd=self.entry.cost_usd(*tokens),
             baseline_cost_usd=self.baseline.cost_usd(*tokens),
-            batch_id=self.run_id,
+            engine_run_id=self.run_id,
             batch_size=max(1, round(usage.concurrency)),
         )
 
@@ -101,7 +101,7 @@ class Outcomes:
             finish_reason=out.finish_reason,
             prompt_tokens=out.prompt_tokens,
             completion_tokens=out.completion_tokens,
-            batch_id=self.run_id,
+            engine_run_id=self.run_id,
         )
         rid = req.request_id
         return [
@@ -130,7 +130,7 @@ class Outcomes:
             started_at=started,
             prompt_tokens=out.prompt_tokens if out else 0,
             completion_tokens=out.completion_tokens if out else 0,
-            batch_id=self.run_id,
+            engine_run_id=self.run_id,
         )
         dl = self.dead_letter(reason, error, item, req)
         rid = req.request_id

@@ -11,6 +11,7 @@ chat template here, so context overflow is a per-request error.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import time
@@ -74,6 +75,9 @@ def engine_kwargs(settings: EngineSettings, args: ModelEngineArgs, max_model_len
         "tensor_parallel_size": args.tensor_parallel_size,
         "scheduling_policy": "priority",
         "seed": 0,
+        # JSON output (response_format) without free whitespace between tokens: with it, a model
+        # can fill max_tokens with spaces after "{" and never close the object. Engine-wide in vLLM.
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
     }
     if not cpu:
         kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
@@ -86,6 +90,21 @@ def engine_kwargs(settings: EngineSettings, args: ModelEngineArgs, max_model_len
     if args.enable_prefix_caching is not None:
         kwargs["enable_prefix_caching"] = args.enable_prefix_caching
     return kwargs
+
+
+def structured_outputs(response_format: str | None) -> Any:
+    """vLLM's structured-output parameters for OpenAI's ``response_format`` (None: free text)."""
+    if not response_format:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    fmt = json.loads(response_format)
+    kind = fmt.get("type")
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        return StructuredOutputsParams(json=fmt["json_schema"]["schema"])
+    return None
 
 
 @dataclass
@@ -172,12 +191,15 @@ class VLLMEngine:
                 temperature=request.temperature,
                 top_p=request.top_p,
                 seed=request.seed,
+                stop=list(request.stop) or None,
+                structured_outputs=structured_outputs(request.response_format),
                 output_kind=RequestOutputKind.DELTA,
             )
             self._engine.add_request(
                 request.request_id, TokensPrompt(prompt_token_ids=ids), params, priority=request.priority
             )
-        except ValueError as exc:
+        except (ValueError, KeyError, TypeError) as exc:
+            # A schema xgrammar cannot compile, or a malformed response_format.
             return EngineOutput(
                 request_id=request.request_id,
                 prompt_tokens=len(ids),

@@ -245,6 +245,8 @@ class GpuWorker:
                 seed=req.seed,
                 priority=rank,
                 attempt=req.attempt,
+                stop=tuple(req.stop),
+                response_format=req.response_format,
             )
         )
         if refused is not None:

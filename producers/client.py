@@ -17,7 +17,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from schemas import ChatMessage, InferenceRequest, Priority, RequestState, RequestStatus, Serde
+from schemas import AvroRecord, ChatMessage, InferenceRequest, Priority, RequestState, RequestStatus, Serde
 from sluice import clients
 from sluice.errors import BrokerError, ConfigError
 from sluice.settings import Settings
@@ -70,6 +70,10 @@ class SluiceClient:
         deadline: datetime | None = None,
         cache: bool = True,
         metadata: Mapping[str, str] | None = None,
+        stop: Iterable[str] = (),
+        response_format: str | None = None,
+        reply_to: str | None = None,
+        webhook_url: str | None = None,
     ) -> str:
         """Queue one chat request; returns its request id (delivery completes asynchronously)."""
         if (prompt is None) == (messages is None):
@@ -96,6 +100,10 @@ class SluiceClient:
             "deadline": deadline,
             "cache": cache,
             "metadata": dict(metadata or {}),
+            "stop": list(stop),
+            "response_format": response_format,
+            "reply_to": reply_to,
+            "webhook_url": webhook_url,
         }
         if request_id is not None:
             fields["request_id"] = request_id
@@ -108,10 +116,18 @@ class SluiceClient:
         topic = self.topics.requests(request.priority)
         self._produce(topic, request.request_id, self._serde.encode(request), headers)
         if self.settings.publish_status:
-            status = RequestStatus.of(request.request_id, RequestState.QUEUED, detail=f"on {topic}")
+            status = RequestStatus.of(
+                request.request_id, RequestState.QUEUED, detail=f"on {topic}", tenant=request.tenant
+            )
             self._produce(self.topics.status, request.request_id, self._serde.encode(status), [])
         self.producer.poll(0)
         return request.request_id
+
+    def publish(self, topic: str, key: str, record: AvroRecord) -> None:
+        """Publish any Sluice record (a batch status, a failed result for an invalid batch line)
+        under ``key``; acknowledged by :meth:`flush` like requests are."""
+        self._produce(topic, key, self._serde.encode(record), [])
+        self.producer.poll(0)
 
     def cancel(self, request_id: str, reason: str = "cancelled by the submitter") -> None:
         """Ask the GPU consumers to skip a request that has not started (compacted topic, keyed by id).

@@ -9,6 +9,7 @@ from schemas.errors import ConfigError, PipelineRejection, SerializationError, S
 from schemas.ids import dead_letter_id, new_id, utcnow
 from schemas.models import (
     AvroRecord,
+    BatchStatus,
     ChatMessage,
     CostMetric,
     DeadLetter,
@@ -20,12 +21,14 @@ from schemas.models import (
 )
 from schemas.registry import ConfluentSchemaRegistry, LocalSchemaRegistry, SchemaRegistry
 from schemas.serde import AvroDeserializer, AvroSerializer, Serde
-from schemas.vocabulary import DeadLetterReason, Priority, RequestState, ResultStatus, Stage
+from schemas.vocabulary import BatchState, DeadLetterReason, Priority, RequestState, ResultStatus, Stage
 
 __all__ = [
     "AvroDeserializer",
     "AvroRecord",
     "AvroSerializer",
+    "BatchState",
+    "BatchStatus",
     "ChatMessage",
     "ConfigError",
     "ConfluentSchemaRegistry",

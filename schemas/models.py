@@ -10,10 +10,11 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from schemas.ids import dead_letter_id, new_id, utcnow
-from schemas.vocabulary import DeadLetterReason, Priority, RequestState, ResultStatus, Stage
+from schemas.vocabulary import BatchState, DeadLetterReason, Priority, RequestState, ResultStatus, Stage
 
 __all__ = [
     "AvroRecord",
+    "BatchStatus",
     "ChatMessage",
     "CostMetric",
     "DeadLetter",
@@ -73,6 +74,14 @@ class InferenceRequest(AvroRecord):
     metadata: dict[str, str] = Field(default_factory=dict)
     dedupe_key: str | None = None
     route: Route | None = None
+    batch_id: str | None = Field(default=None, max_length=128)
+    custom_id: str | None = Field(default=None, max_length=512)
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    # OpenAI's response_format as JSON text ({"type": "json_object"} or a json_schema); kept as
+    # text on the wire so a new format needs no schema change.
+    response_format: str | None = None
+    reply_to: str | None = Field(default=None, max_length=249)
+    webhook_url: str | None = Field(default=None, max_length=2048)
 
     @field_validator("messages")
     @classmethod
@@ -100,6 +109,10 @@ class RequestIdentity(BaseModel):
     attempt: int = 0
     route: Route | None = None
     dedupe_key: str | None = None
+    batch_id: str | None = None
+    custom_id: str | None = None
+    reply_to: str | None = None
+    webhook_url: str | None = None
 
     @classmethod
     def of(cls, record: dict[str, Any] | None, *, priority: Priority = Priority.NORMAL) -> RequestIdentity | None:
@@ -145,6 +158,10 @@ class InferenceResult(AvroRecord):
     batch_id: str | None = None
     dedupe_key: str | None = None
     attempt: int = 0
+    custom_id: str | None = None
+    engine_run_id: str | None = None
+    reply_to: str | None = None
+    webhook_url: str | None = None
 
     @property
     def latency_ms(self) -> int:
@@ -181,6 +198,10 @@ class InferenceResult(AvroRecord):
                 "replay_of": request.replay_of,
                 "dedupe_key": request.dedupe_key,
                 "attempt": request.attempt,
+                "batch_id": request.batch_id,
+                "custom_id": request.custom_id,
+                "reply_to": request.reply_to,
+                "webhook_url": request.webhook_url,
                 **fields,
             }
         )
@@ -287,6 +308,7 @@ class CostMetric(AvroRecord):
     cached: bool = False
     deduplicated: bool = False
     created_at: datetime = Field(default_factory=utcnow)
+    engine_run_id: str | None = None
 
     @classmethod
     def for_result(
@@ -298,7 +320,7 @@ class CostMetric(AvroRecord):
         model: str | None = None,
         queue_wait_ms: int | None = None,
         engine_ms: float = 0.0,
-        batch_id: str | None = None,
+        engine_run_id: str | None = None,
         batch_size: int = 1,
         cached: bool = False,
         deduplicated: bool = False,
@@ -316,7 +338,8 @@ class CostMetric(AvroRecord):
             latency_ms=result.latency_ms,
             cost_usd=cost_usd,
             baseline_cost_usd=baseline_cost_usd,
-            batch_id=batch_id,
+            batch_id=result.batch_id,
+            engine_run_id=engine_run_id if engine_run_id is not None else result.engine_run_id,
             batch_size=batch_size,
             cached=cached,
             deduplicated=deduplicated,
@@ -331,9 +354,60 @@ class RequestStatus(AvroRecord):
     at: datetime = Field(default_factory=utcnow)
     model: str | None = None
     detail: str | None = None
+    tenant: str | None = None
 
     @classmethod
     def of(
-        cls, request_id: str, state: RequestState, *, model: str | None = None, detail: str | None = None
+        cls,
+        request_id: str,
+        state: RequestState,
+        *,
+        model: str | None = None,
+        detail: str | None = None,
+        tenant: str | None = None,
     ) -> RequestStatus:
-        return cls(request_id=request_id, state=state, model=model, detail=detail)
+        return cls(request_id=request_id, state=state, model=model, detail=detail, tenant=tenant)
+
+
+class BatchStatus(AvroRecord):
+    """A batch as it stands (OpenAI's lifecycle); the batch-status topic is compacted by id."""
+
+    schema_file: ClassVar[str] = "batch_status.v1.avsc"
+
+    batch_id: str
+    tenant: str
+    state: BatchState
+    endpoint: str = "/v1/chat/completions"
+    input_file_id: str
+    completion_window: str = "24h"
+    priority: Priority = Priority.LOW
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    error: str | None = None
+    webhook_url: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime
+    updated_at: datetime = Field(default_factory=utcnow)
+    in_progress_at: datetime | None = None
+    finalizing_at: datetime | None = None
+    ended_at: datetime | None = None
+    cancelling_at: datetime | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state.terminal
+
+    def moved(self, state: BatchState, **fields: Any) -> BatchStatus:
+        """This batch in ``state`` now, stamped with the matching ``*_at`` field."""
+        now = utcnow()
+        stamp = {
+            BatchState.IN_PROGRESS: "in_progress_at",
+            BatchState.FINALIZING: "finalizing_at",
+            BatchState.CANCELLING: "cancelling_at",
+        }.get(state, "ended_at" if state.terminal else None)
+        extra = {stamp: now} if stamp else {}
+        return self.model_copy(update={"state": state, "updated_at": now, **extra, **fields})

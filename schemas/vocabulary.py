@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["DeadLetterReason", "Priority", "RequestState", "ResultStatus", "Stage"]
+__all__ = ["BatchState", "DeadLetterReason", "Priority", "RequestState", "ResultStatus", "Stage"]
 
 
 class Priority(StrEnum):
@@ -45,6 +45,28 @@ class RequestState(StrEnum):
     FAILED = "failed"
     EXPIRED = "expired"
     CANCELLED = "cancelled"
+    # The result exists (topic, ClickHouse) but its webhook could not be delivered.
+    WEBHOOK_FAILED = "webhook_failed"
+
+
+class BatchState(StrEnum):
+    """A batch's lifecycle, OpenAI's Batch API states."""
+
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({BatchState.COMPLETED, BatchState.FAILED, BatchState.EXPIRED, BatchState.CANCELLED})
 
 
 class ResultStatus(StrEnum):
@@ -57,6 +79,9 @@ class Stage(StrEnum):
 
     PROCESSOR = "processor"
     CONSUMER = "consumer"
+    GATEWAY = "gateway"
+    # Result delivery after the results topic: webhooks and the fan-out to tenant and reply topics.
+    DELIVERY = "delivery"
 
 
 class DeadLetterReason(StrEnum):
@@ -73,6 +98,12 @@ class DeadLetterReason(StrEnum):
     RETRIES_EXHAUSTED = "retries_exhausted"
     # The Avro enum's default: a reader meets it when a newer writer used a symbol it lacks.
     UNKNOWN = "unknown"
+    # The request names a reply topic its tenant may not write to.
+    REPLY_TO_REFUSED = "reply_to_refused"
+    # Every delivery attempt of a result's webhook failed within the retry window.
+    WEBHOOK_FAILED = "webhook_failed"
+    # The request's batch reached its completion window before the request ran.
+    BATCH_EXPIRED = "batch_expired"
 
     @property
     def state(self) -> RequestState:
@@ -83,4 +114,6 @@ class DeadLetterReason(StrEnum):
 _REASON_STATE = {
     DeadLetterReason.DEADLINE_EXPIRED: RequestState.EXPIRED,
     DeadLetterReason.CANCELLED: RequestState.CANCELLED,
+    DeadLetterReason.BATCH_EXPIRED: RequestState.EXPIRED,
+    DeadLetterReason.WEBHOOK_FAILED: RequestState.WEBHOOK_FAILED,
 }

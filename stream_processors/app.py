@@ -62,7 +62,13 @@ def create_app(
     serde = clients.serde(settings)
     ps = settings.processor
     pipeline = RequestPipeline(
-        catalog, topics, serde, ps, classifier=classifier, publish_status=settings.publish_status
+        catalog,
+        topics,
+        serde,
+        ps,
+        classifier=classifier,
+        publish_status=settings.publish_status,
+        tenancy=settings.tenants,
     )
     faust_dir = settings.data_dir / "faust"
     faust_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +164,7 @@ def create_app(
                 continue
             if result.deduplicated_from is not None:
                 continue  # answered by this processor (a duplicate or a cache hit)
-            if result.batch_id:
+            if result.engine_run_id:
                 pipeline.router.backlog.completed(result.model)
             if result.dedupe_key is not None:
                 await dedupe_topic.send(key=result.dedupe_key.encode(), value=value, headers=[("kind", b"completed")])

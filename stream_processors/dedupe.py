@@ -59,6 +59,8 @@ def dedupe_key(request: InferenceRequest, settings: ProcessorSettings) -> str | 
         "temperature": request.temperature,
         "top_p": request.top_p,
         "seed": request.seed,
+        "stop": request.stop,
+        "response_format": request.response_format,
     }
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     scope = "*" if settings.cache_shared_across_tenants else request.tenant
@@ -77,6 +79,11 @@ def _waiter(request: InferenceRequest, raw: bytes = b"") -> dict[str, Any]:
         "created_at": request.created_at.timestamp(),
         "correlation_id": request.correlation_id,
         "replay_of": request.replay_of,
+        # Who the answer goes to: the duplicate's own batch line, reply topic and webhook.
+        "batch_id": request.batch_id,
+        "custom_id": request.custom_id,
+        "reply_to": request.reply_to,
+        "webhook_url": request.webhook_url,
     }
 
 
@@ -219,6 +226,11 @@ class DedupeStage:
             deduplicated_from=original,
             cached=cached,
             replay_of=waiter["replay_of"],
+            # .get: waiters stored by an earlier release lack these.
+            batch_id=waiter.get("batch_id"),
+            custom_id=waiter.get("custom_id"),
+            reply_to=waiter.get("reply_to"),
+            webhook_url=waiter.get("webhook_url"),
         )
 
     # -- bounding -------------------------------------------------------------------------

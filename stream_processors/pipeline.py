@@ -23,8 +23,8 @@ from schemas import (
 )
 from sluice.catalog import Catalog
 from sluice.errors import DeadLetterReason, PipelineRejection
-from sluice.settings import ProcessorSettings
-from sluice.topics import Topics
+from sluice.settings import ProcessorSettings, TenantSettings
+from sluice.topics import Topics, reply_to_allowed
 from stream_processors.classifier import Classifier, RuleClassifier
 from stream_processors.dedupe import dedupe_key
 from stream_processors.emit import Emitter, Forward
@@ -46,8 +46,10 @@ class RequestPipeline:
         router: Router | None = None,
         classifier: Classifier | None = None,
         publish_status: bool = True,
+        tenancy: TenantSettings | None = None,
     ) -> None:
         self.topics = topics
+        self.tenancy = tenancy or TenantSettings()
         self.serde = serde
         self.settings = settings or ProcessorSettings()
         self.router = router or Router(catalog, classifier or RuleClassifier(), backlog=Backlog())
@@ -112,6 +114,11 @@ class RequestPipeline:
             raise PipelineRejection(
                 DeadLetterReason.VALIDATION_ERROR,
                 f"prompt has {request.prompt_chars()} characters; the limit is {self.settings.max_prompt_chars}",
+            )
+        if request.reply_to is not None and not reply_to_allowed(self.tenancy, request.tenant, request.reply_to):
+            raise PipelineRejection(
+                DeadLetterReason.REPLY_TO_REFUSED,
+                f"tenant {request.tenant!r} may not receive results on {request.reply_to!r}",
             )
         if request.deadline is not None and request.deadline <= now:
             raise PipelineRejection(

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from schemas.errors import validation_summary
-from sluice.cli import admin, dlq, query, requests, run
+from sluice.cli import admin, batch, dlq, query, requests, run
 from sluice.errors import SluiceError
 from sluice.logs import setup_logging
 
@@ -19,7 +19,7 @@ __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger(__name__)
 
-_GROUPS = (run, requests, query, dlq, admin)
+_GROUPS = (run, requests, batch, query, dlq, admin)
 
 
 def build_parser() -> argparse.ArgumentParser:

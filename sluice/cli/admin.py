@@ -18,7 +18,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     topics = Topics(settings.topic_prefix).pipeline(
-        load_catalog(settings.catalog_path), settings.processor.app_id, len(settings.retry.backoff_ms)
+        load_catalog(settings.catalog_path), settings.processor.app_id, len(settings.retry.backoff_ms), settings.tenants
     )
     ensure_topics(settings.kafka, topics)
     for name in topics:

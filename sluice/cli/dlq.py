@@ -23,6 +23,7 @@ def _filter(args: argparse.Namespace) -> DlqFilter:
         tenant=args.tenant,
         since=parse_age(args.since) if args.since else None,
         ids=list(args.id or []),
+        batch_id=args.batch,
     )
 
 
@@ -87,6 +88,7 @@ def _add_filters(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--tenant", default=None)
     sp.add_argument("--since", default=None, help="only dead letters younger than this: 30m, 2h, 7d")
     sp.add_argument("--id", action="append", help="a dead letter id (repeatable)")
+    sp.add_argument("--batch", default=None, help="only the failed requests of this batch")
     sp.add_argument("--limit", type=int, default=1000)
     sp.add_argument("--format", choices=["table", "json"], default="table")
 

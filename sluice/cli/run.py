@@ -35,6 +35,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         broker_port=int(port) if not args.external_kafka else None,
         replicas=args.replicas,
         durable=not args.ephemeral,
+        run_gateway=not args.no_gateway,
     )
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -44,7 +45,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         console.print(
             f"[green]Sluice is up[/]: Kafka {stack.bootstrap_servers} ({storage}), "
             f"ClickHouse {settings.clickhouse_url()}, "
-            f"queries/metrics {stack.query_server.url if stack.query_server else '-'}; "
+            f"queries/metrics {stack.query_server.url if stack.query_server else '-'}, "
+            f"gateway (OpenAI-compatible Batch API) {stack.gateway_url or '-'}; "
             f"logs in {stack.log_dir}. Ctrl-C stops."
         )
         stack.wait()
@@ -74,3 +76,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sp.add_argument(
         "--external-kafka", action="store_true", help="use SLUICE_KAFKA__BOOTSTRAP_SERVERS, start no broker"
     )
+    sp.add_argument("--no-gateway", action="store_true", help="do not start the HTTP gateway")

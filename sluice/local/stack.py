@@ -9,10 +9,12 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -20,6 +22,7 @@ from typing import IO
 from analytics.query_server import QueryServer
 from analytics.sink import ClickHouseSink
 from analytics.store import Store
+from gateway.keys import KeyStore, keys_path
 from sluice.catalog import Catalog, load_catalog
 from sluice.errors import SluiceError
 from sluice.lifecycle import PARENT_PID_ENV
@@ -30,9 +33,32 @@ from sluice.settings import Settings
 from sluice.stackfile import write_stack_file
 from sluice.topics import Topics, ensure_topics
 
-__all__ = ["LocalStack", "child_env"]
+__all__ = ["LocalStack", "child_env", "ensure_operator_key", "free_port", "operator_key_path"]
 
 logger = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def operator_key_path(settings: Settings) -> Path:
+    return settings.data_dir / "gateway.key"
+
+
+def ensure_operator_key(settings: Settings) -> str:
+    """An API key for the ``default`` tenant, kept (mode 0600) beside the stack file: the CLI's
+    ``sluice batch`` commands use it when ``SLUICE_API_KEY`` is not set."""
+    path = operator_key_path(settings)
+    if path.exists():
+        return path.read_text().strip()
+    key = KeyStore(keys_path(settings)).create("default", name="operator (sluice up)")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+    return key
 
 
 def child_env(settings: Settings) -> dict[str, str]:
@@ -128,6 +154,7 @@ class LocalStack:
         supervise: bool = True,
         max_restarts: int = 5,
         restart_window_s: float = 60.0,
+        run_gateway: bool = False,
     ) -> None:
         self.settings = settings.model_copy(deep=True)
         self.catalog = catalog or load_catalog(settings.catalog_path)
@@ -139,6 +166,8 @@ class LocalStack:
         self.run_sink = run_sink
         # GPU consumers per model, in one consumer group (partitions are shared among them).
         self.replicas = replicas
+        self.run_gateway = run_gateway
+        self.gateway_url: str | None = None
         self.durable = durable
         self.supervise = supervise
         self.max_restarts = max_restarts
@@ -184,7 +213,12 @@ class LocalStack:
             self.settings.kafka.bootstrap_servers = self.broker.bootstrap_servers
         ensure_topics(
             self.settings.kafka,
-            self.topics.pipeline(self.catalog, self.settings.processor.app_id, len(self.settings.retry.backoff_ms)),
+            self.topics.pipeline(
+                self.catalog,
+                self.settings.processor.app_id,
+                len(self.settings.retry.backoff_ms),
+                self.settings.tenants,
+            ),
         )
         if self.run_sink:
             if self.store is None:
@@ -197,9 +231,17 @@ class LocalStack:
                 target=self.sink.run, args=(self._stop, self._sink_ready), name="sink", daemon=True
             )
             self._sink_thread.start()
+        if self.run_gateway:
+            gw = self.settings.gateway
+            gw.port = gw.port or free_port(gw.host)
+            self.gateway_url = f"http://{gw.host}:{gw.port}"
+            ensure_operator_key(self.settings)
+        if self.run_sink:
             self._write_stack_file()
         env = {**child_env(self.settings), PARENT_PID_ENV: str(os.getpid())}
         py = sys.executable
+        if self.run_gateway:
+            self.children.append(_Child("gateway", [py, "-m", "gateway"], env, self.log_dir / "gateway.log"))
         if self.run_processor:
             self.children.append(
                 _Child("processor", [py, "-m", "stream_processors"], env, self.log_dir / "processor.log")
@@ -213,9 +255,26 @@ class LocalStack:
                     self.children.append(
                         _Child(name, [py, "-m", "gpu_consumers", "--model", m.name], env, self.log_dir / f"{name}.log")
                     )
+        if self.run_gateway:
+            self._wait_gateway()
         if self.supervise:
             self._supervisor = threading.Thread(target=self._supervise_loop, name="supervisor", daemon=True)
             self._supervisor.start()
+
+    def _wait_gateway(self, timeout: float = 90.0) -> None:
+        """Return once the gateway answers, so the URL ``sluice up`` prints works at once."""
+        assert self.gateway_url is not None
+        child = next(c for c in self.children if c.name == "gateway")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not child.alive():
+                raise SluiceError(f"the gateway exited with {child.proc.returncode}:\n{child.tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.gateway_url}/healthz", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise SluiceError(f"the gateway did not answer within {timeout:.0f}s; see {child.log_path}")
 
     def _write_stack_file(self) -> None:
         assert self.query_server is not None
@@ -225,6 +284,7 @@ class LocalStack:
                 "query_url": self.query_server.url,
                 "bootstrap_servers": self.settings.kafka.bootstrap_servers,
                 "topic_prefix": self.settings.topic_prefix,
+                **({"gateway_url": self.gateway_url} if self.gateway_url else {}),
             },
         )
 

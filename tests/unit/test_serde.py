@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas import (
+    BatchStatus,
     ChatMessage,
     CostMetric,
     DeadLetter,
@@ -44,6 +45,27 @@ def test_round_trip_every_record_type() -> None:
     serde = Serde()
     records = [
         _request(deadline=T0, metadata={"k": "v"}, seed=7),
+        _request(
+            batch_id="batch_1",
+            custom_id="line-1",
+            stop=["\n\n"],
+            response_format='{"type":"json_object"}',
+            reply_to="team-a.results",
+            webhook_url="https://hooks.example.com/sluice",
+        ),
+        BatchStatus(
+            batch_id="batch_1",
+            tenant="acme",
+            state="in_progress",
+            input_file_id="file-1",
+            total=3,
+            completed=1,
+            metadata={"k": "v"},
+            created_at=T0,
+            expires_at=T0,
+            updated_at=T0,
+            in_progress_at=T0,
+        ),
         InferenceResult(
             request_id="r",
             tenant="t",
@@ -87,33 +109,58 @@ def test_round_trip_every_record_type() -> None:
 
 def test_golden_bytes_confluent_wire_format() -> None:
     data = Serde().encode(_request())
-    # magic byte 0, schema id 1 (big-endian, from avro/registry.json), then the Avro body.
-    assert data[:5] == b"\x00\x00\x00\x00\x01"
-    assert data.hex() == (
-        "0000000001"
-        "0a7265712d31"  # request_id "req-1" (zigzag length 5 -> 0x0a)
-        "0861636d65"  # tenant "acme"
-        "0868696768"  # priority "high"
-        "02"  # messages: block of 1
-        "0875736572"
-        "046869"  # role "user", content "hi"
-        "00"  # end of array
-        "00"  # model: null branch
-        "8004"  # max_tokens 256
-        "0000000000000000"  # temperature 0.0
-        "000000000000f03f"  # top_p 1.0
-        "00"  # seed null
-        "dcbccccaef66"  # created_at 1767323045678 ms, zigzag varint
-        "00"
-        "00"
-        "00"  # deadline, correlation_id, idempotency_key: null
-        "01"  # cache true
-        "00"  # replay_of null
-        "00"  # attempt 0
-        "00"  # metadata: empty map
-        "00"  # dedupe_key null
-        "00"  # route null
+    # magic byte 0, schema id 7 (big-endian, from avro/registry.json), then the Avro body.
+    assert data[:5] == b"\x00\x00\x00\x00\x07"
+    assert data.hex() == _V1_BODY.replace("0000000001", "0000000007", 1) + (
+        "00"  # batch_id null
+        "00"  # custom_id null
+        "00"  # stop: empty array
+        "00"  # response_format null
+        "00"  # reply_to null
+        "00"  # webhook_url null
     )
+
+
+def test_events_written_under_an_earlier_schema_id_read_with_the_new_fields_defaulted() -> None:
+    """Bytes exactly as the first release wrote them (id 1, before batch_id, custom_id, stop,
+    response_format, reply_to and webhook_url existed) decode into today's record."""
+    old = Serde().decode(InferenceRequest, bytes.fromhex(_V1_BODY))
+    assert old == _request()
+    assert (old.batch_id, old.custom_id, old.stop, old.response_format, old.reply_to, old.webhook_url) == (
+        None,
+        None,
+        [],
+        None,
+        None,
+        None,
+    )
+
+
+_V1_BODY = (
+    "0000000001"
+    "0a7265712d31"  # request_id "req-1" (zigzag length 5 -> 0x0a)
+    "0861636d65"  # tenant "acme"
+    "0868696768"  # priority "high"
+    "02"  # messages: block of 1
+    "0875736572"
+    "046869"  # role "user", content "hi"
+    "00"  # end of array
+    "00"  # model: null branch
+    "8004"  # max_tokens 256
+    "0000000000000000"  # temperature 0.0
+    "000000000000f03f"  # top_p 1.0
+    "00"  # seed null
+    "dcbccccaef66"  # created_at 1767323045678 ms, zigzag varint
+    "00"
+    "00"
+    "00"  # deadline, correlation_id, idempotency_key: null
+    "01"  # cache true
+    "00"  # replay_of null
+    "00"  # attempt 0
+    "00"  # metadata: empty map
+    "00"  # dedupe_key null
+    "00"  # route null
+)
 
 
 def test_local_ids_are_stable_and_match_the_manifest() -> None:
@@ -186,7 +233,9 @@ def test_fuzz_valid_header_random_body(body: bytes) -> None:
         assert exc.reason in (DeadLetterReason.MALFORMED_EVENT, DeadLetterReason.VALIDATION_ERROR)
 
 
-@pytest.mark.parametrize("model", [InferenceRequest, InferenceResult, DeadLetter, CostMetric, RequestStatus])
+@pytest.mark.parametrize(
+    "model", [InferenceRequest, InferenceResult, DeadLetter, CostMetric, RequestStatus, BatchStatus]
+)
 def test_pydantic_models_mirror_the_avro_schemas(model: type) -> None:
     schema = json.loads(resources.files("schemas").joinpath(f"avro/{model.schema_file}").read_text())
     assert [f["name"] for f in schema["fields"]] == list(model.model_fields)

@@ -15,6 +15,8 @@ import pytest
 from pydantic import BaseModel
 
 from schemas import (
+    BatchState,
+    BatchStatus,
     ChatMessage,
     CostMetric,
     DeadLetter,
@@ -53,6 +55,7 @@ def test_dead_letter_reason_is_the_avro_enum_symbol_for_symbol() -> None:
         (InferenceResult, "status", ResultStatus),
         (RequestStatus, "state", RequestState),
         (DeadLetter, "stage", Stage),
+        (BatchStatus, "state", BatchState),
     ],
 )
 def test_string_vocabularies_are_the_symbols_the_avsc_documents(
@@ -118,8 +121,9 @@ def _declared(annotation: Any) -> tuple[list[type], bool]:
         (DeadLetter, _avsc(DeadLetter.schema_file)),
         (CostMetric, _avsc(CostMetric.schema_file)),
         (RequestStatus, _avsc(RequestStatus.schema_file)),
+        (BatchStatus, _avsc(BatchStatus.schema_file)),
         (ChatMessage, _avsc(InferenceRequest.schema_file)["fields"][3]["type"]["items"]),
-        (Route, _avsc(InferenceRequest.schema_file)["fields"][-1]["type"][1]),
+        (Route, _field(_avsc(InferenceRequest.schema_file), "route")["type"][1]),
     ],
     ids=lambda v: v.__name__ if isinstance(v, type) else "",
 )

@@ -1,0 +1,19 @@
+"""``python -m gateway``: the gateway process (``sluice up`` runs one as a child)."""
+
+from __future__ import annotations
+
+from sluice.lifecycle import die_with_parent
+from sluice.logs import setup_logging
+from sluice.settings import Settings
+
+
+def main() -> None:
+    setup_logging()
+    die_with_parent()
+    from gateway.server import Gateway
+
+    Gateway(Settings()).serve()
+
+
+if __name__ == "__main__":
+    main()

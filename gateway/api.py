@@ -1,0 +1,308 @@
+"""The HTTP API (FastAPI): OpenAI's ``/v1/files`` and ``/v1/batches``, and an async
+chat-completions endpoint for services that do not speak Kafka.
+
+Every call carries an API key (``Authorization: Bearer …``); the key names the tenant. A tenant
+never sees another tenant's files, batches or requests: they answer 404, like ids that do not exist.
+Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations (the
+# Tenant dependency is local to create_api) at runtime.
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import IO, Annotated, Any
+
+from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from analytics.query import Query
+from gateway.batches import BatchError, BatchNotFound, BatchService, Publisher, QuotaExceeded
+from gateway.files import FileMeta, FileStore
+from gateway.keys import KeyStore
+from gateway.openai_format import LineError, chat_completion, error_code, request_from_body, unix
+from gateway.webhooks import TargetRefused, check_target
+from schemas import BatchState, BatchStatus, InferenceResult, Priority, ResultStatus
+from sluice.errors import SluiceError
+from sluice.settings import Settings
+
+__all__ = ["ApiError", "Services", "batch_object", "create_api"]
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(SluiceError):
+    def __init__(self, status: int, message: str, code: str | None = None, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.code, self.kind = status, code, kind
+
+
+@dataclass
+class Services:
+    settings: Settings
+    keys: KeyStore
+    files: FileStore
+    batches: BatchService
+    publisher: Publisher
+    query: Query | None
+    # Async requests this gateway accepted, until their status reaches ClickHouse (read-your-writes).
+    recent: OrderedDict[str, str] = field(default_factory=OrderedDict)
+
+
+def batch_object(b: BatchStatus) -> dict[str, Any]:
+    """OpenAI's ``batch`` object."""
+    ended = unix(b.ended_at)
+    return {
+        "id": b.batch_id,
+        "object": "batch",
+        "endpoint": b.endpoint,
+        "errors": (
+            {"object": "list", "data": [{"code": "invalid_file", "message": b.error, "param": None, "line": None}]}
+            if b.error
+            else None
+        ),
+        "input_file_id": b.input_file_id,
+        "completion_window": b.completion_window,
+        "status": b.state.value,
+        "output_file_id": b.output_file_id,
+        "error_file_id": b.error_file_id,
+        "created_at": unix(b.created_at),
+        "in_progress_at": unix(b.in_progress_at),
+        "expires_at": unix(b.expires_at),
+        "finalizing_at": unix(b.finalizing_at),
+        "completed_at": ended if b.state is BatchState.COMPLETED else None,
+        "failed_at": ended if b.state is BatchState.FAILED else None,
+        "expired_at": ended if b.state is BatchState.EXPIRED else None,
+        "cancelling_at": unix(b.cancelling_at),
+        "cancelled_at": ended if b.state is BatchState.CANCELLED else None,
+        "request_counts": {"total": b.total, "completed": b.completed, "failed": b.failed},
+        "metadata": b.metadata or None,
+        "priority": b.priority.value,
+    }
+
+
+class _Counting:
+    """Reads an upload through, counting bytes and non-empty lines, refusing past the limits."""
+
+    def __init__(self, src: IO[bytes], meta: FileMeta, max_bytes: int, max_lines: int | None) -> None:
+        self.src, self.meta, self.max_bytes, self.max_lines = src, meta, max_bytes, max_lines
+        self._open_line = False
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self.src.read(n)
+        if not chunk:
+            if self._open_line:
+                self._line()
+                self._open_line = False
+            return chunk
+        self.meta.bytes += len(chunk)
+        if self.meta.bytes > self.max_bytes:
+            raise ApiError(413, f"file is larger than {self.max_bytes} bytes", "file_too_large")
+        parts = chunk.split(b"\n")
+        for i, part in enumerate(parts):
+            if part.strip():
+                self._open_line = True
+            if i < len(parts) - 1:
+                if self._open_line:
+                    self._line()
+                self._open_line = False
+        return chunk
+
+    def _line(self) -> None:
+        self.meta.lines += 1
+        if self.max_lines is not None and self.meta.lines > self.max_lines:
+            raise ApiError(400, f"a batch input file has at most {self.max_lines} lines", "too_many_lines")
+
+
+def create_api(services: Services) -> FastAPI:
+    s = services
+    app = FastAPI(title="Sluice gateway", version="1", docs_url="/docs", redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(
+            {"error": {"message": str(exc), "type": exc.kind, "param": None, "code": exc.code}}, exc.status
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
+        return JSONResponse(
+            {"error": {"message": "; ".join(parts), "type": "invalid_request_error", "param": None, "code": None}},
+            400,
+        )
+
+    @app.exception_handler(SluiceError)
+    async def _sluice_error(request: Request, exc: SluiceError) -> JSONResponse:
+        status = 404 if isinstance(exc, BatchNotFound) else 429 if isinstance(exc, QuotaExceeded) else 400
+        if not isinstance(exc, BatchError | LineError | TargetRefused):
+            status = 503
+            logger.warning("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(
+            {"error": {"message": str(exc), "type": "invalid_request_error", "param": None, "code": None}}, status
+        )
+
+    def tenant_of(authorization: Annotated[str | None, Header()] = None) -> str:
+        scheme, _, key = (authorization or "").partition(" ")
+        tenant = s.keys.tenant_for(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+        if tenant is None:
+            raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", "invalid_api_key")
+        return tenant
+
+    Tenant = Annotated[str, Depends(tenant_of)]
+
+    def own_file(tenant: str, file_id: str) -> FileMeta:
+        meta = s.files.meta(file_id)
+        if meta is None or meta.tenant != tenant:
+            raise ApiError(404, f"no file {file_id}", "not_found")
+        return meta
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, bool]:
+        return {"ok": True}
+
+    # -- files ------------------------------------------------------------------------------
+    @app.post("/v1/files")
+    def create_file(tenant: Tenant, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> Any:
+        if purpose not in ("batch", "batch_output", "user_data"):
+            raise ApiError(400, f"purpose {purpose!r} is not supported; use 'batch'")
+        meta = FileMeta(tenant=tenant, filename=file.filename or "upload.jsonl", purpose=purpose)
+        limits = s.settings.files
+        reader = _Counting(file.file, meta, limits.max_bytes, limits.max_lines if purpose == "batch" else None)
+        s.files.put(meta, reader)  # type: ignore[arg-type]
+        return meta.openai()
+
+    @app.get("/v1/files")
+    def list_files(tenant: Tenant, purpose: str | None = None) -> Any:
+        data = [m.openai() for m in s.files.list(tenant) if purpose is None or m.purpose == purpose]
+        return {"object": "list", "data": data, "has_more": False}
+
+    @app.get("/v1/files/{file_id}")
+    def retrieve_file(tenant: Tenant, file_id: str) -> Any:
+        return own_file(tenant, file_id).openai()
+
+    @app.get("/v1/files/{file_id}/content")
+    def file_content(tenant: Tenant, file_id: str) -> StreamingResponse:
+        own_file(tenant, file_id)
+        return StreamingResponse(s.files.chunks(file_id), media_type="application/jsonl")
+
+    @app.delete("/v1/files/{file_id}")
+    def delete_file(tenant: Tenant, file_id: str) -> Any:
+        own_file(tenant, file_id)
+        return {"id": file_id, "object": "file", "deleted": s.files.delete(file_id)}
+
+    # -- batches ----------------------------------------------------------------------------
+    @app.post("/v1/batches")
+    async def create_batch(tenant: Tenant, request: Request) -> Any:
+        body = await _json(request)
+        known = {"input_file_id", "endpoint", "completion_window", "metadata", "priority", "webhook_url"}
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise ApiError(400, f"unsupported field(s) {', '.join(unknown)}")
+        if not isinstance(body.get("input_file_id"), str):
+            raise ApiError(400, "input_file_id is required")
+        webhook = body.get("webhook_url")
+        if webhook is not None:
+            check_target(str(webhook), s.settings.webhooks.allow_private)
+        batch = s.batches.create(
+            tenant,
+            body["input_file_id"],
+            endpoint=str(body.get("endpoint", "/v1/chat/completions")),
+            completion_window=str(body.get("completion_window", "24h")),
+            metadata=body.get("metadata"),
+            priority=body.get("priority", Priority.LOW),
+            webhook_url=webhook,
+        )
+        return batch_object(batch)
+
+    @app.get("/v1/batches/{batch_id}")
+    def retrieve_batch(tenant: Tenant, batch_id: str) -> Any:
+        return batch_object(s.batches.get(tenant, batch_id))
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    def cancel_batch(tenant: Tenant, batch_id: str) -> Any:
+        return batch_object(s.batches.cancel(tenant, batch_id))
+
+    @app.get("/v1/batches")
+    def list_batches(tenant: Tenant, limit: int = 20, after: str | None = None) -> Any:
+        batches = s.batches.list(tenant, limit=min(max(limit, 1), 100) + 1, after=after)
+        data = [batch_object(b) for b in batches[:limit]]
+        return {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": len(batches) > limit,
+        }
+
+    # -- one request at a time, asynchronously ---------------------------------------------
+    @app.post("/v1/async/chat/completions", status_code=202)
+    async def submit(tenant: Tenant, request: Request) -> Any:
+        body = await _json(request)
+        try:
+            req = request_from_body(body, tenant=tenant, allow_sluice_fields=True)
+        except LineError as exc:
+            raise ApiError(400, str(exc), exc.code) from exc
+        if req.webhook_url:
+            check_target(req.webhook_url, s.settings.webhooks.allow_private)
+        queued = s.batches.outstanding(tenant)
+        if queued + 1 > s.settings.gateway.max_queued_per_tenant:
+            raise ApiError(429, f"tenant {tenant!r} has {queued} requests queued (the limit)", "rate_limit_exceeded")
+        s.publisher.submit_request(req)
+        s.publisher.flush()  # acknowledged by the broker before the caller is told it is queued
+        s.recent[req.request_id] = tenant
+        while len(s.recent) > 100_000:
+            s.recent.popitem(last=False)
+        return {"id": req.request_id, "object": "async.request", "status": "queued", "created_at": unix(req.created_at)}
+
+    @app.get("/v1/requests/{request_id}")
+    def request_status(tenant: Tenant, request_id: str) -> Any:
+        db = s.settings.clickhouse.database
+        result = None
+        state = None
+        if s.query is not None:
+            fields = ", ".join(InferenceResult.model_fields)
+            rows = s.query(
+                f"SELECT {fields} FROM {db}.results FINAL WHERE request_id = {{id:String}} AND tenant = {{t:String}}",
+                {"id": request_id, "t": tenant},
+            ).dicts()
+            if rows:
+                result = InferenceResult.model_validate(rows[0])
+            else:
+                status = s.query(
+                    f"SELECT argMax(state, at) AS state, countIf(tenant = {{t:String}}) AS mine "
+                    f"FROM {db}.request_status FINAL WHERE request_id = {{id:String}}",
+                    {"id": request_id, "t": tenant},
+                ).dicts()
+                if status and int(status[0]["mine"]):
+                    state = str(status[0]["state"])
+        if result is None and state is None:
+            if s.recent.get(request_id) != tenant:
+                raise ApiError(404, f"no request {request_id}", "not_found")
+            state = "queued"
+        if result is None:
+            return {"id": request_id, "object": "async.request", "status": state, "response": None, "error": None}
+        ok = result.status is ResultStatus.SUCCEEDED
+        code, message = (None, None) if ok else error_code(result.error)
+        return {
+            "id": request_id,
+            "object": "async.request",
+            "status": result.status.value,
+            "custom_id": result.custom_id,
+            "batch_id": result.batch_id,
+            "response": chat_completion(result) if ok else None,
+            "error": None if ok else {"code": code, "message": message},
+        }
+
+    return app
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise ApiError(400, f"the body is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body

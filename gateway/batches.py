@@ -1,0 +1,454 @@
+"""Batches: a set of requests under one id, with OpenAI's lifecycle and one output or error line
+for every input line.
+
+* **create**: the input file is streamed line by line; each line becomes a request with a
+  deterministic id (``<batch id>-<line index>``), so re-validating after a crash republishes the
+  same requests rather than new ones. A line Sluice cannot run becomes a failed result at once
+  (vLLM ``run_batch`` style), so it is counted like every other line.
+* **progress**: counted from the results in ClickHouse (deduplicated by request id), for every
+  open batch each ``batch_poll_s``; each change is published to the compacted batch-status topic,
+  which the sink writes to the ``batches`` table.
+* **finalizing**: when every line has a result (or the completion window plus a grace period has
+  passed, or a cancel has had that long), the output and error files are written by walking the
+  input file and the results in request-id order side by side: memory stays flat at any size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import IO, Any, Protocol
+
+from analytics.query import Query
+from gateway.files import FileMeta, FileStore, iter_lines
+from gateway.openai_format import CHAT_ENDPOINT, LineError, error_line, output_line, parse_batch_line
+from schemas import (
+    AvroRecord,
+    BatchState,
+    BatchStatus,
+    DeadLetterReason,
+    InferenceRequest,
+    InferenceResult,
+    Priority,
+    RequestIdentity,
+    new_id,
+    utcnow,
+)
+from sluice.errors import ConfigError, SluiceError
+from sluice.settings import Settings
+from sluice.topics import Topics
+
+__all__ = [
+    "BatchError",
+    "BatchNotFound",
+    "BatchService",
+    "Publisher",
+    "QuotaExceeded",
+    "parse_window",
+    "request_id_for",
+]
+
+logger = logging.getLogger(__name__)
+
+_WINDOW = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+_PAGE = 2000
+
+
+class BatchError(SluiceError):
+    """A batch request the gateway refuses (HTTP 400)."""
+
+
+class BatchNotFound(BatchError):
+    """No such batch or file for this tenant (HTTP 404: another tenant's look the same)."""
+
+
+class QuotaExceeded(BatchError):
+    """The tenant has too many requests queued (HTTP 429)."""
+
+
+class Publisher(Protocol):
+    """What the gateway publishes through (``producers.SluiceClient``)."""
+
+    def submit_request(self, request: InferenceRequest) -> str: ...
+
+    def publish(self, topic: str, key: str, record: AvroRecord) -> None: ...
+
+    def cancel(self, request_id: str, reason: str = ...) -> None: ...
+
+    def flush(self, timeout: float = ...) -> None: ...
+
+
+def parse_window(text: str) -> timedelta:
+    m = _WINDOW.match(text.strip())
+    if not m or int(m.group(1)) <= 0:
+        raise BatchError(f"completion_window {text!r} must look like 24h, 90m or 7d")
+    return timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+
+
+def request_id_for(batch_id: str, index: int) -> str:
+    # Zero-padded: request-id order is line order (the output walk relies on it).
+    return f"{batch_id}-{index:06d}"
+
+
+class BatchService:
+    def __init__(self, settings: Settings, files: FileStore, publisher: Publisher, query: Query | None) -> None:
+        self.settings = settings
+        self.files = files
+        self.publisher = publisher
+        self.query = query
+        self.topics = Topics(settings.topic_prefix)
+        self.database = settings.clickhouse.database
+        self._lock = threading.Lock()
+        self._batches: dict[str, BatchStatus] = {}
+        self._threads: list[threading.Thread] = []
+
+    # -- the calls --------------------------------------------------------------------------
+    def create(
+        self,
+        tenant: str,
+        input_file_id: str,
+        *,
+        endpoint: str = CHAT_ENDPOINT,
+        completion_window: str = "24h",
+        metadata: dict[str, str] | None = None,
+        priority: Priority | str = Priority.LOW,
+        webhook_url: str | None = None,
+    ) -> BatchStatus:
+        meta = self.files.meta(input_file_id)
+        if meta is None or meta.tenant != tenant:
+            raise BatchNotFound(f"no file {input_file_id}")
+        if meta.purpose != "batch":
+            raise BatchError(f"file {input_file_id} has purpose {meta.purpose!r}; a batch needs purpose 'batch'")
+        if endpoint != CHAT_ENDPOINT:
+            raise BatchError(f"endpoint {endpoint!r} is not supported; use {CHAT_ENDPOINT}")
+        window = parse_window(completion_window)
+        try:
+            prio = Priority(priority)
+        except ValueError:
+            raise BatchError(f"priority {priority!r} is not one of high, normal, low") from None
+        if metadata is not None and (
+            not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+        ):
+            raise BatchError("metadata must map strings to strings")
+        queued = self.outstanding(tenant)
+        limit = self.settings.gateway.max_queued_per_tenant
+        if queued + meta.lines > limit:
+            raise QuotaExceeded(
+                f"tenant {tenant!r} has {queued} requests queued; {meta.lines} more would pass its limit of {limit}"
+            )
+        now = utcnow()
+        batch = BatchStatus(
+            batch_id=f"batch_{new_id()}",
+            tenant=tenant,
+            state=BatchState.VALIDATING,
+            endpoint=endpoint,
+            input_file_id=input_file_id,
+            completion_window=completion_window,
+            priority=prio,
+            total=meta.lines,
+            webhook_url=webhook_url,
+            metadata=dict(metadata or {}),
+            created_at=now,
+            expires_at=now + window,
+            updated_at=now,
+        )
+        self._save(batch)
+        self.publisher.flush()
+        self._spawn(self._ingest, batch, meta)
+        return batch
+
+    def get(self, tenant: str, batch_id: str) -> BatchStatus:
+        with self._lock:
+            batch = self._batches.get(batch_id)
+        if batch is None:
+            batch = self._from_store(batch_id)
+        if batch is None or batch.tenant != tenant:
+            raise BatchNotFound(f"no batch {batch_id}")
+        return batch
+
+    def list(self, tenant: str, limit: int = 20, after: str | None = None) -> list[BatchStatus]:
+        found: dict[str, BatchStatus] = {}
+        if self.query is not None:
+            rows = self.query(
+                f"SELECT * EXCEPT ingested_at FROM {self.database}.batches FINAL WHERE tenant = {{t:String}}",
+                {"t": tenant},
+            ).dicts()
+            found.update((r["batch_id"], BatchStatus.model_validate(r)) for r in rows)
+        with self._lock:
+            found.update((b.batch_id, b) for b in self._batches.values() if b.tenant == tenant)
+        ordered = sorted(found.values(), key=lambda b: (b.created_at, b.batch_id), reverse=True)
+        if after is not None:
+            ids = [b.batch_id for b in ordered]
+            ordered = ordered[ids.index(after) + 1 :] if after in ids else []
+        return ordered[:limit]
+
+    def cancel(self, tenant: str, batch_id: str) -> BatchStatus:
+        batch = self.get(tenant, batch_id)
+        if batch.terminal or batch.state is BatchState.CANCELLING:
+            return batch
+        batch = self._save(batch.moved(BatchState.CANCELLING))
+        self._spawn(self._cancel_requests, batch)
+        return batch
+
+    def outstanding(self, tenant: str) -> int:
+        """Requests of ``tenant``'s open batches that have no result yet."""
+        with self._lock:
+            return sum(
+                max(0, b.total - b.completed - b.failed)
+                for b in self._batches.values()
+                if b.tenant == tenant and not b.terminal
+            )
+
+    # -- the background work ----------------------------------------------------------------
+    def recover(self) -> int:
+        """Take over the open batches recorded in ClickHouse (after a gateway restart)."""
+        if self.query is None:
+            return 0
+        rows = self.query(
+            f"SELECT * EXCEPT ingested_at FROM {self.database}.batches FINAL "
+            "WHERE state NOT IN ('completed', 'failed', 'expired', 'cancelled')",
+            None,
+        ).dicts()
+        for row in rows:
+            batch = BatchStatus.model_validate(row)
+            with self._lock:
+                if batch.batch_id in self._batches:
+                    continue
+                self._batches[batch.batch_id] = batch
+            if batch.state is BatchState.VALIDATING:
+                meta = self.files.meta(batch.input_file_id)
+                if meta is not None:
+                    self._spawn(self._ingest, batch, meta)
+        return len(rows)
+
+    def poll_once(self) -> None:
+        """Update the counts of every open batch; finalize the ones that are done or overdue."""
+        with self._lock:
+            open_batches = [
+                b for b in self._batches.values() if b.state in (BatchState.IN_PROGRESS, BatchState.CANCELLING)
+            ]
+        if not open_batches or self.query is None:
+            return
+        counts = {
+            r["batch_id"]: (int(r["ok"]), int(r["bad"]))
+            for r in self.query(
+                f"SELECT batch_id, countIf(status = 'succeeded') AS ok, countIf(status = 'failed') AS bad "
+                f"FROM {self.database}.results FINAL WHERE batch_id IN {{ids:Array(String)}} GROUP BY batch_id",
+                {"ids": [b.batch_id for b in open_batches]},
+            ).dicts()
+        }
+        now = utcnow()
+        grace = timedelta(seconds=self.settings.gateway.expiry_grace_s)
+        for batch in open_batches:
+            ok, bad = counts.get(batch.batch_id, (0, 0))
+            if (ok, bad) != (batch.completed, batch.failed):
+                batch = self._save(batch.model_copy(update={"completed": ok, "failed": bad, "updated_at": now}))
+            done = ok + bad >= batch.total
+            if batch.state is BatchState.CANCELLING:
+                assert batch.cancelling_at is not None
+                if done or now - batch.cancelling_at > grace:
+                    self._finalize(batch, BatchState.CANCELLED)
+            elif done:
+                self._finalize(batch, BatchState.COMPLETED)
+            elif now > batch.expires_at + grace:
+                self._finalize(batch, BatchState.EXPIRED)
+
+    def run(self, stop: threading.Event) -> None:
+        """Track batches until ``stop`` is set (the gateway runs this in a thread)."""
+        try:
+            recovered = self.recover()
+            if recovered:
+                logger.info("took over %d open batch(es)", recovered)
+        except SluiceError as exc:
+            logger.warning("cannot read open batches yet: %s", exc)
+        while not stop.wait(self.settings.gateway.batch_poll_s):
+            try:
+                self.poll_once()
+            except SluiceError as exc:
+                logger.warning("batch progress: %s", exc)
+
+    def join(self, timeout: float | None = None) -> None:
+        for t in list(self._threads):
+            t.join(timeout)
+
+    # -- internals --------------------------------------------------------------------------
+    def _spawn(self, target: Any, *args: Any) -> None:
+        t = threading.Thread(target=target, args=args, name=f"batch-{target.__name__}", daemon=True)
+        self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
+
+    def _save(self, batch: BatchStatus) -> BatchStatus:
+        with self._lock:
+            self._batches[batch.batch_id] = batch
+        self.publisher.publish(self.topics.batches, batch.batch_id, batch)
+        return batch
+
+    def _from_store(self, batch_id: str) -> BatchStatus | None:
+        if self.query is None:
+            return None
+        rows = self.query(
+            f"SELECT * EXCEPT ingested_at FROM {self.database}.batches FINAL WHERE batch_id = {{id:String}}",
+            {"id": batch_id},
+        ).dicts()
+        return BatchStatus.model_validate(rows[0]) if rows else None
+
+    def _ingest(self, batch: BatchStatus, meta: FileMeta) -> None:
+        try:
+            total = self._publish_lines(batch, meta)
+        except Exception as exc:
+            logger.exception("batch %s failed while validating", batch.batch_id)
+            self._save(batch.moved(BatchState.FAILED, error=f"cannot read {meta.id}: {exc}"))
+            self.publisher.flush()
+            return
+        with self._lock:
+            current = self._batches.get(batch.batch_id, batch)
+        if current.state is BatchState.VALIDATING:
+            if total == 0:
+                self._save(current.moved(BatchState.FAILED, total=0, error="the input file has no requests"))
+            else:
+                self._save(current.moved(BatchState.IN_PROGRESS, total=total))
+        self.publisher.flush()
+
+    def _publish_lines(self, batch: BatchStatus, meta: FileMeta) -> int:
+        seen: set[str] = set()
+        chunk = self.settings.gateway.publish_chunk
+        count = 0
+        for index, line in enumerate(iter_lines(self.files.chunks(meta.id))):
+            count = index + 1
+            rid = request_id_for(batch.batch_id, index)
+            try:
+                custom_id, request = parse_batch_line(
+                    line,
+                    index + 1,
+                    tenant=batch.tenant,
+                    request_id=rid,
+                    priority=batch.priority,
+                    batch_id=batch.batch_id,
+                    deadline=batch.expires_at,
+                    created_at=batch.created_at,
+                )
+                if custom_id in seen:
+                    raise LineError(f"line {index + 1}: duplicate custom_id {custom_id!r}", custom_id=custom_id)
+                seen.add(custom_id or "")
+                self.publisher.submit_request(request)
+            except LineError as exc:
+                if exc.custom_id is not None:
+                    seen.add(exc.custom_id)
+                self._reject_line(batch, rid, exc)
+            if (index + 1) % chunk == 0:
+                # Bounded: the producer never holds more than a chunk of a large file.
+                self.publisher.flush()
+        return count
+
+    def _reject_line(self, batch: BatchStatus, request_id: str, exc: LineError) -> None:
+        who = RequestIdentity(
+            request_id=request_id,
+            tenant=batch.tenant,
+            priority=batch.priority,
+            created_at=batch.created_at,
+            batch_id=batch.batch_id,
+            custom_id=exc.custom_id,
+        )
+        result = InferenceResult.failed(who, DeadLetterReason.VALIDATION_ERROR, str(exc), model="")
+        self.publisher.publish(self.topics.results, request_id, result)
+
+    def _cancel_requests(self, batch: BatchStatus) -> None:
+        for index in range(batch.total):
+            self.publisher.cancel(request_id_for(batch.batch_id, index), f"batch {batch.batch_id} cancelled")
+        self.publisher.flush()
+
+    def _results(self, batch_id: str) -> Iterator[InferenceResult]:
+        """The batch's results in request-id order, a page at a time."""
+        assert self.query is not None
+        fields = [f for f in InferenceResult.model_fields]
+        last = ""
+        while True:
+            rows = self.query(
+                f"SELECT {', '.join(fields)} FROM {self.database}.results FINAL "
+                f"WHERE batch_id = {{b:String}} AND request_id > {{after:String}} ORDER BY request_id LIMIT {_PAGE}",
+                {"b": batch_id, "after": last},
+            ).dicts()
+            for row in rows:
+                yield InferenceResult.model_validate(row)
+            if len(rows) < _PAGE:
+                return
+            last = rows[-1]["request_id"]
+
+    def _finalize(self, batch: BatchStatus, final: BatchState) -> None:
+        batch = self._save(batch.moved(BatchState.FINALIZING))
+        missing_code = {BatchState.EXPIRED: "batch_expired", BatchState.CANCELLED: "batch_cancelled"}.get(
+            final, "server_error"
+        )
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            n_out, n_err = self._write_lines(batch, out, err, missing_code)
+            ids: dict[str, Any] = {}
+            for fh, n, key, suffix in (
+                (out, n_out, "output_file_id", "output"),
+                (err, n_err, "error_file_id", "error"),
+            ):
+                if not n:
+                    continue
+                fh.seek(0, 2)
+                size = fh.tell()
+                fh.seek(0)
+                meta = FileMeta(
+                    tenant=batch.tenant,
+                    filename=f"{batch.batch_id}_{suffix}.jsonl",
+                    purpose="batch_output",
+                    bytes=size,
+                    lines=n,
+                )
+                self.files.put(meta, fh)
+                ids[key] = meta.id
+        with self._lock:
+            current = self._batches.get(batch.batch_id, batch)
+        self._save(current.moved(final, **ids))
+        self.publisher.flush()
+        logger.info("batch %s %s: %d output, %d error lines", batch.batch_id, final.value, n_out, n_err)
+
+    def _write_lines(self, batch: BatchStatus, out: IO[bytes], err: IO[bytes], missing_code: str) -> tuple[int, int]:
+        results = self._results(batch.batch_id)
+        nxt = next(results, None)
+        n_out = n_err = 0
+        for index, line in enumerate(iter_lines(self.files.chunks(batch.input_file_id))):
+            rid = request_id_for(batch.batch_id, index)
+            while nxt is not None and nxt.request_id < rid:
+                nxt = next(results, None)  # not a line of this file (cannot happen unless ids were forged)
+            if nxt is not None and nxt.request_id == rid:
+                obj = output_line(nxt)
+                nxt = next(results, None)
+            else:
+                obj = error_line(
+                    rid, _custom_id(line), missing_code, f"{missing_code}: no result before the batch ended"
+                )
+            target = out if obj["error"] is None else err
+            target.write(json.dumps(obj, ensure_ascii=False).encode() + b"\n")
+            if obj["error"] is None:
+                n_out += 1
+            else:
+                n_err += 1
+        return n_out, n_err
+
+
+def _custom_id(line: bytes) -> str | None:
+    try:
+        cid = json.loads(line).get("custom_id")
+    except (ValueError, AttributeError):
+        return None
+    return cid if isinstance(cid, str) else None
+
+
+def check_metadata(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"metadata {pair!r} must look like key=value")
+        out[key] = value
+    return out

@@ -1,0 +1,81 @@
+"""API keys: each maps to one tenant. Only a SHA-256 of a key is stored; the key itself is shown
+once, when it is created. The tenant of every gateway call comes from its key, never from the body."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import threading
+from pathlib import Path
+
+from schemas import utcnow
+from sluice.errors import ConfigError
+from sluice.settings import Settings
+
+__all__ = ["KeyStore", "hash_key", "keys_path"]
+
+_PREFIX = "sk-sluice-"
+
+
+def keys_path(settings: Settings) -> Path:
+    """``SLUICE_GATEWAY__KEYS_PATH``, or ``<data_dir>/api_keys.json``."""
+    return settings.gateway.keys_path or settings.data_dir / "api_keys.json"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyStore:
+    """Hashed keys in a JSON file (mode 0600), re-read when it changes, so keys created with
+    ``sluice keys create`` work in a running gateway without a restart."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._mtime: float | None = None
+        self._keys: dict[str, dict[str, str]] = {}
+
+    def _load(self) -> dict[str, dict[str, str]]:
+        try:
+            mtime = self.path.stat().st_mtime
+        except FileNotFoundError:
+            return {}
+        with self._lock:
+            if mtime != self._mtime:
+                try:
+                    self._keys = json.loads(self.path.read_text() or "{}")
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"API key file {self.path} is not JSON: {exc}") from exc
+                self._mtime = mtime
+            return self._keys
+
+    def tenant_for(self, key: str) -> str | None:
+        entry = self._load().get(hash_key(key))
+        return entry["tenant"] if entry else None
+
+    def create(self, tenant: str, *, name: str = "") -> str:
+        """A new key for ``tenant``; the only time the key is ever returned."""
+        if not tenant or len(tenant) > 128:
+            raise ConfigError("a tenant name is 1 to 128 characters")
+        key = _PREFIX + secrets.token_urlsafe(32)
+        with self._lock:
+            keys = json.loads(self.path.read_text() or "{}") if self.path.exists() else {}
+            keys[hash_key(key)] = {"tenant": tenant, "name": name, "created_at": utcnow().isoformat()}
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(keys, f, indent=1)
+            os.replace(tmp, self.path)
+            self._mtime = None
+        return key
+
+    def tenants(self) -> dict[str, int]:
+        """Keys per tenant (never the keys)."""
+        out: dict[str, int] = {}
+        for entry in self._load().values():
+            out[entry["tenant"]] = out.get(entry["tenant"], 0) + 1
+        return out

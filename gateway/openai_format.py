@@ -1,0 +1,279 @@
+"""OpenAI's shapes, both ways: a chat-completions body (a batch line's ``body`` or an async request)
+becomes an :class:`InferenceRequest`; a result becomes a ``chat.completion`` object and a batch
+output or error line.
+
+Parsing follows vLLM's ``run_batch.py``: a bad line is a per-line error, never a failed batch.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from schemas import DeadLetterReason, InferenceRequest, InferenceResult, Priority, ResultStatus
+from schemas.errors import validation_summary
+
+__all__ = [
+    "CHAT_ENDPOINT",
+    "LineError",
+    "chat_completion",
+    "error_code",
+    "error_line",
+    "output_line",
+    "parse_batch_line",
+    "request_from_body",
+    "unix",
+]
+
+CHAT_ENDPOINT = "/v1/chat/completions"
+
+# The body fields Sluice honours; anything else is refused by name, so a caller never believes a
+# parameter took effect when it did not.
+_BODY_FIELDS = {
+    "messages",
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "n",
+    "response_format",
+    "stream",
+    "metadata",
+    "user",
+}
+# Sluice's own fields, accepted on the async endpoint (a batch sets them per batch).
+_ASYNC_FIELDS = {"priority", "webhook_url", "cache", "reply_to", "deadline"}
+
+# Typed dead-letter reasons -> the error codes callers of OpenAI's Batch API know.
+_CODES = {
+    DeadLetterReason.VALIDATION_ERROR: "invalid_request",
+    DeadLetterReason.MALFORMED_EVENT: "invalid_request",
+    DeadLetterReason.SCHEMA_MISMATCH: "invalid_request",
+    DeadLetterReason.UNKNOWN_MODEL: "model_not_found",
+    DeadLetterReason.CONTEXT_OVERFLOW: "context_length_exceeded",
+    DeadLetterReason.DEADLINE_EXPIRED: "batch_expired",
+    DeadLetterReason.BATCH_EXPIRED: "batch_expired",
+    DeadLetterReason.CANCELLED: "batch_cancelled",
+    DeadLetterReason.ENGINE_ERROR: "server_error",
+    DeadLetterReason.RETRIES_EXHAUSTED: "server_error",
+    DeadLetterReason.REPLY_TO_REFUSED: "reply_to_refused",
+}
+
+
+class LineError(ValueError):
+    """A batch line or request body Sluice cannot run; ``code`` is OpenAI-style."""
+
+    def __init__(self, message: str, code: str = "invalid_request", *, custom_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.custom_id = custom_id
+
+
+def _content(message: dict[str, Any], i: int) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise LineError(f"messages[{i}].content: only text parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise LineError(f"messages[{i}].content must be a string or a list of text parts")
+
+
+def _messages(raw: Any) -> list[dict[str, str]]:
+    if not isinstance(raw, list) or not raw:
+        raise LineError("messages must be a non-empty list")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise LineError(f"messages[{i}] must be an object")
+        role = m.get("role")
+        if role == "developer":
+            role = "system"  # OpenAI's newer name for the system role
+        if role not in ("system", "user", "assistant"):
+            raise LineError(f"messages[{i}].role {role!r} is not one of system, user, assistant")
+        out.append({"role": role, "content": _content(m, i)})
+    return out
+
+
+def _response_format(raw: Any) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or raw.get("type") not in ("text", "json_object", "json_schema"):
+        raise LineError("response_format.type must be text, json_object or json_schema")
+    if raw["type"] == "text":
+        return None
+    if raw["type"] == "json_schema":
+        spec = raw.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise LineError("response_format.json_schema.schema must be a JSON schema object")
+    return json.dumps(raw, sort_keys=True, separators=(",", ":"))
+
+
+def _stop(raw: Any) -> list[str]:
+    if raw is None:
+        return []
+    stops = [raw] if isinstance(raw, str) else raw
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
+        raise LineError("stop must be a string or a list of up to 4 non-empty strings")
+    return list(stops)
+
+
+def request_from_body(
+    body: Any,
+    *,
+    tenant: str,
+    request_id: str | None = None,
+    priority: Priority | str = Priority.NORMAL,
+    allow_sluice_fields: bool = False,
+    **fields: Any,
+) -> InferenceRequest:
+    """The request a chat-completions ``body`` asks for; :class:`LineError` names what is wrong.
+
+    ``tenant`` always comes from the caller's API key, never from the body."""
+    if not isinstance(body, dict):
+        raise LineError("body must be a JSON object")
+    allowed = _BODY_FIELDS | (_ASYNC_FIELDS if allow_sluice_fields else set())
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise LineError(f"unsupported field(s) {', '.join(unknown)}; supported: {', '.join(sorted(allowed))}")
+    if body.get("n", 1) != 1:
+        raise LineError("n must be 1 (one completion per request)")
+    if body.get("stream"):
+        raise LineError("stream is not supported: results are delivered asynchronously")
+    if "max_tokens" in body and "max_completion_tokens" in body:
+        raise LineError("give max_tokens or max_completion_tokens, not both")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise LineError("model must be a string")
+    values: dict[str, Any] = {
+        "tenant": tenant,
+        "priority": body.get("priority", priority) if allow_sluice_fields else priority,
+        "messages": _messages(body.get("messages")),
+        "model": None if model in (None, "", "auto") else model,
+        "stop": _stop(body.get("stop")),
+        "response_format": _response_format(body.get("response_format")),
+        **fields,
+    }
+    tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if tokens is not None:
+        values["max_tokens"] = tokens
+    for name in ("temperature", "top_p", "seed"):
+        if body.get(name) is not None:
+            values[name] = body[name]
+    metadata = body.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise LineError("metadata must map strings to strings")
+        values["metadata"] = {**values.get("metadata", {}), **metadata}
+    if allow_sluice_fields:
+        for name in ("webhook_url", "cache", "reply_to", "deadline"):
+            if body.get(name) is not None:
+                values[name] = body[name]
+    if request_id is not None:
+        values["request_id"] = request_id
+    try:
+        return InferenceRequest.model_validate(values)
+    except ValidationError as exc:
+        raise LineError(validation_summary(exc)) from exc
+
+
+def parse_batch_line(
+    line: bytes, line_no: int, *, tenant: str, request_id: str, **fields: Any
+) -> tuple[str | None, InferenceRequest]:
+    """``(custom_id, request)`` for one line of an OpenAI batch input file (``line_no`` from 1).
+
+    Raises :class:`LineError` carrying the ``custom_id`` when it could be read."""
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LineError(f"line {line_no}: not a JSON object: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise LineError(f"line {line_no}: not a JSON object")
+    custom_id = obj.get("custom_id")
+    try:
+        if not isinstance(custom_id, str) or not custom_id:
+            raise LineError("custom_id must be a non-empty string")
+        unknown = sorted(set(obj) - {"custom_id", "method", "url", "body"})
+        if unknown:
+            raise LineError(f"unsupported field(s) {', '.join(unknown)}")
+        if obj.get("method", "POST") != "POST":
+            raise LineError("method must be POST")
+        if obj.get("url") != CHAT_ENDPOINT:
+            raise LineError(f"url must be {CHAT_ENDPOINT}")
+        request = request_from_body(
+            obj.get("body"), tenant=tenant, request_id=request_id, custom_id=custom_id, **fields
+        )
+    except LineError as exc:
+        cid = custom_id if isinstance(custom_id, str) else None
+        raise LineError(f"line {line_no}: {exc}", exc.code, custom_id=cid) from exc
+    return custom_id, request
+
+
+def chat_completion(r: InferenceResult) -> dict[str, Any]:
+    """A succeeded result as OpenAI's ``chat.completion`` object."""
+    return {
+        "id": f"chatcmpl-{r.request_id}",
+        "object": "chat.completion",
+        "created": int(r.completed_at.timestamp()),
+        "model": r.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": r.output_text},
+                "finish_reason": r.finish_reason or "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens,
+            "total_tokens": r.prompt_tokens + r.completion_tokens,
+        },
+        "system_fingerprint": None,
+    }
+
+
+def error_code(error: str | None) -> tuple[str, str]:
+    """(OpenAI-style code, message) for a failed result's ``"reason: detail"`` error."""
+    reason, _, detail = (error or "engine_error: unknown").partition(": ")
+    try:
+        return _CODES.get(DeadLetterReason(reason), reason), f"{reason}: {detail}"
+    except ValueError:
+        return reason, detail or reason
+
+
+def output_line(r: InferenceResult, custom_id: str | None = None) -> dict[str, Any]:
+    """One line of a batch's output (succeeded) or error (failed) file."""
+    cid = custom_id if custom_id is not None else r.custom_id
+    if r.status is ResultStatus.SUCCEEDED:
+        return {
+            "id": f"batch_req_{r.request_id}",
+            "custom_id": cid,
+            "response": {"status_code": 200, "request_id": r.request_id, "body": chat_completion(r)},
+            "error": None,
+        }
+    code, message = error_code(r.error)
+    return error_line(r.request_id, cid, code, message)
+
+
+def error_line(request_id: str, custom_id: str | None, code: str, message: str) -> dict[str, Any]:
+    return {
+        "id": f"batch_req_{request_id}",
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message},
+    }
+
+
+def unix(ts: datetime | None) -> int | None:
+    return int(ts.timestamp()) if ts is not None else None

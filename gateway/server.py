@@ -1,0 +1,89 @@
+"""The gateway process: the HTTP API under uvicorn, the batch tracker, the webhook worker and the
+result fan-out, sharing one producer. ``sluice gateway`` runs it; ``sluice up`` starts it too."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from analytics.query import open_query
+from gateway.api import Services, create_api
+from gateway.batches import BatchService
+from gateway.fanout import ResultFanout
+from gateway.files import open_file_store
+from gateway.keys import KeyStore, keys_path
+from gateway.webhooks import WebhookWorker, new_secret
+from producers import SluiceClient
+from sluice.settings import Settings
+
+__all__ = ["Gateway", "webhook_secrets"]
+
+logger = logging.getLogger(__name__)
+
+
+def webhook_secrets(settings: Settings) -> list[str]:
+    """The configured signing secrets, or the one kept in ``<data_dir>/webhook_secret`` (made on
+    first use, mode 0600) so a single-machine stack signs without any setup."""
+    if settings.webhooks.secrets:
+        return settings.webhooks.secrets
+    path = settings.data_dir / "webhook_secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(new_secret())
+    return [path.read_text().strip()]
+
+
+class Gateway:
+    def __init__(self, settings: Settings) -> None:
+        settings = settings.model_copy(deep=True)
+        settings.webhooks.secrets = webhook_secrets(settings)
+        self.settings = settings
+        self.publisher = SluiceClient(settings)
+        query = open_query(settings)
+        self.batches = BatchService(settings, open_file_store(settings), self.publisher, query)
+        self.services = Services(
+            settings=settings,
+            keys=KeyStore(keys_path(settings)),
+            files=self.batches.files,
+            batches=self.batches,
+            publisher=self.publisher,
+            query=query,
+        )
+        self.app = create_api(self.services)
+        self.webhooks = WebhookWorker(settings, self.publisher)
+        self.fanout = ResultFanout(settings)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start_workers(self) -> None:
+        workers = [("batches", self.batches.run), ("webhooks", self.webhooks.run)]
+        if self.fanout.needed:
+            workers.append(("fanout", self.fanout.run))
+        for name, target in workers:
+            t = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop_workers(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(15)
+        self.publisher.flush()
+
+    def serve(self, host: str | None = None, port: int | None = None) -> None:
+        import uvicorn
+
+        self.start_workers()
+        try:
+            uvicorn.run(
+                self.app,
+                host=host or self.settings.gateway.host,
+                port=port if port is not None else self.settings.gateway.port,
+                log_level="warning",
+                timeout_graceful_shutdown=10,
+            )
+        finally:
+            self.stop_workers()

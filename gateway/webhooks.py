@@ -1,0 +1,334 @@
+"""Webhooks for results and batches, signed per Standard Webhooks.
+
+The worker consumes the results and batch-status topics (its own consumer group) and posts an
+event for every result whose request named a ``webhook_url`` and for every batch that reached a
+final state with one. Each delivery is retried with exponential backoff for a bounded time, then
+given up: the request's status becomes ``webhook_failed`` and a dead letter records the event. A
+failed delivery never loses a result: it stays on the results topic and in ClickHouse.
+
+Offsets are committed only past events that were delivered or given up, so a crash re-delivers
+(at least once; the ``webhook-id`` of a redelivery is the same, so receivers can drop repeats).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import secrets
+import socket
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+from confluent_kafka import KafkaError, TopicPartition
+
+from gateway.openai_format import chat_completion, error_code
+from gpu_consumers.offsets import OffsetTracker
+from schemas import (
+    AvroRecord,
+    BatchStatus,
+    DeadLetter,
+    DeadLetterReason,
+    InferenceResult,
+    RequestState,
+    RequestStatus,
+    ResultStatus,
+    Serde,
+    Stage,
+    utcnow,
+)
+from sluice import clients
+from sluice.errors import SluiceError
+from sluice.settings import Settings, WebhookSettings
+from sluice.topics import Topics, message_coords
+
+__all__ = [
+    "TargetRefused",
+    "WebhookEvent",
+    "WebhookWorker",
+    "check_target",
+    "new_secret",
+    "sign",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class TargetRefused(SluiceError):
+    """A webhook URL Sluice will not call (scheme, or an address inside the network)."""
+
+
+def new_secret() -> str:
+    """A signing secret in the Standard Webhooks format."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def sign(secret_list: list[str], msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header: ``v1,<base64 HMAC-SHA256>`` per secret, space separated
+    (several during a rotation; a receiver accepts any one it knows)."""
+    to_sign = f"{msg_id}.{timestamp}.".encode() + body
+    sigs = []
+    for secret in secret_list:
+        key = base64.b64decode(secret.removeprefix("whsec_"))
+        sigs.append("v1," + base64.b64encode(hmac.new(key, to_sign, hashlib.sha256).digest()).decode())
+    return " ".join(sigs)
+
+
+def _allowed(host: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow: list[str]) -> bool:
+    for entry in allow:
+        if entry == host:
+            return True
+        try:
+            if ip in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def check_target(url: str, allow: list[str]) -> None:
+    """Refuse (SSRF) a URL that is not http(s), or whose host resolves to a private, loopback,
+    link-local or otherwise internal address, unless the host or address is allow-listed. The
+    check runs after DNS resolution and again before every delivery attempt."""
+    u = urlparse(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise TargetRefused(f"webhook_url {url!r} must be an http(s) URL")
+    host = u.hostname
+    try:
+        infos = socket.getaddrinfo(host, u.port or (443 if u.scheme == "https" else 80), proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        raise TargetRefused(f"webhook host {host!r} does not resolve: {exc}") from exc
+    for info in infos:
+        ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        internal = (
+            ip.is_private
+            or ip.is_loopback
+            or ip.is_link_local
+            or ip.is_reserved
+            or ip.is_multicast
+            or ip.is_unspecified
+            or (isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_private)
+        )
+        if internal and not _allowed(host, ip, allow):
+            raise TargetRefused(
+                f"webhook host {host!r} resolves to {ip}, a private, loopback or link-local address "
+                "(allow it with SLUICE_WEBHOOKS__ALLOW_PRIVATE)"
+            )
+
+
+@dataclass(frozen=True)
+class WebhookEvent:
+    url: str
+    msg_id: str
+    type: str
+    data: dict[str, Any]
+    request_id: str | None = None
+    tenant: str | None = None
+
+    def body(self) -> bytes:
+        return json.dumps(
+            {"type": self.type, "timestamp": utcnow().isoformat(), "data": self.data}, separators=(",", ":")
+        ).encode()
+
+
+def _msg_id(*parts: str) -> str:
+    return "msg_" + hashlib.sha256(":".join(parts).encode()).hexdigest()[:32]
+
+
+def result_event(r: InferenceResult) -> WebhookEvent | None:
+    if not r.webhook_url:
+        return None
+    ok = r.status is ResultStatus.SUCCEEDED
+    code, message = (None, None) if ok else error_code(r.error)
+    data = {
+        "id": r.request_id,
+        "object": "async.request",
+        "custom_id": r.custom_id,
+        "batch_id": r.batch_id,
+        "status": r.status.value,
+        "response": chat_completion(r) if ok else None,
+        "error": None if ok else {"code": code, "message": message},
+    }
+    kind = "request.completed" if ok else "request.failed"
+    return WebhookEvent(r.webhook_url, _msg_id(r.request_id, kind), kind, data, r.request_id, r.tenant)
+
+
+def batch_event(b: BatchStatus) -> WebhookEvent | None:
+    if not b.webhook_url or not b.terminal:
+        return None
+    from gateway.api import batch_object  # the one place the OpenAI batch object is built
+
+    kind = f"batch.{b.state.value}"
+    return WebhookEvent(b.webhook_url, _msg_id(b.batch_id, kind), kind, batch_object(b), None, b.tenant)
+
+
+class WebhookWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        publisher: Any,
+        *,
+        serde: Serde | None = None,
+        http: httpx.Client | None = None,
+    ) -> None:
+        self.settings = settings
+        self.cfg: WebhookSettings = settings.webhooks
+        if not self.cfg.secrets:
+            raise SluiceError("webhooks need a signing secret: set SLUICE_WEBHOOKS__SECRETS")
+        self.publisher = publisher
+        self.serde = serde or clients.serde(settings)
+        self.topics = Topics(settings.topic_prefix)
+        self.http = http or httpx.Client(timeout=self.cfg.timeout_s, follow_redirects=False)
+        self.group_id = f"{settings.topic_prefix}webhooks"
+        self.delivered = 0
+        self.given_up = 0
+        # The tracker is shared with the delivery threads.
+        self._tlock = threading.Lock()
+
+    def deliver(self, event: WebhookEvent, stop: threading.Event) -> str | None:
+        """Post ``event`` until a 2xx answer or the retry window ends; the last error, or None."""
+        start = time.monotonic()
+        delay = self.cfg.first_retry_s
+        body = event.body()
+        last = "not attempted"
+        while True:
+            try:
+                check_target(event.url, self.cfg.allow_private)
+            except TargetRefused as exc:
+                return str(exc)  # not retried: the address will not become public
+            ts = int(time.time())
+            headers = {
+                "content-type": "application/json",
+                "webhook-id": event.msg_id,
+                "webhook-timestamp": str(ts),
+                "webhook-signature": sign(self.cfg.secrets, event.msg_id, ts, body),
+                "user-agent": "sluice-webhooks",
+            }
+            try:
+                resp = self.http.post(event.url, content=body, headers=headers)
+                if 200 <= resp.status_code < 300:
+                    return None
+                last = f"HTTP {resp.status_code}"
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() - start + delay > self.cfg.retry_for_s:
+                return last
+            logger.info("webhook %s to %s: %s; retrying in %.1fs", event.msg_id, event.url, last, delay)
+            if stop.wait(delay):
+                return last
+            delay = min(delay * 2, self.cfg.max_retry_s)
+
+    def _give_up(self, event: WebhookEvent, error: str, coords: tuple[str, int, int], raw: bytes) -> None:
+        self.given_up += 1
+        logger.warning("webhook %s for %s given up: %s", event.type, event.request_id or event.url, error)
+        topic, partition, offset = coords
+        detail = f"{event.type} to {event.url}: {error}"
+        dl = DeadLetter.from_event(
+            DeadLetterReason.WEBHOOK_FAILED,
+            detail,
+            stage=Stage.DELIVERY,
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            original=raw,
+        )
+        dl.request_id, dl.tenant = event.request_id, event.tenant
+        records: list[tuple[str, str, AvroRecord]] = [(self.topics.dead_letter, event.request_id or event.msg_id, dl)]
+        if event.request_id is not None:
+            status = RequestStatus.of(event.request_id, RequestState.WEBHOOK_FAILED, detail=detail)
+            records.append((self.topics.status, event.request_id, status))
+        for t, key, rec in records:
+            self.publisher.publish(t, key, rec)
+        self.publisher.flush()
+
+    def _event(self, topic: str, value: bytes) -> WebhookEvent | None:
+        if topic == self.topics.results:
+            return result_event(self.serde.decode(InferenceResult, value))
+        return batch_event(self.serde.decode(BatchStatus, value))
+
+    def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
+        consumer = clients.consumer(self.settings.kafka, "webhooks", self.group_id, **{"enable.auto.commit": False})
+        consumer.subscribe(
+            [self.topics.results, self.topics.batches],
+            on_assign=lambda c, p: ready.set() if ready is not None else None,
+        )
+        tracker = OffsetTracker()
+        pool = ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix="webhook")
+        running: set[Future[None]] = set()
+        paused = False
+        last_commit = time.monotonic()
+        try:
+            while not stop.is_set():
+                running = {f for f in running if not f.done()}
+                # Bounded: deliveries that keep failing pause fetching instead of piling up.
+                full = len(running) >= self.cfg.concurrency * 4
+                if full != paused:
+                    (consumer.pause if full else consumer.resume)(consumer.assignment())
+                    paused = full
+                msg = consumer.poll(0.2)
+                if msg is not None:
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() != KafkaError._PARTITION_EOF:
+                            logger.warning("webhooks consumer: %s", err)
+                    else:
+                        coords = message_coords(msg)
+                        tp = (coords[0], coords[1])
+                        with self._tlock:
+                            tracker.fetched(tp, coords[2])
+                        raw = msg.value() or b""
+                        try:
+                            event = self._event(coords[0], raw)
+                        except SluiceError as exc:
+                            logger.error("webhooks skipped %s: %s", coords, exc)
+                            event = None
+                        if event is None:
+                            with self._tlock:
+                                tracker.done(tp, coords[2])
+                        else:
+                            running.add(pool.submit(self._run_one, event, coords, raw, tracker, stop))
+                if time.monotonic() - last_commit > 1.0:
+                    self._commit(consumer, tracker)
+                    last_commit = time.monotonic()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=False)
+            self._commit(consumer, tracker)
+            consumer.close()
+
+    def _run_one(
+        self,
+        event: WebhookEvent,
+        coords: tuple[str, int, int],
+        raw: bytes,
+        tracker: OffsetTracker,
+        stop: threading.Event,
+    ) -> None:
+        error = self.deliver(event, stop)
+        if error is None:
+            self.delivered += 1
+        elif stop.is_set():
+            return  # left uncommitted: the next worker delivers it
+        else:
+            self._give_up(event, error, coords, raw)
+        with self._tlock:
+            tracker.done((coords[0], coords[1]), coords[2])
+
+    def _commit(self, consumer: Any, tracker: OffsetTracker) -> None:
+        with self._tlock:
+            positions = tracker.committable()
+        if not positions:
+            return
+        try:
+            consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()], asynchronous=False)
+            with self._tlock:
+                tracker.mark_committed(positions)
+        except Exception as exc:  # a rebalance: the next owner re-delivers, receivers dedupe by id
+            logger.warning("webhooks commit failed: %s", exc)
