@@ -83,14 +83,14 @@ class Topics:
         return f"{self.prefix}{app_id}-{table}-changelog"
 
     def result_topics(self, tenancy: TenantSettings, tenant: str, reply_to: str | None) -> list[str]:
-        """Every topic a result of ``tenant`` is published to: the shared results topic, the
-        tenant's own results topic if it has one, and the request's reply topic (checked by the
-        router against the tenant's patterns before the request ran)."""
+        """Every topic a result of ``tenant`` goes to: the shared results topic, the tenant's own
+        results topic if it has one, and the request's reply topic if the tenant may use it (the
+        router refuses other reply topics; their failed results must not reach them either)."""
         out = [self.results]
         own = tenancy.results_topics.get(tenant)
         if own and own not in out:
             out.append(own)
-        if reply_to and reply_to not in out:
+        if reply_to and reply_to not in out and reply_to_allowed(tenancy, tenant, reply_to):
             out.append(reply_to)
         return out
 
