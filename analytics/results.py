@@ -1,4 +1,5 @@
-"""Follow the results topic, and render results as text or OpenAI batch JSONL."""
+"""Follow the results topic, and render results in OpenAI's shapes: a ``chat.completion`` object,
+and batch output and error lines (error codes mapped from the typed dead-letter reasons)."""
 
 from __future__ import annotations
 
@@ -6,54 +7,94 @@ import json
 import threading
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from confluent_kafka import KafkaError
 
-from schemas import InferenceResult, ResultStatus, Serde
+from schemas import DeadLetterReason, InferenceResult, ResultStatus, Serde
 from sluice import clients
 from sluice.errors import SluiceError
 from sluice.settings import Settings
 from sluice.topics import Topics
 
-__all__ = ["follow_results", "openai_batch_line"]
+__all__ = ["chat_completion", "error_code", "error_line", "follow_results", "openai_batch_line", "output_line"]
+
+
+# Typed dead-letter reasons -> the error codes callers of OpenAI's Batch API know.
+_CODES = {
+    DeadLetterReason.VALIDATION_ERROR: "invalid_request",
+    DeadLetterReason.MALFORMED_EVENT: "invalid_request",
+    DeadLetterReason.SCHEMA_MISMATCH: "invalid_request",
+    DeadLetterReason.UNKNOWN_MODEL: "model_not_found",
+    DeadLetterReason.CONTEXT_OVERFLOW: "context_length_exceeded",
+    DeadLetterReason.DEADLINE_EXPIRED: "batch_expired",
+    DeadLetterReason.BATCH_EXPIRED: "batch_expired",
+    DeadLetterReason.CANCELLED: "batch_cancelled",
+    DeadLetterReason.ENGINE_ERROR: "server_error",
+    DeadLetterReason.RETRIES_EXHAUSTED: "server_error",
+    DeadLetterReason.REPLY_TO_REFUSED: "reply_to_refused",
+}
+
+
+def chat_completion(r: InferenceResult) -> dict[str, Any]:
+    """A succeeded result as OpenAI's ``chat.completion`` object."""
+    return {
+        "id": f"chatcmpl-{r.request_id}",
+        "object": "chat.completion",
+        "created": int(r.completed_at.timestamp()),
+        "model": r.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": r.output_text},
+                "finish_reason": r.finish_reason or "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens,
+            "total_tokens": r.prompt_tokens + r.completion_tokens,
+        },
+        "system_fingerprint": None,
+    }
+
+
+def error_code(error: str | None) -> tuple[str, str]:
+    """(OpenAI-style code, message) for a failed result's ``"reason: detail"`` error."""
+    reason, _, detail = (error or "engine_error: unknown").partition(": ")
+    try:
+        return _CODES.get(DeadLetterReason(reason), reason), f"{reason}: {detail}"
+    except ValueError:
+        return reason, detail or reason
+
+
+def output_line(r: InferenceResult, custom_id: str | None = None) -> dict[str, Any]:
+    """One line of a batch's output (succeeded) or error (failed) file."""
+    cid = custom_id if custom_id is not None else r.custom_id
+    if r.status is ResultStatus.SUCCEEDED:
+        return {
+            "id": f"batch_req_{r.request_id}",
+            "custom_id": cid,
+            "response": {"status_code": 200, "request_id": r.request_id, "body": chat_completion(r)},
+            "error": None,
+        }
+    code, message = error_code(r.error)
+    return error_line(r.request_id, cid, code, message)
+
+
+def error_line(request_id: str, custom_id: str | None, code: str, message: str) -> dict[str, Any]:
+    return {
+        "id": f"batch_req_{request_id}",
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message},
+    }
 
 
 def openai_batch_line(r: InferenceResult) -> str:
-    """One line of OpenAI Batch API output JSONL (``custom_id`` is the Sluice request id)."""
-    if r.status is ResultStatus.SUCCEEDED:
-        body = {
-            "id": f"chatcmpl-{r.request_id}",
-            "object": "chat.completion",
-            "created": int(r.completed_at.timestamp()),
-            "model": r.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": r.output_text},
-                    "finish_reason": r.finish_reason,
-                }
-            ],
-            "usage": {
-                "prompt_tokens": r.prompt_tokens,
-                "completion_tokens": r.completion_tokens,
-                "total_tokens": r.prompt_tokens + r.completion_tokens,
-            },
-        }
-        line = {
-            "id": f"batch_req_{r.request_id}",
-            "custom_id": r.request_id,
-            "response": {"status_code": 200, "request_id": r.request_id, "body": body},
-            "error": None,
-        }
-    else:
-        code, _, message = (r.error or "engine_error: unknown").partition(": ")
-        line = {
-            "id": f"batch_req_{r.request_id}",
-            "custom_id": r.request_id,
-            "response": None,
-            "error": {"code": code, "message": message},
-        }
-    return json.dumps(line)
+    """One line of OpenAI Batch API output JSONL; ``custom_id`` is the caller's, else the request id."""
+    return json.dumps(output_line(r, r.custom_id or r.request_id))
 
 
 def follow_results(

@@ -18,10 +18,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from analytics.query import Query
+from analytics.results import chat_completion, error_code
 from gateway.batches import BatchError, BatchNotFound, BatchService, Publisher, QuotaExceeded
 from gateway.files import FileMeta, FileStore
 from gateway.keys import KeyStore
-from gateway.openai_format import LineError, chat_completion, error_code, request_from_body, unix
+from gateway.openai_format import LineError, request_from_body, unix
 from gateway.webhooks import TargetRefused, check_target
 from schemas import BatchState, BatchStatus, InferenceResult, Priority, ResultStatus
 from sluice.errors import SluiceError

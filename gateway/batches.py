@@ -25,8 +25,9 @@ from datetime import timedelta
 from typing import IO, Any, Protocol
 
 from analytics.query import Query
+from analytics.results import error_line, output_line
 from gateway.files import FileMeta, FileStore, iter_lines
-from gateway.openai_format import CHAT_ENDPOINT, LineError, error_line, output_line, parse_batch_line
+from gateway.openai_format import CHAT_ENDPOINT, LineError, parse_batch_line
 from schemas import (
     AvroRecord,
     BatchState,

@@ -1,6 +1,5 @@
-"""OpenAI's shapes, both ways: a chat-completions body (a batch line's ``body`` or an async request)
-becomes an :class:`InferenceRequest`; a result becomes a ``chat.completion`` object and a batch
-output or error line.
+"""OpenAI's request shapes: a chat-completions body (a batch line's ``body`` or an async request)
+becomes an :class:`InferenceRequest`. (Results become OpenAI's shapes in ``analytics.results``.)
 
 Parsing follows vLLM's ``run_batch.py``: a bad line is a per-line error, never a failed batch.
 """
@@ -13,20 +12,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from schemas import DeadLetterReason, InferenceRequest, InferenceResult, Priority, ResultStatus
+from schemas import InferenceRequest, Priority
 from schemas.errors import validation_summary
 
-__all__ = [
-    "CHAT_ENDPOINT",
-    "LineError",
-    "chat_completion",
-    "error_code",
-    "error_line",
-    "output_line",
-    "parse_batch_line",
-    "request_from_body",
-    "unix",
-]
+__all__ = ["CHAT_ENDPOINT", "LineError", "parse_batch_line", "request_from_body", "unix"]
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 
@@ -49,21 +38,6 @@ _BODY_FIELDS = {
 }
 # Sluice's own fields, accepted on the async endpoint (a batch sets them per batch).
 _ASYNC_FIELDS = {"priority", "webhook_url", "cache", "reply_to", "deadline"}
-
-# Typed dead-letter reasons -> the error codes callers of OpenAI's Batch API know.
-_CODES = {
-    DeadLetterReason.VALIDATION_ERROR: "invalid_request",
-    DeadLetterReason.MALFORMED_EVENT: "invalid_request",
-    DeadLetterReason.SCHEMA_MISMATCH: "invalid_request",
-    DeadLetterReason.UNKNOWN_MODEL: "model_not_found",
-    DeadLetterReason.CONTEXT_OVERFLOW: "context_length_exceeded",
-    DeadLetterReason.DEADLINE_EXPIRED: "batch_expired",
-    DeadLetterReason.BATCH_EXPIRED: "batch_expired",
-    DeadLetterReason.CANCELLED: "batch_cancelled",
-    DeadLetterReason.ENGINE_ERROR: "server_error",
-    DeadLetterReason.RETRIES_EXHAUSTED: "server_error",
-    DeadLetterReason.REPLY_TO_REFUSED: "reply_to_refused",
-}
 
 
 class LineError(ValueError):
@@ -217,62 +191,6 @@ def parse_batch_line(
         cid = custom_id if isinstance(custom_id, str) else None
         raise LineError(f"line {line_no}: {exc}", exc.code, custom_id=cid) from exc
     return custom_id, request
-
-
-def chat_completion(r: InferenceResult) -> dict[str, Any]:
-    """A succeeded result as OpenAI's ``chat.completion`` object."""
-    return {
-        "id": f"chatcmpl-{r.request_id}",
-        "object": "chat.completion",
-        "created": int(r.completed_at.timestamp()),
-        "model": r.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": r.output_text},
-                "finish_reason": r.finish_reason or "stop",
-                "logprobs": None,
-            }
-        ],
-        "usage": {
-            "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": r.completion_tokens,
-            "total_tokens": r.prompt_tokens + r.completion_tokens,
-        },
-        "system_fingerprint": None,
-    }
-
-
-def error_code(error: str | None) -> tuple[str, str]:
-    """(OpenAI-style code, message) for a failed result's ``"reason: detail"`` error."""
-    reason, _, detail = (error or "engine_error: unknown").partition(": ")
-    try:
-        return _CODES.get(DeadLetterReason(reason), reason), f"{reason}: {detail}"
-    except ValueError:
-        return reason, detail or reason
-
-
-def output_line(r: InferenceResult, custom_id: str | None = None) -> dict[str, Any]:
-    """One line of a batch's output (succeeded) or error (failed) file."""
-    cid = custom_id if custom_id is not None else r.custom_id
-    if r.status is ResultStatus.SUCCEEDED:
-        return {
-            "id": f"batch_req_{r.request_id}",
-            "custom_id": cid,
-            "response": {"status_code": 200, "request_id": r.request_id, "body": chat_completion(r)},
-            "error": None,
-        }
-    code, message = error_code(r.error)
-    return error_line(r.request_id, cid, code, message)
-
-
-def error_line(request_id: str, custom_id: str | None, code: str, message: str) -> dict[str, Any]:
-    return {
-        "id": f"batch_req_{request_id}",
-        "custom_id": custom_id,
-        "response": None,
-        "error": {"code": code, "message": message},
-    }
 
 
 def unix(ts: datetime | None) -> int | None:

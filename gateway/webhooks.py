@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 import httpx
 from confluent_kafka import KafkaError, TopicPartition
 
-from gateway.openai_format import chat_completion, error_code
+from analytics.results import chat_completion, error_code
 from gpu_consumers.offsets import OffsetTracker
 from schemas import (
     AvroRecord,

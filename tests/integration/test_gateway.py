@@ -237,25 +237,34 @@ def test_results_reach_the_tenants_topic_and_an_allowed_reply_topic(gw: LocalSta
         allowed = client.submit("to my topic", tenant="team-a", reply_to=reply, max_tokens=2)
         refused = client.submit("to theirs", tenant="team-a", reply_to=f"{p}team-b.results", max_tokens=2)
         other = client.submit("not mine", tenant="team-b", max_tokens=2)
-    on_reply = topic_records(s, reply, InferenceResult, serde, timeout=60, quiet_s=6)
+    on_reply = wait_until(
+        lambda: topic_records(s, reply, InferenceResult, serde, quiet_s=1),
+        timeout=90,
+        interval=1.0,
+        what="a result on the reply topic",
+    )
     assert [r.request_id for r in on_reply] == [allowed]
-    own = {r.request_id: r for r in topic_records(s, f"{p}team-a.results", InferenceResult, serde, quiet_s=4)}
+    own_topic = f"{p}team-a.results"
+    wait_until(lambda: len(topic_records(s, own_topic, InferenceResult, serde, quiet_s=1)) >= 2, timeout=60)
+    own = {r.request_id: r for r in topic_records(s, own_topic, InferenceResult, serde, quiet_s=4)}
     assert set(own) == {allowed, refused}  # the tenant's own topic has all its results, nothing else
     assert own[refused].error is not None and own[refused].error.startswith("reply_to_refused:")
     assert other not in own
 
 
-def test_sluice_batch_cli(gw: LocalStack, tmp_path: Path) -> None:
+def test_sluice_batch_cli(gw: LocalStack, tmp_path: Path, clickhouse_store: Store) -> None:
     s: Settings = gw.settings
     path = tmp_path / "in.jsonl"
-    path.write_bytes(_jsonl(4) + b'{"custom_id": "bad"}\n')
+    unknown = json.loads(_jsonl(1, prefix="lost").decode())
+    unknown["body"]["model"] = "no-such-model"
+    path.write_bytes(_jsonl(4) + b'{"custom_id": "bad"}\n' + json.dumps(unknown).encode() + b"\n")
     submitted = run_cli(s, "batch", "submit", str(path), "--priority", "normal", "--metadata", "team=docs")
     assert submitted.returncode == 0, submitted.stderr
     batch_id = submitted.stdout.strip()
     assert batch_id.startswith("batch_")
     waited = run_cli(s, "batch", "wait", batch_id, "--timeout", "90")
     assert waited.returncode == 0, waited.stdout + waited.stderr
-    assert "completed, 4 completed, 1 failed of 5" in waited.stdout
+    assert "completed, 4 completed, 2 failed of 6" in waited.stdout
     out = run_cli(s, "batch", "output", batch_id, "-o", str(tmp_path / "out.jsonl"))
     assert out.returncode == 0, out.stderr
     assert sorted(json.loads(x)["custom_id"] for x in (tmp_path / "out.jsonl").read_text().splitlines()) == [
@@ -264,12 +273,41 @@ def test_sluice_batch_cli(gw: LocalStack, tmp_path: Path) -> None:
         "q2",
         "q3",
     ]
-    errors = run_cli(s, "batch", "errors", batch_id)
-    (line,) = errors.stdout.splitlines()
-    assert json.loads(line)["custom_id"] == "bad" and json.loads(line)["error"]["code"] == "invalid_request"
+    errors = [json.loads(x) for x in run_cli(s, "batch", "errors", batch_id).stdout.splitlines()]
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
+        ("bad", "invalid_request"),
+        ("lost0", "model_not_found"),
+    ]
     listed = run_cli(s, "batch", "list", "--format", "json")
     assert [json.loads(x)["id"] for x in listed.stdout.splitlines()] == [batch_id]
     status = run_cli(s, "batch", "status", batch_id, "--format", "json")
     assert json.loads(status.stdout)["metadata"] == {"team": "docs"}
     missing = run_cli(s, "batch", "status", "batch_nope")
     assert missing.returncode == 1 and "HTTP 404" in missing.stderr
+    db = s.clickhouse.database
+    row = clickhouse_store.query(
+        f"SELECT state, total, completed, failed FROM {db}.batches FINAL WHERE batch_id = {{b:String}}",
+        {"b": batch_id},
+    ).rows
+    assert [tuple(r) for r in row] == [("completed", 6, 4, 2)]
+
+    # The batch's failures replay: the unknown-model line, to a model that exists (the invalid
+    # line is not a dead letter: replaying it could not succeed).
+    replayed = run_cli(s, "dlq", "replay", "--batch", batch_id, "--to-model", "tiny", "--format", "json")
+    assert replayed.returncode == 0, replayed.stderr
+    actions = [json.loads(x) for x in replayed.stdout.splitlines()]
+    assert [a["action"] for a in actions] == ["replayed"]
+    wait_until(
+        lambda: clickhouse_store.query(
+            f"SELECT status FROM {db}.results FINAL WHERE replay_of = {{r:String}}", {"r": f"{batch_id}-000005"}
+        ).rows,
+        lambda rows: [tuple(r) for r in rows] == [("succeeded",)],
+        what="the replayed request's result",
+    )
+
+    # A key made with the CLI is printed once and works at once.
+    made = run_cli(s, "keys", "create", "--tenant", "team-z")
+    key = made.stdout.strip()
+    assert made.returncode == 0 and key.startswith("sk-sluice-")
+    listed_z = httpx.get(f"{gw.gateway_url}/v1/batches", headers={"Authorization": f"Bearer {key}"})
+    assert listed_z.status_code == 200 and listed_z.json()["data"] == []

@@ -75,9 +75,11 @@ def test_openai_batch_jsonl_lines() -> None:
     assert line["response"]["body"]["usage"]["total_tokens"] == 4
     bad = ok.model_copy(update={"status": "failed", "error": "context_overflow: too long"})
     assert json.loads(openai_batch_line(bad))["error"] == {
-        "code": "context_overflow",
-        "message": "too long",
+        "code": "context_length_exceeded",
+        "message": "context_overflow: too long",
     }
+    # The caller's custom_id when the request had one.
+    assert json.loads(openai_batch_line(ok.model_copy(update={"custom_id": "mine"})))["custom_id"] == "mine"
 
 
 def test_a_written_catalog_loads_back(tmp_path: Path) -> None:

@@ -14,11 +14,12 @@ import pytest
 from fastapi.testclient import TestClient
 from standardwebhooks.webhooks import Webhook
 
+from analytics.results import output_line
 from gateway.api import Services, create_api
 from gateway.batches import BatchService, QuotaExceeded, request_id_for
 from gateway.files import FileMeta, LocalFileStore, iter_lines
 from gateway.keys import KeyStore, hash_key
-from gateway.openai_format import LineError, output_line, parse_batch_line, request_from_body
+from gateway.openai_format import LineError, parse_batch_line, request_from_body
 from gateway.webhooks import TargetRefused, check_target, new_secret, sign
 from schemas import (
     BatchState,
