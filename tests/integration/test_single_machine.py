@@ -201,6 +201,11 @@ def test_kill_9_of_every_process_then_a_restart_loses_nothing(tmp_path: Path) ->
 def test_a_killed_consumer_is_restarted_and_nothing_is_lost(tmp_path: Path) -> None:
     up = Up(tmp_path / "data", token_seconds=0.02).start()
     try:
+        # The gateway is part of the stack: its URL is on the ready line and in the stack file.
+        gateway_url = json.loads((up.data_dir / "stack.json").read_text())["gateway_url"]
+        assert gateway_url in "".join(up.output)
+        with urllib.request.urlopen(f"{gateway_url}/healthz", timeout=5) as resp:
+            assert resp.status == 200
         ids = _submit(up, 150, "consumer-dies")
         consumer = next(p for p, cmd in up.children().items() if "gpu_consumers" in cmd)
         time.sleep(1.0)
