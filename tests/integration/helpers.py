@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from typing import Any, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
@@ -89,3 +90,27 @@ def results(store: Store, ids: list[str]) -> dict[str, dict[str, Any]]:
         {"ids": ids},
     ).dicts()
     return {r["request_id"]: r for r in rows}
+
+
+class TopicCounter:
+    """One reader of ``topic`` from the beginning, kept open: :meth:`counts` returns the messages
+    per key seen so far, up to date within a poll. (A new reader per check can see nothing until
+    its first fetch completes, which on some brokers takes seconds.)"""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self._consumer = clients.consumer(
+            settings.kafka, "test", f"{settings.topic_prefix}counter-{uuid.uuid4().hex[:6]}"
+        )
+        meta = self._consumer.list_topics(timeout=10).topics
+        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta[topic].partitions])
+        self._counts: Counter[str] = Counter()
+
+    def counts(self) -> Counter[str]:
+        while msgs := self._consumer.consume(500, timeout=0.1):
+            for msg in msgs:
+                if msg.error() is None:
+                    self._counts[(msg.key() or b"").decode()] += 1
+        return Counter(self._counts)
+
+    def close(self) -> None:
+        self._consumer.close()

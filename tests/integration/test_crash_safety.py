@@ -23,7 +23,7 @@ from producers import SluiceClient
 from schemas import RequestState, RequestStatus, Serde
 from sluice.local.stack import LocalStack, _Child, child_env
 from sluice.settings import Settings
-from tests.integration.helpers import topic_keys, topic_records
+from tests.integration.helpers import TopicCounter, topic_keys, topic_records
 from tests.support import wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
@@ -76,13 +76,14 @@ def test_kill_9_mid_run_loses_nothing_and_reruns_at_most_the_in_flight_window(
         ids = [client.submit(f"crash test {i}", max_tokens=4, cache=False) for i in range(60)]
         client.flush()
         killed_in_flight: list[set[str]] = []
+        progress = TopicCounter(stack.settings, stack.settings.topic_prefix + "results")
         for k in range(3):
             child = _consumer(stack)
             wait_until(
-                lambda: len(_results_on_topic(stack.settings, ids, quiet_s=0.3)),
+                lambda: len(set(progress.counts()) & set(ids)),
                 lambda n, k=k: n >= 12 * (k + 1),
                 timeout=120,
-                interval=0.2,
+                interval=0.05,
                 what="progress before the kill",
             )
             child.proc.send_signal(signal.SIGKILL)
@@ -92,6 +93,7 @@ def test_kill_9_mid_run_loses_nothing_and_reruns_at_most_the_in_flight_window(
             in_flight = _in_flight(stack.settings, ids)
             logger.info("kill %d hit in-flight requests %s", k + 1, sorted(in_flight))
             killed_in_flight.append(in_flight)
+        progress.close()
         assert all(killed_in_flight), f"a kill found nothing in the engine: {killed_in_flight}"
         child = _consumer(stack)
         try:
