@@ -26,6 +26,7 @@ from gateway.openai_format import LineError, request_from_body, unix
 from gateway.webhooks import TargetRefused, check_target
 from schemas import BatchState, BatchStatus, InferenceResult, Priority, ResultStatus
 from sluice.errors import SluiceError
+from sluice.headers import valid_traceparent
 from sluice.settings import Settings
 
 __all__ = ["ApiError", "Services", "batch_object", "create_api"]
@@ -250,7 +251,9 @@ def create_api(services: Services) -> FastAPI:
         queued = s.batches.outstanding(tenant)
         if queued + 1 > s.settings.gateway.max_queued_per_tenant:
             raise ApiError(429, f"tenant {tenant!r} has {queued} requests queued (the limit)", "rate_limit_exceeded")
-        s.publisher.submit_request(req)
+        # The caller's W3C trace context continues through the pipeline (a bad one starts a new trace).
+        trace = request.headers.get("traceparent")
+        s.publisher.submit_request(req, traceparent=trace if trace and valid_traceparent(trace) else None)
         s.publisher.flush()  # acknowledged by the broker before the caller is told it is queued
         s.recent[req.request_id] = tenant
         while len(s.recent) > 100_000:

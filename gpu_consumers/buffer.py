@@ -9,10 +9,11 @@ so low priority is never starved.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from schemas import InferenceRequest, Priority
+from sluice.headers import Headers
 
 __all__ = ["Buffered", "PriorityBuffer"]
 
@@ -26,6 +27,8 @@ class Buffered:
     request: InferenceRequest
     arrived: float  # monotonic time it entered the buffer
     timestamp_ms: int | None = None  # the record's timestamp (part of a dead letter's id)
+    # Its trace context, tenant and correlation id: copied onto everything written about it.
+    headers: Headers = field(default_factory=list)
 
     @property
     def rank(self) -> int:

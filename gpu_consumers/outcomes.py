@@ -5,6 +5,7 @@ records the same way), so they are unit-tested without a broker."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -26,12 +27,13 @@ from schemas import (
     Stage,
 )
 from sluice.catalog import ModelEntry
+from sluice.headers import Headers
 from sluice.settings import RetrySettings
 from sluice.topics import Topics
 
 __all__ = ["Out", "Outcomes"]
 
-Headers = list[tuple[str, str | bytes | None]]
+OutHeaders = Sequence[tuple[str, str | bytes | None]]
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class Out:
     topic: str
     key: str | None
     record: AvroRecord
-    headers: Headers = field(default_factory=list)
+    headers: OutHeaders = field(default_factory=list)
     # Unset: the producer's partitioner picks one.
     partition: int | None = None
 
@@ -105,8 +107,8 @@ class Outcomes:
         )
         rid = req.request_id
         return [
-            Out(self.topics.results, rid, result),
-            Out(self.topics.cost_metrics, rid, self._metric(result, usage)),
+            Out(self.topics.results, rid, result, item.headers),
+            Out(self.topics.cost_metrics, rid, self._metric(result, usage), item.headers),
             *self.status(rid, RequestState.SUCCEEDED, f"{out.completion_tokens} tokens, {out.finish_reason}"),
         ]
 
@@ -134,9 +136,12 @@ class Outcomes:
         )
         dl = self.dead_letter(reason, error, item, req)
         rid = req.request_id
-        outs = [Out(self.topics.results, rid, result), Out(self.topics.dead_letter, rid, dl)]
+        outs = [
+            Out(self.topics.results, rid, result, item.headers),
+            Out(self.topics.dead_letter, rid, dl, item.headers),
+        ]
         if usage is not None and out is not None and (out.prompt_tokens or out.completion_tokens):
-            outs.append(Out(self.topics.cost_metrics, rid, self._metric(result, usage)))
+            outs.append(Out(self.topics.cost_metrics, rid, self._metric(result, usage), item.headers))
         return [*outs, *self.status(rid, reason.state, f"{reason.value}: {error}")]
 
     def dead_letter(
@@ -163,6 +168,7 @@ class Outcomes:
         value: bytes,
         timestamp_ms: int | None,
         rejection: PipelineRejection,
+        headers: Headers | None = None,
     ) -> list[Out]:
         """A message that is not a request this consumer can run: a dead letter, and a failed
         result when the requester can still be read from it."""
@@ -180,11 +186,11 @@ class Outcomes:
             model=self.entry.name,
         )
         if who is None:
-            return [Out(self.topics.dead_letter, None, dl)]
+            return [Out(self.topics.dead_letter, None, dl, list(headers or []))]
         result = InferenceResult.failed(who, rejection.reason, rejection.detail, model=self.entry.name)
         return [
-            Out(self.topics.results, who.request_id, result),
-            Out(self.topics.dead_letter, who.request_id, dl),
+            Out(self.topics.results, who.request_id, result, list(headers or [])),
+            Out(self.topics.dead_letter, who.request_id, dl, list(headers or [])),
             *self.status(who.request_id, rejection.reason.state, str(rejection)),
         ]
 
@@ -195,7 +201,7 @@ class Outcomes:
         next owner runs this one."""
         req = item.request
         return [
-            Out(item.topic, req.request_id, req, partition=item.partition),
+            Out(item.topic, req.request_id, req, item.headers, partition=item.partition),
             *self.status(req.request_id, RequestState.QUEUED, f"handed back: {why}"),
         ]
 
@@ -215,7 +221,7 @@ class Outcomes:
         level = min(req.attempt, len(backoff) - 1)
         retry = req.model_copy(update={"attempt": req.attempt + 1})
         return [
-            Out(self.topics.retry(level), req.request_id, retry, [("target", item.topic.encode())]),
+            Out(self.topics.retry(level), req.request_id, retry, [("target", item.topic.encode()), *item.headers]),
             *self.status(
                 req.request_id,
                 RequestState.QUEUED,

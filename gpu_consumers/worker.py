@@ -47,6 +47,7 @@ from gpu_consumers.transactions import TransactionalPublisher
 from schemas import DeadLetterReason, InferenceRequest, PipelineRejection, RequestState, Serde, utcnow
 from sluice import clients
 from sluice.catalog import Catalog, ModelEntry
+from sluice.headers import carried
 from sluice.metrics import ENGINE_INFLIGHT, ENGINE_SECONDS, REQUESTS
 from sluice.settings import Settings
 from sluice.topics import Topics, message_coords
@@ -157,10 +158,14 @@ class GpuWorker:
             request = self.serde.decode(InferenceRequest, value)
         except PipelineRejection as exc:
             self.publisher.publish(
-                tp, offset, self.outcomes.rejected(topic, partition, offset, value, timestamp_ms, exc)
+                tp,
+                offset,
+                self.outcomes.rejected(topic, partition, offset, value, timestamp_ms, exc, carried(msg.headers())),
             )
             return
-        self.buffer.add(Buffered(topic, partition, offset, value, request, time.monotonic(), timestamp_ms))
+        self.buffer.add(
+            Buffered(topic, partition, offset, value, request, time.monotonic(), timestamp_ms, carried(msg.headers()))
+        )
 
     def _drain_client(self, consumer: Consumer, timeout: float, chunk: int = 500, max_chunks: int = 20) -> None:
         """Take in everything the client has prefetched (a full buffer rewinds its partitions, so

@@ -20,6 +20,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from schemas import AvroRecord, ChatMessage, InferenceRequest, Priority, RequestState, RequestStatus, Serde
 from sluice import clients
 from sluice.errors import BrokerError, ConfigError
+from sluice.headers import new_traceparent, valid_traceparent
 from sluice.settings import Settings
 from sluice.topics import Topics
 
@@ -74,8 +75,12 @@ class SluiceClient:
         response_format: str | None = None,
         reply_to: str | None = None,
         webhook_url: str | None = None,
+        traceparent: str | None = None,
     ) -> str:
-        """Queue one chat request; returns its request id (delivery completes asynchronously)."""
+        """Queue one chat request; returns its request id (delivery completes asynchronously).
+
+        ``traceparent`` (W3C trace context) continues the caller's trace; without one the request
+        starts its own. It travels as a header through every stage to the result."""
         if (prompt is None) == (messages is None):
             raise ConfigError("pass exactly one of `prompt` or `messages`")
         msgs: list[Any] = []
@@ -107,12 +112,19 @@ class SluiceClient:
         }
         if request_id is not None:
             fields["request_id"] = request_id
-        return self.submit_request(InferenceRequest.model_validate(fields))
+        return self.submit_request(InferenceRequest.model_validate(fields), traceparent=traceparent)
 
-    def submit_request(self, request: InferenceRequest) -> str:
+    def submit_request(
+        self, request: InferenceRequest, *, traceparent: str | None = None, tracestate: str | None = None
+    ) -> str:
+        if traceparent is not None and not valid_traceparent(traceparent):
+            raise ConfigError(f"traceparent {traceparent!r} is not a W3C trace context (00-<32 hex>-<16 hex>-<2 hex>)")
         headers: list[tuple[str, str | bytes | None]] = [("tenant", request.tenant.encode())]
         if request.correlation_id:
             headers.append(("correlation_id", request.correlation_id.encode()))
+        headers.append(("traceparent", (traceparent or new_traceparent()).encode()))
+        if tracestate:
+            headers.append(("tracestate", tracestate.encode()))
         topic = self.topics.requests(request.priority)
         self._produce(topic, request.request_id, self._serde.encode(request), headers)
         if self.settings.publish_status:

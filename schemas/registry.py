@@ -22,6 +22,7 @@ __all__ = [
     "SchemaRegistry",
     "load_schema",
     "schema_fullname",
+    "schema_text",
 ]
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,12 @@ ParsedSchema = dict[str, Any]
 @cache
 def _schema_json(filename: str) -> str:
     return resources.files("schemas").joinpath(f"avro/{filename}").read_text()
+
+
+def schema_text(filename: str) -> str:
+    """A packaged ``.avsc`` file as written: docs, defaults and logical types included (what a
+    Schema Registry must hold; the parsing canonical form drops them)."""
+    return _schema_json(filename)
 
 
 def load_schema(filename: str) -> ParsedSchema:
@@ -86,34 +93,71 @@ class LocalSchemaRegistry:
             raise SerializationError(DeadLetterReason.SCHEMA_MISMATCH, f"unknown schema id {schema_id}") from None
 
 
-class ConfluentSchemaRegistry:
-    """Confluent Schema Registry over HTTP (confluent-kafka's client), with local caches."""
+def _plain(value: Any) -> Any:
+    """A parsed schema without fastavro's bookkeeping keys (``__fastavro_parsed``, …)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if not str(k).startswith("__")}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
-    def __init__(self, url: str, basic_auth_user_info: str | None = None) -> None:
+
+class ConfluentSchemaRegistry:
+    """A Confluent Schema Registry through confluent-kafka's client (``mock://`` URLs give its
+    in-process registry). Serializers built on it are confluent-kafka's own ``AvroSerializer`` and
+    ``AvroDeserializer`` (see ``schemas.serde``), registering the full ``.avsc`` text under
+    record-name subjects.
+
+    ``config`` passes any client setting through (``ssl.ca.location``, ``bearer.auth.*``, …)."""
+
+    def __init__(
+        self,
+        url: str,
+        basic_auth_user_info: str | None = None,
+        *,
+        config: dict[str, str] | None = None,
+        auto_register_schemas: bool = True,
+        use_latest_version: bool = False,
+    ) -> None:
         try:
-            from confluent_kafka.schema_registry import SchemaRegistryClient
+            from confluent_kafka.schema_registry import SchemaRegistryClient, record_subject_name_strategy
         except ImportError as exc:  # pragma: no cover - dependency is declared
             raise ConfigError(f"Schema Registry client unavailable: {exc}") from exc
-        conf: dict[str, str] = {"url": url}
+        conf: dict[str, Any] = {"url": url, **(config or {})}
         if basic_auth_user_info:
             conf["basic.auth.user.info"] = basic_auth_user_info
-        self._client = SchemaRegistryClient(conf)
-        self._ids: dict[tuple[str, str], int] = {}
+        try:
+            self.client = SchemaRegistryClient.new_client(conf)
+        except Exception as exc:
+            raise ConfigError(f"Schema Registry client for {url}: {exc}") from exc
+        self.serializer_conf: dict[str, Any] = {
+            "auto.register.schemas": auto_register_schemas,
+            "use.latest.version": use_latest_version,
+            "subject.name.strategy": record_subject_name_strategy,
+        }
         self._schemas: dict[int, ParsedSchema] = {}
 
     def id_for(self, schema: ParsedSchema, subject: str) -> int:
+        """The id of ``schema`` under ``subject`` (registered when auto-registration is on)."""
         from confluent_kafka.schema_registry import Schema
 
-        canonical = to_parsing_canonical_form(schema)
-        key = (subject, canonical)
-        if key not in self._ids:
-            self._ids[key] = self._client.register_schema(subject, Schema(canonical, "AVRO"))
-        return self._ids[key]
+        text = json.dumps(_plain(schema))
+        try:
+            if self.serializer_conf["auto.register.schemas"]:
+                return int(self.client.register_schema(subject, Schema(text, "AVRO")))
+            found = self.client.lookup_schema(subject, Schema(text, "AVRO")).schema_id
+            if found is None:
+                raise SerializationError(DeadLetterReason.SCHEMA_MISMATCH, f"subject {subject}: schema not registered")
+            return int(found)
+        except SerializationError:
+            raise
+        except Exception as exc:
+            raise SerializationError(DeadLetterReason.SCHEMA_MISMATCH, f"subject {subject}: {exc}") from exc
 
     def schema_for(self, schema_id: int) -> ParsedSchema:
         if schema_id not in self._schemas:
             try:
-                registered = self._client.get_schema(schema_id)
+                registered = self.client.get_schema(schema_id)
             except Exception as exc:
                 raise SerializationError(DeadLetterReason.SCHEMA_MISMATCH, f"schema id {schema_id}: {exc}") from exc
             self._schemas[schema_id] = dict(parse_schema(json.loads(registered.schema_str or "{}")))

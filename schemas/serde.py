@@ -10,7 +10,7 @@ import io
 import struct
 from typing import Any, Generic, TypeVar
 
-from confluent_kafka.serialization import Deserializer, SerializationContext, Serializer
+from confluent_kafka.serialization import Deserializer, MessageField, SerializationContext, Serializer
 from fastavro import schemaless_reader, schemaless_writer
 from pydantic import ValidationError
 
@@ -22,10 +22,19 @@ from schemas.registry import (
     SchemaRegistry,
     load_schema,
     schema_fullname,
+    schema_text,
 )
 from schemas.vocabulary import DeadLetterReason
 
-__all__ = ["MAGIC_BYTE", "AvroDeserializer", "AvroSerializer", "Serde", "peek_schema_id"]
+__all__ = [
+    "MAGIC_BYTE",
+    "AvroDeserializer",
+    "AvroSerializer",
+    "RegistryAvroDeserializer",
+    "RegistryAvroSerializer",
+    "Serde",
+    "peek_schema_id",
+]
 
 MAGIC_BYTE = 0
 _HEADER = struct.Struct(">bI")
@@ -109,6 +118,65 @@ class AvroDeserializer(Deserializer, Generic[R]):  # type: ignore[misc]
             raise SerializationError(DeadLetterReason.VALIDATION_ERROR, validation_summary(exc), record=record) from exc
 
 
+class RegistryAvroSerializer(AvroSerializer[R]):
+    """Registry mode: confluent-kafka's ``AvroSerializer`` with the full ``.avsc`` text, under the
+    record-name subject, honouring ``auto.register.schemas`` and ``use.latest.version``."""
+
+    def __init__(self, registry: ConfluentSchemaRegistry, record_type: type[R]) -> None:
+        from confluent_kafka.schema_registry.avro import AvroSerializer as ConfluentAvroSerializer
+
+        self._name = schema_fullname(load_schema(record_type.schema_file))
+        self._inner = ConfluentAvroSerializer(
+            registry.client, schema_text(record_type.schema_file), conf=registry.serializer_conf
+        )
+
+    @property
+    def schema_id(self) -> int:
+        raise NotImplementedError("registry mode: the id is known after the first record is written")
+
+    def __call__(self, obj: R | None, ctx: SerializationContext | None = None) -> bytes | None:
+        if obj is None:
+            return None
+        try:
+            data = self._inner(obj.to_avro(), ctx or _CTX)
+        except Exception as exc:
+            raise SerializationError(
+                DeadLetterReason.SCHEMA_MISMATCH, f"cannot serialize {self._name} with the Schema Registry: {exc}"
+            ) from exc
+        return bytes(data) if data is not None else None
+
+
+class RegistryAvroDeserializer(AvroDeserializer[R]):
+    """Registry mode: confluent-kafka's ``AvroDeserializer`` (the writer's schema fetched by id,
+    resolved to this release's ``.avsc``), its errors mapped to the typed dead-letter reasons."""
+
+    def __init__(self, registry: ConfluentSchemaRegistry, record_type: type[R]) -> None:
+        from confluent_kafka.schema_registry.avro import AvroDeserializer as ConfluentAvroDeserializer
+
+        super().__init__(registry, record_type)
+        self._inner = ConfluentAvroDeserializer(registry.client, schema_text(record_type.schema_file))
+
+    def decode_dict(self, data: bytes) -> dict[str, Any]:
+        schema_id = peek_schema_id(data)
+        writer = self._registry.schema_for(schema_id)  # SCHEMA_MISMATCH when the id is unknown
+        if schema_fullname(writer) != self._name:
+            raise SerializationError(
+                DeadLetterReason.SCHEMA_MISMATCH,
+                f"schema id {schema_id} is {schema_fullname(writer)}, expected {self._name}",
+            )
+        try:
+            record = self._inner(data, _CTX)
+        except Exception as exc:
+            raise SerializationError(DeadLetterReason.MALFORMED_EVENT, f"undecodable Avro body: {exc!r}") from exc
+        if not isinstance(record, dict):
+            raise SerializationError(DeadLetterReason.MALFORMED_EVENT, "record is not a map")
+        return record
+
+
+# Record-name subjects do not depend on the topic; confluent-kafka still wants a context.
+_CTX = SerializationContext("sluice", MessageField.VALUE)
+
+
 class Serde:
     """Serializer/deserializer factory bound to one schema registry, with per-type caching."""
 
@@ -118,20 +186,42 @@ class Serde:
         self._de: dict[type[AvroRecord], AvroDeserializer[Any]] = {}
 
     @classmethod
-    def for_registry(cls, url: str | None = None, basic_auth_user_info: str | None = None) -> Serde:
+    def for_registry(
+        cls,
+        url: str | None = None,
+        basic_auth_user_info: str | None = None,
+        *,
+        config: dict[str, str] | None = None,
+        auto_register_schemas: bool = True,
+        use_latest_version: bool = False,
+    ) -> Serde:
         """A Confluent Schema Registry at ``url``, or the local id table when ``url`` is unset."""
         if url:
-            return cls(ConfluentSchemaRegistry(url, basic_auth_user_info))
+            return cls(
+                ConfluentSchemaRegistry(
+                    url,
+                    basic_auth_user_info,
+                    config=config,
+                    auto_register_schemas=auto_register_schemas,
+                    use_latest_version=use_latest_version,
+                )
+            )
         return cls(LocalSchemaRegistry())
 
     def serializer(self, record_type: type[R]) -> AvroSerializer[R]:
         if record_type not in self._ser:
-            self._ser[record_type] = AvroSerializer(self.registry, record_type)
+            if isinstance(self.registry, ConfluentSchemaRegistry):
+                self._ser[record_type] = RegistryAvroSerializer(self.registry, record_type)
+            else:
+                self._ser[record_type] = AvroSerializer(self.registry, record_type)
         return self._ser[record_type]
 
     def deserializer(self, record_type: type[R]) -> AvroDeserializer[R]:
         if record_type not in self._de:
-            self._de[record_type] = AvroDeserializer(self.registry, record_type)
+            if isinstance(self.registry, ConfluentSchemaRegistry):
+                self._de[record_type] = RegistryAvroDeserializer(self.registry, record_type)
+            else:
+                self._de[record_type] = AvroDeserializer(self.registry, record_type)
         return self._de[record_type]
 
     def encode(self, obj: AvroRecord) -> bytes:

@@ -113,4 +113,10 @@ def admin(kafka: KafkaSettings, component: str) -> AdminClient:
 def serde(settings: Settings) -> Serde:
     """The serializers for the configured Schema Registry (or the local id table)."""
     sr = settings.schema_registry
-    return Serde.for_registry(sr.url, sr.basic_auth_user_info)
+    return Serde.for_registry(
+        sr.url,
+        sr.basic_auth_user_info,
+        config=sr.config,
+        auto_register_schemas=sr.auto_register_schemas,
+        use_latest_version=sr.use_latest_version,
+    )

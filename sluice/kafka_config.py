@@ -1,4 +1,8 @@
-"""The one place that assembles librdkafka configuration dicts from Settings."""
+"""The one place that assembles librdkafka configuration dicts from Settings.
+
+Order: the connection (security) settings, then Sluice's defaults for the client kind, then the
+caller's overrides, and ``KafkaSettings.extra`` last, so a user's property always wins.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +10,43 @@ from typing import Any
 
 from sluice.settings import KafkaSettings
 
-__all__ = ["admin_config", "common_config", "consumer_config", "producer_config"]
+__all__ = ["admin_config", "common_config", "consumer_config", "producer_config", "security_config"]
+
+
+def security_config(kafka: KafkaSettings) -> dict[str, Any]:
+    """``security.protocol`` and the TLS and SASL properties it needs."""
+    conf: dict[str, Any] = {"security.protocol": kafka.security_protocol}
+    if kafka.uses_tls:
+        conf["ssl.endpoint.identification.algorithm"] = kafka.ssl_endpoint_identification_algorithm
+        for key, value in (
+            ("ssl.ca.location", kafka.ssl_ca_location),
+            ("ssl.certificate.location", kafka.ssl_certificate_location),
+            ("ssl.key.location", kafka.ssl_key_location),
+            ("ssl.key.password", kafka.ssl_key_password),
+        ):
+            if value is not None:
+                conf[key] = value
+    if kafka.uses_sasl:
+        mechanism = kafka.sasl_mechanism or "PLAIN"
+        conf["sasl.mechanism"] = mechanism
+        if mechanism == "OAUTHBEARER":
+            if kafka.sasl_oauthbearer_token_endpoint_url:
+                conf["sasl.oauthbearer.method"] = "oidc"
+                conf["sasl.oauthbearer.token.endpoint.url"] = kafka.sasl_oauthbearer_token_endpoint_url
+                conf["sasl.oauthbearer.client.id"] = kafka.sasl_oauthbearer_client_id or ""
+                conf["sasl.oauthbearer.client.secret"] = kafka.sasl_oauthbearer_client_secret or ""
+                if kafka.sasl_oauthbearer_scope:
+                    conf["sasl.oauthbearer.scope"] = kafka.sasl_oauthbearer_scope
+        else:
+            if kafka.sasl_username is not None:
+                conf["sasl.username"] = kafka.sasl_username
+            if kafka.sasl_password is not None:
+                conf["sasl.password"] = kafka.sasl_password
+    return conf
 
 
 def common_config(kafka: KafkaSettings) -> dict[str, Any]:
-    conf: dict[str, Any] = {
-        "bootstrap.servers": kafka.bootstrap_servers,
-        "security.protocol": kafka.security_protocol,
-    }
-    if kafka.sasl_mechanism:
-        conf["sasl.mechanism"] = kafka.sasl_mechanism
-    if kafka.sasl_username is not None:
-        conf["sasl.username"] = kafka.sasl_username
-    if kafka.sasl_password is not None:
-        conf["sasl.password"] = kafka.sasl_password
-    conf.update(kafka.extra)
-    return conf
+    return {"bootstrap.servers": kafka.bootstrap_servers, **security_config(kafka)}
 
 
 def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
@@ -32,10 +57,11 @@ def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
             "acks": "all",
             "enable.idempotence": True,
             "linger.ms": kafka.linger_ms,
-            "compression.type": "none",
+            "compression.type": kafka.compression_type,
         }
     )
     conf.update(overrides)
+    conf.update(kafka.extra)
     return conf
 
 
@@ -56,8 +82,9 @@ def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> di
         }
     )
     conf.update(overrides)
+    conf.update(kafka.extra)
     return conf
 
 
 def admin_config(kafka: KafkaSettings) -> dict[str, Any]:
-    return common_config(kafka)
+    return {**common_config(kafka), **kafka.extra}

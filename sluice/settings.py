@@ -31,13 +31,33 @@ def default_data_dir() -> Path:
 
 
 class KafkaSettings(BaseModel):
-    """Connection settings; ``sluice.kafka_config`` turns these into librdkafka dicts."""
+    """Connection settings; ``sluice.kafka_config`` turns these into librdkafka dicts and
+    ``stream_processors.security`` into the router's (Faust/aiokafka) credentials, so every
+    component connects the same way from this one set of settings."""
 
     bootstrap_servers: str = "127.0.0.1:9092"
+    # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (librdkafka's security.protocol).
     security_protocol: str = "PLAINTEXT"
+    # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER.
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: str | None = None
+    # OAUTHBEARER through an OIDC token endpoint (client credentials), librdkafka's
+    # sasl.oauthbearer.method=oidc; the router fetches tokens the same way.
+    sasl_oauthbearer_token_endpoint_url: str | None = None
+    sasl_oauthbearer_client_id: str | None = None
+    sasl_oauthbearer_client_secret: str | None = None
+    sasl_oauthbearer_scope: str | None = None
+    # TLS: the CA that signed the brokers' certificates (None: the system's), and a client
+    # certificate and key for mutual TLS.
+    ssl_ca_location: str | None = None
+    ssl_certificate_location: str | None = None
+    ssl_key_location: str | None = None
+    ssl_key_password: str | None = None
+    # "https" checks the broker's host name against its certificate; "none" does not.
+    ssl_endpoint_identification_algorithm: str = "https"
+    # Compression of everything Sluice produces (prompts and outputs compress well).
+    compression_type: str = "zstd"
     # Short sessions keep group joins quick on the embedded broker; raise them on real clusters.
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 1000
@@ -52,15 +72,54 @@ class KafkaSettings(BaseModel):
     # Exactly-once results (Apache Kafka): each GPU consumer commits results, cost metrics, dead
     # letters and its source offsets in one short transaction per commit interval.
     transactional: bool = False
-    # Passthrough of any librdkafka property, e.g. {"ssl.ca.location": "/etc/ca.pem"}.
+    # Any librdkafka property, applied last (over Sluice's own choices), e.g.
+    # {"ssl.cipher.suites": "…", "auto.offset.reset": "latest"}.
     extra: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("security_protocol")
+    @classmethod
+    def _protocol(cls, value: str) -> str:
+        value = value.upper()
+        if value not in _PROTOCOLS:
+            raise ValueError(f"security_protocol {value!r} is not one of {', '.join(_PROTOCOLS)}")
+        return value
+
+    @field_validator("sasl_mechanism")
+    @classmethod
+    def _mechanism(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.upper()
+        if value not in _MECHANISMS:
+            raise ValueError(f"sasl_mechanism {value!r} is not one of {', '.join(_MECHANISMS)}")
+        return value
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol.startswith("SASL_")
+
+
+_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
 
 
 class SchemaRegistrySettings(BaseModel):
-    """Confluent Schema Registry; when ``url`` is unset the built-in local id table is used."""
+    """Confluent Schema Registry; when ``url`` is unset the built-in local id table is used (ids
+    that mean something only to Sluice; tools that read schemas from a registry need this set)."""
 
     url: str | None = None
     basic_auth_user_info: str | None = None
+    # Register Sluice's schemas on first use; off where schemas are registered by a pipeline.
+    auto_register_schemas: bool = True
+    # Write with the subject's latest registered version instead of this release's schema.
+    use_latest_version: bool = False
+    # Any other Schema Registry client setting, e.g. {"ssl.ca.location": "/etc/ca.pem",
+    # "bearer.auth.credentials.source": "STATIC_TOKEN", "bearer.auth.token": "…"}.
+    config: dict[str, str] = Field(default_factory=dict)
 
 
 class ClickHouseSettings(BaseModel):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 import faust
 
@@ -27,12 +26,14 @@ from schemas import InferenceRequest, InferenceResult
 from sluice import clients
 from sluice.catalog import Catalog, load_catalog
 from sluice.errors import SluiceError
+from sluice.headers import carried
 from sluice.settings import Settings
 from sluice.topics import Topics
 from stream_processors.classifier import Classifier
 from stream_processors.dedupe import DedupeStage
 from stream_processors.emit import Forward
 from stream_processors.pipeline import RequestPipeline
+from stream_processors.security import faust_credentials
 from stream_processors.transport import App
 
 __all__ = ["create_app", "faust_broker_urls"]
@@ -44,13 +45,8 @@ def faust_broker_urls(settings: Settings) -> list[str]:
     return [f"kafka://{hp.strip()}" for hp in settings.kafka.bootstrap_servers.split(",")]
 
 
-def _credentials(settings: Settings) -> Any:
-    k = settings.kafka
-    if k.sasl_mechanism and k.sasl_username is not None:
-        return faust.SASLCredentials(
-            username=k.sasl_username, password=k.sasl_password or "", mechanism=k.sasl_mechanism
-        )
-    return None
+def _faust_compression(kind: str) -> str | None:
+    return None if kind in ("", "none") else kind
 
 
 def create_app(
@@ -77,7 +73,8 @@ def create_app(
         fetch_max_wait_ms=settings.kafka.fetch_wait_max_ms,
         broker=faust_broker_urls(settings),
         broker_client_id=clients.client_id("router"),
-        broker_credentials=_credentials(settings),
+        broker_credentials=faust_credentials(settings.kafka),
+        producer_compression_type=_faust_compression(settings.kafka.compression_type),
         broker_session_timeout=settings.kafka.session_timeout_ms / 1000,
         broker_heartbeat_interval=settings.kafka.heartbeat_interval_ms / 1000,
         # tansu does not serve the idempotent-producer id request aiokafka makes, so
@@ -142,7 +139,7 @@ def create_app(
             try:
                 if kind == b"request":
                     request = serde.decode(InferenceRequest, event.value)
-                    out = stage.on_request(request, event.value, event.message.partition)
+                    out = stage.on_request(request, event.value, event.message.partition, event.message.headers)
                 elif kind == b"completed":
                     out = stage.on_completed(serde.decode(InferenceResult, event.value))
                 else:
@@ -183,7 +180,7 @@ def create_app(
                 if not target:
                     logger.error("retry event without a target topic at %s", event.message.offset)
                     continue
-                await send([Forward(target.decode(), event.message.key, event.value)])
+                await send([Forward(target.decode(), event.message.key, event.value, carried(event.message.headers))])
 
         app.agent(topic, name=f"retry-{level}")(retry)
 

@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from schemas import InferenceRequest, InferenceResult, RequestState, ResultStatus, utcnow
+from sluice.headers import Headers, carried
 from sluice.settings import ProcessorSettings
 from stream_processors.emit import Emitter, Forward
 from stream_processors.router import Backlog
@@ -67,9 +68,11 @@ def dedupe_key(request: InferenceRequest, settings: ProcessorSettings) -> str | 
     return f"content:{scope}:{digest}"
 
 
-def _waiter(request: InferenceRequest, raw: bytes = b"") -> dict[str, Any]:
+def _waiter(request: InferenceRequest, raw: bytes = b"", headers: Headers | None = None) -> dict[str, Any]:
     assert request.route is not None
     return {
+        # Its trace context, tenant and correlation id, for the answer it gets later.
+        "headers": [[k, v.decode(errors="replace")] for k, v in carried(headers)],
         "request_id": request.request_id,
         # Kept so the duplicate can still run on its own if its original never completes.
         "raw": base64.b64encode(raw).decode(),
@@ -85,6 +88,11 @@ def _waiter(request: InferenceRequest, raw: bytes = b"") -> dict[str, Any]:
         "reply_to": request.reply_to,
         "webhook_url": request.webhook_url,
     }
+
+
+def _headers(waiter: dict[str, Any]) -> Headers:
+    # .get: waiters stored by an earlier release have none.
+    return [(k, v.encode()) for k, v in waiter.get("headers", [])]
 
 
 class DedupeStage:
@@ -107,7 +115,10 @@ class DedupeStage:
         self.started_at: float = clock()
 
     # -- requests -------------------------------------------------------------------------
-    def on_request(self, request: InferenceRequest, raw: bytes, partition: int) -> list[Forward]:
+    def on_request(
+        self, request: InferenceRequest, raw: bytes, partition: int, headers: Headers | None = None
+    ) -> list[Forward]:
+        headers = carried(headers)
         key = request.dedupe_key
         assert key is not None and request.route is not None
         now = self.clock()
@@ -125,17 +136,17 @@ class DedupeStage:
                 "waiters": entry["waiters"] if entry else [],
                 "result": None,
             }
-            return self._forward(request, raw)
+            return self._forward(request, raw, headers)
         if entry["original"] == request.request_id:
             return []  # the original redelivered after it completed: its result exists
         if entry["state"] == "running" and entry["at"] < self.started_at:
             logger.info(
                 "%s: in flight since before this router started; running %s on its own", key, request.request_id
             )
-            return self._forward(request, raw)
+            return self._forward(request, raw, headers)
         if entry["state"] == "running":
             if all(w["request_id"] != request.request_id for w in entry["waiters"]):
-                entry = {**entry, "waiters": [*entry["waiters"], _waiter(request, raw)]}
+                entry = {**entry, "waiters": [*entry["waiters"], _waiter(request, raw, headers)]}
                 self.table[key] = entry
             return self.emit.status(
                 request.request_id,
@@ -146,9 +157,9 @@ class DedupeStage:
         # Done: answer from the stored result without touching a model topic.
         cached = key.startswith("content:")
         result = self._answer(entry["result"], _waiter(request), entry["original"], cached=cached)
-        return self.emit.result(result, cached=cached, deduplicated=not cached)
+        return self.emit.result(result, cached=cached, deduplicated=not cached, headers=headers)
 
-    def _forward(self, request: InferenceRequest, raw: bytes) -> list[Forward]:
+    def _forward(self, request: InferenceRequest, raw: bytes, headers: Headers | None = None) -> list[Forward]:
         assert request.route is not None
         model = request.route.model
         self.backlog.routed(model)
@@ -156,6 +167,7 @@ class DedupeStage:
             topic=self.emit.topics.model(model, request.priority),
             key=request.request_id.encode(),
             value=raw,
+            headers=list(headers or []),
             record=request,
         )
         return [
@@ -172,7 +184,8 @@ class DedupeStage:
             return []  # stale, or a redelivered completion already handled
         out: list[Forward] = []
         for w in entry["waiters"]:
-            out += self.emit.result(self._answer(self._stored(result), w, result.request_id), deduplicated=True)
+            answer = self._answer(self._stored(result), w, result.request_id)
+            out += self.emit.result(answer, deduplicated=True, headers=_headers(w))
         if result.status is ResultStatus.SUCCEEDED:
             self.table[key] = {
                 **entry,
@@ -260,6 +273,7 @@ class DedupeStage:
                         self.emit.topics.model(w["model"], w["priority"]),
                         w["request_id"].encode(),
                         base64.b64decode(w["raw"]),
+                        _headers(w),
                     )
                 )
         if doomed:

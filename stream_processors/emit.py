@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from schemas import AvroRecord, CostMetric, InferenceResult, RequestState, RequestStatus, ResultStatus, Serde
 from sluice.catalog import Catalog
+from sluice.headers import Headers
 from sluice.topics import Topics
 
 __all__ = ["Emitter", "Forward"]
@@ -32,8 +33,10 @@ class Emitter:
         self.catalog = catalog
         self.publish_status = publish_status
 
-    def record(self, topic: str, key: str | None, record: AvroRecord) -> Forward:
-        return Forward(topic, key.encode() if key else None, self.serde.encode(record), record=record)
+    def record(self, topic: str, key: str | None, record: AvroRecord, headers: Headers | None = None) -> Forward:
+        return Forward(
+            topic, key.encode() if key else None, self.serde.encode(record), list(headers or []), record=record
+        )
 
     def status(
         self, request_id: str, state: RequestState, *, model: str | None = None, detail: str | None = None
@@ -43,10 +46,18 @@ class Emitter:
         rec = RequestStatus.of(request_id, state, model=model, detail=detail)
         return [self.record(self.topics.status, request_id, rec)]
 
-    def result(self, result: InferenceResult, *, cached: bool = False, deduplicated: bool = False) -> list[Forward]:
+    def result(
+        self,
+        result: InferenceResult,
+        *,
+        cached: bool = False,
+        deduplicated: bool = False,
+        headers: Headers | None = None,
+    ) -> list[Forward]:
         """A result the processor answers itself (duplicate or cache hit), with its cost metric:
-        zero cost, and the saving measured against the most capable model."""
-        out = [self.record(self.topics.results, result.request_id, result)]
+        zero cost, and the saving measured against the most capable model. ``headers``: the
+        answered request's trace context, tenant and correlation id."""
+        out = [self.record(self.topics.results, result.request_id, result, headers)]
         if result.status is ResultStatus.SUCCEEDED:
             served_by = self.catalog.get(result.model)
             metric = CostMetric.for_result(
@@ -59,7 +70,7 @@ class Emitter:
                 cached=cached,
                 deduplicated=deduplicated,
             )
-            out.append(self.record(self.topics.cost_metrics, result.request_id, metric))
+            out.append(self.record(self.topics.cost_metrics, result.request_id, metric, headers))
         out += self.status(
             result.request_id,
             RequestState.CACHED if cached else RequestState(result.status.value),

@@ -23,6 +23,7 @@ from schemas import (
 )
 from sluice.catalog import Catalog
 from sluice.errors import DeadLetterReason, PipelineRejection
+from sluice.headers import Headers, carried
 from sluice.settings import ProcessorSettings, TenantSettings
 from sluice.topics import Topics, reply_to_allowed
 from stream_processors.classifier import Classifier, RuleClassifier
@@ -75,7 +76,7 @@ class RequestPipeline:
         except PipelineRejection as exc:
             # A readable but invalid request still names its requester: they get a failed result.
             who = request or RequestIdentity.of(exc.record, priority=self._topic_priority(topic))
-            return self._dead_letter(exc, value or b"", topic, partition, offset, timestamp_ms, who)
+            return self._dead_letter(exc, value or b"", topic, partition, offset, timestamp_ms, who, carried(headers))
         request.dedupe_key = dedupe_key(request, self.settings)
         out: list[Forward] = []
         if request.deadline is not None and (request.deadline - now).total_seconds() < self.settings.deadline_warning_s:
@@ -86,7 +87,9 @@ class RequestPipeline:
         if request.dedupe_key is not None:
             # Repartition by dedupe key: every event about one key meets in one table partition.
             key = request.dedupe_key.encode()
-            return [*out, Forward(self.topics.dedupe, key, self.serde.encode(request), [("kind", b"request")], request)]
+            # The request's own headers ride along: the dedupe agent forwards or answers with them.
+            fwd_headers = [*carried(headers), ("kind", b"request")]
+            return [*out, Forward(self.topics.dedupe, key, self.serde.encode(request), fwd_headers, request)]
         self.router.backlog.routed(route.model)
         fwd = Forward(
             self.topics.model(route.model, request.priority),
@@ -135,6 +138,7 @@ class RequestPipeline:
         offset: int,
         timestamp_ms: int | None,
         request: InferenceRequest | RequestIdentity | None,
+        headers: Headers | None = None,
     ) -> list[Forward]:
         logger.warning("dead letter from %s[%d]@%d: %s", topic, partition, offset, exc)
         dl = DeadLetter.from_event(
@@ -149,11 +153,11 @@ class RequestPipeline:
             request=request,
         )
         key = request.request_id.encode() if request else None
-        out = [Forward(self.topics.dead_letter, key, self.serde.encode(dl), record=dl)]
+        out = [Forward(self.topics.dead_letter, key, self.serde.encode(dl), list(headers or []), record=dl)]
         if request is not None:
             # The submitter is told too: a failed result, as the GPU consumers do for their failures.
             model = request.model or "" if isinstance(request, InferenceRequest) else ""
             result = InferenceResult.failed(request, exc.reason, exc.detail, model=model)
-            out.append(self.emit.record(self.topics.results, request.request_id, result))
+            out.append(self.emit.record(self.topics.results, request.request_id, result, headers))
             out += self.emit.status(request.request_id, exc.reason.state, detail=str(exc))
         return out

@@ -19,7 +19,7 @@ class MemoryPublisher:
         self.records: list[tuple[str, str, AvroRecord]] = []
         self.cancelled: list[str] = []
 
-    def submit_request(self, request: InferenceRequest) -> str:
+    def submit_request(self, request: InferenceRequest, *, traceparent: str | None = None) -> str:
         self.requests.append(request)
         return request.request_id
 

@@ -66,9 +66,16 @@ class EmbeddedBroker:
     an :class:`~sluice.local.storage.ObjectStore`), which survives any crash."""
 
     def __init__(
-        self, port: int | None = None, log_path: Path | None = None, storage_env: dict[str, str] | None = None
+        self,
+        port: int | None = None,
+        log_path: Path | None = None,
+        storage_env: dict[str, str] | None = None,
+        *,
+        advertised_port: int | None = None,
     ) -> None:
         self.port = port or free_port()
+        # What metadata tells clients to connect to: a TLS-terminating proxy in front, say.
+        self.advertised_port = advertised_port or self.port
         self.log_path = log_path
         self.storage_env = storage_env
         self._proc: subprocess.Popen[bytes] | None = None
@@ -99,7 +106,7 @@ class EmbeddedBroker:
             "--listener-url",
             url,
             "--advertised-listener-url",
-            url,
+            f"tcp://127.0.0.1:{self.advertised_port}",
         ]
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)

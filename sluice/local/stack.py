@@ -143,7 +143,7 @@ class LocalStack:
         settings: Settings,
         catalog: Catalog | None = None,
         *,
-        embedded_broker: bool = True,
+        embedded_broker: bool | None = None,
         broker_port: int | None = None,
         run_processor: bool = True,
         run_consumers: bool = True,
@@ -159,7 +159,13 @@ class LocalStack:
         self.settings = settings.model_copy(deep=True)
         self.catalog = catalog or load_catalog(settings.catalog_path)
         self.topics = Topics(self.settings.topic_prefix)
-        self.embedded_broker = embedded_broker
+        # Unset: start tansu only when the settings name no broker (SLUICE_KAFKA__BOOTSTRAP_SERVERS
+        # or an assignment); a configured address, Apache Kafka's say, is used as it is.
+        self.embedded_broker = (
+            embedded_broker
+            if embedded_broker is not None
+            else "bootstrap_servers" not in settings.kafka.model_fields_set
+        )
         self.broker_port = broker_port
         self.run_processor = run_processor
         self.run_consumers = run_consumers

@@ -16,6 +16,7 @@ from sluice.settings import Settings
 
 def test_settings_from_env_and_librdkafka_mapping(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLUICE_KAFKA__BOOTSTRAP_SERVERS", "k1:9092,k2:9092")
+    monkeypatch.setenv("SLUICE_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
     monkeypatch.setenv("SLUICE_KAFKA__SASL_MECHANISM", "PLAIN")
     monkeypatch.setenv("SLUICE_KAFKA__EXTRA", '{"ssl.ca.location": "/ca.pem"}')
     monkeypatch.setenv("SLUICE_CLICKHOUSE__URL", "http://ch:8123")

@@ -60,6 +60,9 @@ class FakeMessage:
     def timestamp(self) -> tuple[int, int]:
         return (1, 1_700_000_000_000 + self._coords[2])
 
+    def headers(self) -> list[tuple[str, bytes]] | None:
+        return [("traceparent", f"00-{'a' * 32}-{self._coords[2] + 1:016x}-01".encode())]
+
 
 class FakeConsumer:
     """Hands out queued messages of unpaused partitions; records commits."""
