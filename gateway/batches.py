@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import tempfile
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import IO, Any, Protocol
 
+from analytics.dlq import parse_age
 from analytics.query import Query
 from analytics.results import error_line, output_line
 from gateway.files import FileMeta, FileStore, iter_lines
@@ -56,8 +56,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_WINDOW = re.compile(r"^(\d+)([smhd])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 _PAGE = 2000
 
 
@@ -86,10 +84,13 @@ class Publisher(Protocol):
 
 
 def parse_window(text: str) -> timedelta:
-    m = _WINDOW.match(text.strip())
-    if not m or int(m.group(1)) <= 0:
+    try:
+        window = parse_age(text)
+    except ConfigError:
+        window = timedelta(0)
+    if window <= timedelta(0):
         raise BatchError(f"completion_window {text!r} must look like 24h, 90m or 7d")
-    return timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    return window
 
 
 def request_id_for(batch_id: str, index: int) -> str:
@@ -444,12 +445,3 @@ def _custom_id(line: bytes) -> str | None:
         return None
     return cid if isinstance(cid, str) else None
 
-
-def check_metadata(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"metadata {pair!r} must look like key=value")
-        out[key] = value
-    return out

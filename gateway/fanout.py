@@ -14,7 +14,7 @@ import logging
 import threading
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from schemas import DeadLetter, DeadLetterReason, InferenceResult, Serde, Stage
 from sluice import clients
@@ -57,9 +57,21 @@ class ResultFanout:
                 for msg, result, topic, error in errors:
                     self._dead_letter(producer, msg, result, topic, error)
                 producer.flush(30)
-                consumer.commit(asynchronous=False)
+                self._commit(consumer, msgs)
         finally:
             consumer.close()
+
+    @staticmethod
+    def _commit(consumer: Any, msgs: list[Message]) -> None:
+        """Commit past ``msgs`` (every copy of them is acknowledged by now)."""
+        positions: dict[tuple[str, int], int] = {}
+        for msg in msgs:
+            topic, partition, offset = message_coords(msg)
+            positions[(topic, partition)] = max(positions.get((topic, partition), 0), offset + 1)
+        try:
+            consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()], asynchronous=False)
+        except KafkaException as exc:  # a rebalance: the next owner copies again (keyed, at least once)
+            logger.warning("fanout commit failed: %s", exc)
 
     @staticmethod
     def _ok(msg: Message) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 
 from analytics.query import open_query
 from gateway.api import Services, create_api
@@ -63,9 +64,19 @@ class Gateway:
         if self.fanout.needed:
             workers.append(("fanout", self.fanout.run))
         for name, target in workers:
-            t = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)
+            t = threading.Thread(target=self._keep_running, args=(name, target), name=name, daemon=True)
             t.start()
             self._threads.append(t)
+
+    def _keep_running(self, name: str, target: Callable[[threading.Event], None]) -> None:
+        """A worker that fails is logged and started again: a dead thread would silently stop
+        webhooks or the fan-out while the gateway still answers."""
+        while not self._stop.is_set():
+            try:
+                target(self._stop)
+            except Exception:
+                logger.exception("gateway worker %s failed; restarting in 5 s", name)
+                self._stop.wait(5)
 
     def stop_workers(self) -> None:
         self._stop.set()

@@ -77,6 +77,14 @@ def clickhouse_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store
         container.stop()
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-weight model the real-engine tests run on (built once per session)."""
+    from sluice.local.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
 @pytest.fixture
 def catalog(make_entry: Callable[..., ModelEntry]) -> Catalog:
     return Catalog(

@@ -30,13 +30,6 @@ ANSWER = {
 }
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sluice.local.tiny_model import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
-
-
 @pytest.fixture
 def catalog(tiny_model_dir: Path, make_entry: Callable[..., ModelEntry]) -> Catalog:
     return Catalog(models=[make_entry("tiny", source=str(tiny_model_dir), context_length=512)])

@@ -16,20 +16,9 @@ from sluice.catalog import Catalog, ModelEntry
 from sluice.local.stack import LocalStack
 from sluice.settings import Settings
 from tests.integration.helpers import dead_letters, result_counts
-from tests.support import unavailable, wait_until
+from tests.support import wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.engine, pytest.mark.slow]
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        import vllm  # noqa: F401
-    except Exception as exc:
-        unavailable("vLLM", exc)
-    from sluice.local.tiny_model import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture

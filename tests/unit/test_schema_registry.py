@@ -14,13 +14,9 @@ from confluent_kafka.schema_registry.avro import AvroSerializer as ConfluentAvro
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from schemas import (
-    BatchStatus,
     ChatMessage,
-    CostMetric,
-    DeadLetter,
     DeadLetterReason,
     InferenceRequest,
-    InferenceResult,
     RequestStatus,
     Serde,
     SerializationError,
@@ -28,6 +24,7 @@ from schemas import (
 from schemas.registry import ConfluentSchemaRegistry, schema_text
 from sluice import clients
 from sluice.settings import Settings
+from tests.records import one_of_each
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
 SUBJECT = "io.sluice.v1.InferenceRequest"
@@ -53,47 +50,7 @@ def test_mock_urls_work_through_the_settings() -> None:
 
 def test_every_record_type_round_trips_and_the_full_avsc_is_registered() -> None:
     serde = Serde.for_registry(_url())
-    records = [
-        _request(),
-        InferenceResult(
-            request_id="r",
-            tenant="t",
-            priority="low",
-            model="m",
-            status="succeeded",
-            created_at=T0,
-            started_at=T0,
-            completed_at=T0,
-        ),
-        DeadLetter(
-            reason=DeadLetterReason.WEBHOOK_FAILED,
-            error="e",
-            source_topic="s",
-            source_partition=0,
-            source_offset=1,
-            original=b"x",
-            stage="delivery",
-            created_at=T0,
-        ),
-        CostMetric(
-            request_id="r",
-            tenant="t",
-            priority="low",
-            model="m",
-            input_tokens=1,
-            output_tokens=2,
-            queue_wait_ms=3,
-            engine_ms=4.0,
-            latency_ms=5,
-            cost_usd=0.1,
-            baseline_cost_usd=0.2,
-            created_at=T0,
-        ),
-        RequestStatus(request_id="r", state="queued", at=T0),
-        BatchStatus(
-            batch_id="b", tenant="t", state="completed", input_file_id="f", created_at=T0, expires_at=T0, updated_at=T0
-        ),
-    ]
+    records = [_request(), *one_of_each(T0)]
     for rec in records:
         assert serde.decode(type(rec), serde.encode(rec)) == rec
     assert isinstance(serde.registry, ConfluentSchemaRegistry)

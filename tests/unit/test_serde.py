@@ -25,6 +25,7 @@ from schemas import (
 from schemas.registry import load_schema
 from schemas.serde import AvroDeserializer, AvroSerializer
 from sluice.errors import DeadLetterReason, SerializationError
+from tests.records import one_of_each
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
 
@@ -43,67 +44,7 @@ def _request(**kw: object) -> InferenceRequest:
 
 def test_round_trip_every_record_type() -> None:
     serde = Serde()
-    records = [
-        _request(deadline=T0, metadata={"k": "v"}, seed=7),
-        _request(
-            batch_id="batch_1",
-            custom_id="line-1",
-            stop=["\n\n"],
-            response_format='{"type":"json_object"}',
-            reply_to="team-a.results",
-            webhook_url="https://hooks.example.com/sluice",
-        ),
-        BatchStatus(
-            batch_id="batch_1",
-            tenant="acme",
-            state="in_progress",
-            input_file_id="file-1",
-            total=3,
-            completed=1,
-            metadata={"k": "v"},
-            created_at=T0,
-            expires_at=T0,
-            updated_at=T0,
-            in_progress_at=T0,
-        ),
-        InferenceResult(
-            request_id="r",
-            tenant="t",
-            priority="low",
-            model="m",
-            status="succeeded",
-            output_text="ok",
-            created_at=T0,
-            started_at=T0,
-            completed_at=T0,
-        ),
-        DeadLetter(
-            reason=DeadLetterReason.UNKNOWN_MODEL,
-            error="e",
-            source_topic="s",
-            source_partition=1,
-            source_offset=2,
-            original=b"\x00\x01",
-            stage="processor",
-            created_at=T0,
-        ),
-        CostMetric(
-            request_id="r",
-            tenant="t",
-            priority="low",
-            model="m",
-            input_tokens=1,
-            output_tokens=2,
-            queue_wait_ms=3,
-            engine_ms=4.5,
-            latency_ms=6,
-            cost_usd=0.1,
-            baseline_cost_usd=0.2,
-            created_at=T0,
-        ),
-        RequestStatus(request_id="r", state="routed", at=T0, model="m"),
-    ]
-    for rec in records:
+    for rec in one_of_each(T0):
         assert serde.decode(type(rec), serde.encode(rec)) == rec
 
 
