@@ -179,3 +179,14 @@ def test_the_router_app_takes_a_classifier(tmp_path: Path) -> None:
     classifier = Fixed()
     app = create_app(Settings(data_dir=tmp_path), Catalog(models=[model_entry("m")]), classifier=classifier)
     assert app.pipeline.router.classifier is classifier
+
+
+def test_a_local_stack_starts_a_broker_only_when_none_is_configured(tmp_path: Path) -> None:
+    from sluice.local.stack import LocalStack
+
+    assert LocalStack(Settings(data_dir=tmp_path)).embedded_broker is True
+    configured = Settings(data_dir=tmp_path)
+    configured.kafka.bootstrap_servers = "kafka.internal:9092"
+    assert LocalStack(configured).embedded_broker is False
+    # An explicit choice (sluice up --external-kafka, or not) still wins.
+    assert LocalStack(configured, embedded_broker=True).embedded_broker is True
