@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+from analytics.query_server import token_path
 from analytics.store import QueryResult, Store
 from sluice.errors import StoreError
 from sluice.settings import Settings
@@ -23,10 +24,11 @@ __all__ = ["STATE_ORDER", "Query", "open_query", "savings_sql", "stats_sql", "st
 Query = Callable[[str, dict[str, Any] | None], QueryResult]
 
 
-def _http_query(url: str) -> Query:
+def _http_query(url: str, token: str) -> Query:
     def run(sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
         body = json.dumps({"sql": sql, "parameters": parameters or {}}).encode()
-        req = urllib.request.Request(f"{url}/query", data=body, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+        req = urllib.request.Request(f"{url}/query", data=body, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 data = json.loads(resp.read())
@@ -44,7 +46,11 @@ def open_query(settings: Settings) -> Query:
     if url.startswith("chdb://"):
         info = read_stack_file(settings.data_dir)
         if info is not None:
-            return _http_query(info["query_url"])
+            try:
+                token = token_path(settings.data_dir).read_text().strip()
+            except OSError as exc:
+                raise StoreError(f"cannot read the query token beside the stack file: {exc}") from exc
+            return _http_query(info["query_url"], token)
     store = Store.from_settings(settings)
     store.ensure_schema()
     return store.query

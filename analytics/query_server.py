@@ -3,16 +3,21 @@
 An embedded chDB directory can be opened by one process only, so the process that owns it
 (``sluice up`` / ``sluice demo``) serves ``POST /query`` (JSON ``{"sql", "parameters"}``) and
 Prometheus ``GET /metrics``; ``sluice sql`` and ``sluice stats`` find it via
-``<data_dir>/stack.json``.
+``<data_dir>/stack.json``. Queries are read-only (``Store.query``) and need the token the server
+writes to ``<data_dir>/query.token`` (mode 0600) as ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import os
+import secrets
 import threading
 from datetime import date, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -20,7 +25,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from analytics.store import Store
 from sluice.errors import SluiceError
 
-__all__ = ["QueryServer", "to_jsonable"]
+__all__ = ["QueryServer", "to_jsonable", "token_path", "write_token"]
+
+
+def token_path(data_dir: Path) -> Path:
+    return data_dir / "query.token"
+
+
+def write_token(path: Path, token: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +51,13 @@ def to_jsonable(value: Any) -> Any:
 
 
 class QueryServer:
-    def __init__(self, store: Store, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, store: Store, host: str = "127.0.0.1", port: int = 0, token_path: Path | None = None) -> None:
         self.store = store
+        # Every query carries this token; it is written (mode 0600) where the tools look for it.
+        self.token = secrets.token_urlsafe(32)
+        self.token_path = token_path
+        if token_path is not None:
+            write_token(token_path, self.token)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -60,6 +82,10 @@ class QueryServer:
             def do_POST(self) -> None:
                 if self.path != "/query":
                     self._send(404, b'{"error": "not found"}')
+                    return
+                scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), server.token):
+                    self._send(401, b'{"error": "missing or wrong token (see query.token beside stack.json)"}')
                     return
                 try:
                     length = int(self.headers.get("Content-Length", "0"))

@@ -49,6 +49,11 @@ _TABLES: dict[type[AvroRecord], tuple[str, Callable[[Any], dict[str, Any]]]] = {
 }
 
 
+def _missing_table(exc: StoreError) -> bool:
+    text = str(exc)
+    return "UNKNOWN_TABLE" in text or "Code: 60" in text or "does not exist" in text
+
+
 def row_for(record: AvroRecord) -> tuple[str, dict[str, Any]]:
     table, fn = _TABLES[type(record)]
     return table, fn(record)
@@ -152,6 +157,14 @@ class ClickHouseSink:
                     self.store.insert(table, [[r[c] for c in columns] for r in rows], columns)
                     break
                 except StoreError as exc:
+                    if _missing_table(exc):
+                        # Dropped by hand (or never created): re-create the schema and insert again.
+                        logger.warning("%s: table %s is missing; re-creating the schema", exc, table)
+                        try:
+                            self.store.ensure_schema()
+                            continue
+                        except StoreError as again:
+                            exc = again
                     # ClickHouse unavailable: hold the offsets and retry with exponential backoff;
                     # nothing is acknowledged early, so nothing is lost while it is down.
                     logger.error("%s; retrying in %.1fs", exc, delay)

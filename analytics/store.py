@@ -8,6 +8,7 @@ owner's query endpoint (``analytics.query_server``).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,9 +20,31 @@ from analytics.ddl import ddl_statements
 from sluice.errors import StoreError
 from sluice.settings import Settings
 
-__all__ = ["QueryResult", "Store"]
+__all__ = ["QueryResult", "ReadOnlyViolation", "Store", "check_read_only"]
 
 logger = logging.getLogger(__name__)
+
+
+class ReadOnlyViolation(StoreError):
+    """A statement the query path refuses: not a read, or a table function reaching outside."""
+
+
+_READ = re.compile(r"^\s*(\(\s*)*(SELECT|WITH|SHOW|DESCRIBE|DESC|EXPLAIN|EXISTS)\b", re.IGNORECASE)
+# Table functions that read or write files, the network or other databases.
+_TABLE_FUNCTIONS = re.compile(
+    r"\b(file|fileCluster|url|urlCluster|s3|s3Cluster|gcs|azureBlobStorage|azureBlobStorageCluster|hdfs|hdfsCluster|"
+    r"remote|remoteSecure|cluster|clusterAllReplicas|mysql|postgresql|mongodb|redis|sqlite|jdbc|odbc|executable|"
+    r"input|iceberg|icebergS3|deltaLake|hudi|dictionary)\s*\(",
+    re.IGNORECASE,
+)
+
+
+def check_read_only(sql: str) -> None:
+    if not _READ.match(sql):
+        raise ReadOnlyViolation("only SELECT, WITH, SHOW, DESCRIBE, EXPLAIN and EXISTS are allowed (read-only)")
+    found = _TABLE_FUNCTIONS.search(sql)
+    if found:
+        raise ReadOnlyViolation(f"table function {found.group(1)}() is not allowed (read-only)")
 
 
 @dataclass
@@ -89,9 +112,13 @@ class Store:
                 raise StoreError(f"insert into {table} failed: {exc}") from exc
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
+        """A read-only query: ClickHouse's ``readonly=1`` refuses writes, DDL, setting changes and
+        table functions (``file()``, ``url()``, ``s3()``…); the statement check says why first.
+        Writers (the sink, the schema) use :meth:`insert` and :meth:`command`."""
+        check_read_only(sql)
         with self._lock:
             try:
-                res = self._client.query(sql, parameters=parameters or {})
+                res = self._client.query(sql, parameters=parameters or {}, settings={"readonly": 1})
             except Exception as exc:
                 raise StoreError(f"query failed: {exc}") from exc
         return QueryResult(list(res.column_names), [list(r) for r in res.result_rows])

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from analytics.query_server import QueryServer
+from analytics.query_server import QueryServer, token_path
 from analytics.sink import ClickHouseSink
 from analytics.store import Store
 from gateway.keys import KeyStore, keys_path
@@ -231,7 +231,9 @@ class LocalStack:
                 self.store = Store.from_settings(self.settings)
             self.store.ensure_schema()
             ch = self.settings.clickhouse
-            self.query_server = QueryServer(self.store, ch.query_host, ch.query_port).start()
+            self.query_server = QueryServer(
+                self.store, ch.query_host, ch.query_port, token_path=token_path(self.settings.data_dir)
+            ).start()
             self.sink = ClickHouseSink(self.settings, self.store)
             self._sink_thread = threading.Thread(
                 target=self.sink.run, args=(self._stop, self._sink_ready), name="sink", daemon=True

@@ -108,8 +108,11 @@ class Up:
     def sql(self, query: str, **params: Any) -> list[list[Any]]:
         info = json.loads((self.data_dir / "stack.json").read_text())
         body = json.dumps({"sql": query, "parameters": params}).encode()
+        token = (self.data_dir / "query.token").read_text()
         req = urllib.request.Request(
-            f"{info['query_url']}/query", data=body, headers={"Content-Type": "application/json"}
+            f"{info['query_url']}/query",
+            data=body,
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
         )
         with urllib.request.urlopen(req, timeout=60) as resp:
             rows: list[list[Any]] = json.loads(resp.read())["rows"]
