@@ -281,6 +281,10 @@ def create_api(services: Services) -> FastAPI:
                 ).dicts()
                 if status and int(status[0]["mine"]):
                     state = str(status[0]["state"])
+                    if state in ("succeeded", "failed", "expired", "cancelled"):
+                        # The status event reached ClickHouse before the result row: it ends when
+                        # the result can be served.
+                        state = "running"
         if result is None and state is None:
             if s.recent.get(request_id) != tenant:
                 raise ApiError(404, f"no request {request_id}", "not_found")
