@@ -2,28 +2,43 @@
 
 Offsets are committed only after the insert returned, so a crash re-inserts at most one batch,
 and the ReplacingMergeTree tables collapse the repeats. Undecodable events are counted and
-skipped (they cannot be rows), never retried forever.
+skipped (they cannot be rows), never retried forever. While ClickHouse is unavailable the sink
+holds its offsets and retries with backoff, and still stops when asked; a row ClickHouse refuses
+for good becomes a ``store_refused`` dead letter and the others go in.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import struct
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from analytics.store import Store
-from schemas import AvroRecord, BatchStatus, CostMetric, DeadLetter, InferenceResult, RequestStatus, Serde
+from schemas import (
+    AvroRecord,
+    BatchStatus,
+    CostMetric,
+    DeadLetter,
+    DeadLetterReason,
+    InferenceResult,
+    RequestStatus,
+    Serde,
+    Stage,
+)
 from sluice import clients
 from sluice.errors import SluiceError, StoreError
 from sluice.metrics import SINK_ROWS
 from sluice.settings import Settings
 from sluice.topics import Topics, message_coords
 
-__all__ = ["ClickHouseSink", "row_for"]
+__all__ = ["ClickHouseSink", "Pending", "row_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +64,35 @@ _TABLES: dict[type[AvroRecord], tuple[str, Callable[[Any], dict[str, Any]]]] = {
 }
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A row waiting for its insert, with the event it came from (for a dead letter)."""
+
+    row: dict[str, Any]
+    topic: str
+    partition: int
+    offset: int
+    value: bytes
+    timestamp_ms: int | None = None
+
+
+class _Stopped(Exception):
+    """Shutdown was asked while ClickHouse was unavailable."""
+
+
+# ClickHouse error codes that mean "this data cannot go in", not "try later".
+_DATA_ERRORS = {6, 26, 27, 38, 41, 53, 69, 70, 72, 117, 131, 190, 321, 349, 352, 354, 377, 457}
+_CODE = re.compile(r"Code: (\d+)")
+
+
+def _refused_for_good(exc: StoreError) -> bool:
+    """A row ClickHouse (or the client's conversion to its types) refuses whatever the timing."""
+    cause = exc.__cause__
+    if isinstance(cause, TypeError | ValueError | OverflowError | struct.error) and not _CODE.search(str(exc)):
+        return True
+    return any(int(code) in _DATA_ERRORS for code in _CODE.findall(str(exc)))
+
+
 def _missing_table(exc: StoreError) -> bool:
     text = str(exc)
     return "UNKNOWN_TABLE" in text or "Code: 60" in text or "does not exist" in text
@@ -60,6 +104,9 @@ def row_for(record: AvroRecord) -> tuple[str, dict[str, Any]]:
 
 
 class ClickHouseSink:
+    # First wait after a failed insert; doubles up to 30 s.
+    retry_initial_s = 0.5
+
     def __init__(
         self,
         settings: Settings,
@@ -83,6 +130,8 @@ class ClickHouseSink:
         self.on_rows = on_rows
         self.rows_written = 0
         self.skipped = 0
+        self.refused = 0
+        self._producer: Any = None
 
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
         ch = self.settings.clickhouse
@@ -95,7 +144,7 @@ class ClickHouseSink:
             list(self._types),
             on_assign=lambda c, p: ready.set() if ready is not None else None,
         )
-        pending: dict[str, list[dict[str, Any]]] = {}
+        pending: dict[str, list[Pending]] = {}
         offsets: dict[tuple[str, int], int] = {}
         count = 0
         first_at: float | None = None
@@ -110,17 +159,17 @@ class ClickHouseSink:
                     count >= ch.sink_batch_size or time.monotonic() - first_at >= ch.sink_flush_ms / 1000
                 )
                 if due or (offsets and not count):
-                    self._flush(consumer, pending, offsets)
+                    self._flush(consumer, pending, offsets, stop)
                     count, first_at = 0, None
             if offsets:
-                self._flush(consumer, pending, offsets)
+                self._flush(consumer, pending, offsets, stop)
         finally:
             consumer.close()
 
     def _accept(
         self,
         msg: Message,
-        pending: dict[str, list[dict[str, Any]]],
+        pending: dict[str, list[Pending]],
         offsets: dict[tuple[str, int], int],
     ) -> bool:
         err = msg.error()
@@ -131,53 +180,122 @@ class ClickHouseSink:
         topic, partition, offset = message_coords(msg)
         tp = (topic, partition)
         offsets[tp] = offset + 1
+        value = msg.value() or b""
         try:
-            record = self.serde.decode(self._types[topic], msg.value())
+            record = self.serde.decode(self._types[topic], value)
         except SluiceError as exc:
             self.skipped += 1
             logger.error("sink skipped %s[%d]@%d: %s", topic, partition, offset, exc)
             return True
         table, row = row_for(record)
-        pending.setdefault(table, []).append(row)
+        kind, ts = msg.timestamp()
+        pending.setdefault(table, []).append(
+            Pending(row, topic, partition, offset, value, ts if kind != TIMESTAMP_NOT_AVAILABLE else None)
+        )
         return True
 
     def _flush(
         self,
         consumer: Consumer,
-        pending: dict[str, list[dict[str, Any]]],
+        pending: dict[str, list[Pending]],
         offsets: dict[tuple[str, int], int],
+        stop: threading.Event | None = None,
     ) -> None:
-        for table, rows in list(pending.items()):
-            if not rows:
-                continue
-            columns = list(rows[0])
-            delay = 0.5
-            while True:
-                try:
-                    self.store.insert(table, [[r[c] for c in columns] for r in rows], columns)
-                    break
-                except StoreError as exc:
-                    if _missing_table(exc):
-                        # Dropped by hand (or never created): re-create the schema and insert again.
-                        logger.warning("%s: table %s is missing; re-creating the schema", exc, table)
-                        try:
-                            self.store.ensure_schema()
-                            continue
-                        except StoreError as again:
-                            exc = again
-                    # ClickHouse unavailable: hold the offsets and retry with exponential backoff;
-                    # nothing is acknowledged early, so nothing is lost while it is down.
-                    logger.error("%s; retrying in %.1fs", exc, delay)
-                    time.sleep(delay)
-                    delay = min(delay * 2, 30.0)
-            SINK_ROWS.labels(table).inc(len(rows))
-            self.rows_written += len(rows)
-            if self.on_rows:
-                self.on_rows(table, rows)
+        stop = stop or threading.Event()
+        try:
+            for table, items in list(pending.items()):
+                if items:
+                    self._insert(table, items, stop)
+                    pending[table] = []
+        except _Stopped:
+            # Stopping while ClickHouse is away: nothing committed, the next sink inserts these.
+            logger.warning("sink stopped with %d rows not inserted; they stay on their topics", self._count(pending))
+            pending.clear()
+            offsets.clear()
+            return
         pending.clear()
+        if self._producer is not None:
+            self._producer.flush(30)  # the dead letters of refused rows, before their offsets move
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         try:
             consumer.commit(offsets=tps, asynchronous=False)
         except KafkaException as exc:
             logger.warning("sink commit failed (%s); rows may be re-inserted (deduped)", exc)
         offsets.clear()
+
+    @staticmethod
+    def _count(pending: dict[str, list[Pending]]) -> int:
+        return sum(len(v) for v in pending.values())
+
+    def _insert(self, table: str, items: list[Pending], stop: threading.Event) -> None:
+        """Insert ``items``: transient failures (ClickHouse away, overloaded) wait with backoff
+        while shutdown is honoured; a missing table is re-created; rows ClickHouse refuses for
+        good are found by halving the batch and become dead letters, and the rest go in."""
+        delay = self.retry_initial_s
+        while True:
+            try:
+                refused = self._insert_or_split(table, items)
+            except StoreError as exc:
+                if _missing_table(exc):
+                    # Dropped by hand (or never created): re-create the schema and insert again.
+                    logger.warning("%s: table %s is missing; re-creating the schema", exc, table)
+                    try:
+                        self.store.ensure_schema()
+                        continue
+                    except StoreError as again:
+                        exc = again
+                # Nothing is acknowledged early, so nothing is lost while ClickHouse is down.
+                logger.error("%s; retrying in %.1fs", exc, delay)
+                if stop.wait(delay):
+                    raise _Stopped from exc
+                delay = min(delay * 2, 30.0)
+                continue
+            for item, error in refused:
+                self._refuse(table, item, error)
+            inserted = len(items) - len(refused)
+            SINK_ROWS.labels(table).inc(inserted)
+            self.rows_written += inserted
+            if self.on_rows:
+                self.on_rows(table, [i.row for i in items if all(i is not r for r, _ in refused)])
+            return
+
+    def _insert_or_split(self, table: str, items: list[Pending]) -> list[tuple[Pending, str]]:
+        """The rows refused for good (bad data); raises StoreError for anything else."""
+        columns = list(items[0].row)
+        try:
+            self.store.insert(table, [[i.row[c] for c in columns] for i in items], columns)
+            return []
+        except StoreError as exc:
+            if not _refused_for_good(exc):
+                raise
+            if len(items) == 1:
+                return [(items[0], str(exc))]
+        mid = len(items) // 2
+        return self._insert_or_split(table, items[:mid]) + self._insert_or_split(table, items[mid:])
+
+    def _refuse(self, table: str, item: Pending, error: str) -> None:
+        self.refused += 1
+        logger.error(
+            "ClickHouse refused a %s row from %s[%d]@%d: %s", table, item.topic, item.partition, item.offset, error
+        )
+        if table == "dead_letters":
+            return  # a dead letter of a dead letter would loop; the event stays on its topic
+        row = item.row
+        dl = DeadLetter.from_event(
+            DeadLetterReason.STORE_REFUSED,
+            f"{table}: {error}",
+            stage=Stage.SINK,
+            topic=item.topic,
+            partition=item.partition,
+            offset=item.offset,
+            original=item.value,
+            timestamp_ms=item.timestamp_ms,
+        )
+        dl.request_id, dl.tenant = row.get("request_id"), row.get("tenant")
+        if self._producer is None:
+            self._producer = clients.producer(self.settings.kafka, "sink")
+        self._producer.produce(
+            Topics(self.settings.topic_prefix).dead_letter,
+            key=(dl.request_id or dl.dead_letter_id).encode(),
+            value=self.serde.encode(dl),
+        )

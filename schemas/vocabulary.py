@@ -82,6 +82,7 @@ class Stage(StrEnum):
     GATEWAY = "gateway"
     # Result delivery after the results topic: webhooks and the fan-out to tenant and reply topics.
     DELIVERY = "delivery"
+    SINK = "sink"
 
 
 class DeadLetterReason(StrEnum):
@@ -104,6 +105,8 @@ class DeadLetterReason(StrEnum):
     WEBHOOK_FAILED = "webhook_failed"
     # The request's batch reached its completion window before the request ran.
     BATCH_EXPIRED = "batch_expired"
+    # ClickHouse refused a row for good (bad data); the event stays on its topic, the rest go on.
+    STORE_REFUSED = "store_refused"
 
     @property
     def state(self) -> RequestState:

@@ -130,7 +130,8 @@ class ClickHouseSettings(BaseModel):
     username: str = "default"
     password: str = ""
     sink_batch_size: int = 5000
-    sink_flush_ms: int = 500
+    # About one insert per second per table, as ClickHouse recommends for MergeTree tables.
+    sink_flush_ms: int = 1000
     # Where the process that owns an embedded chDB directory serves queries for the others.
     query_host: str = "127.0.0.1"
     query_port: int = 0
