@@ -51,10 +51,10 @@ class OutageStore:
 
 
 def test_an_outage_holds_the_sink_back_without_loss_and_a_refused_row_is_dead_lettered(
-    settings: Settings, clickhouse_store: Store, serde: Serde
+    settings: Settings, clickhouse_store: Store, serde: Serde, catalog: Catalog
 ) -> None:
     topics = Topics(settings.topic_prefix)
-    ensure_topics(settings.kafka, topics.pipeline(Catalog(models=[])))
+    ensure_topics(settings.kafka, topics.pipeline(catalog))
     outage = OutageStore(clickhouse_store)
     sink = ClickHouseSink(settings, outage)  # type: ignore[arg-type]
     sink.retry_initial_s = 0.1
