@@ -16,10 +16,10 @@ from schemas import (
     RequestStatus,
 )
 
-__all__ = ["one_of_each"]
+__all__ = ["one_of_each", "request"]
 
 
-def _request(t0: datetime, **kw: object) -> InferenceRequest:
+def request(t0: datetime, **kw: object) -> InferenceRequest:
     fields: dict[str, object] = {
         "request_id": "req-1",
         "tenant": "acme",
@@ -33,8 +33,8 @@ def _request(t0: datetime, **kw: object) -> InferenceRequest:
 
 def one_of_each(t0: datetime) -> list[AvroRecord]:
     return [
-        _request(t0, deadline=t0, metadata={"k": "v"}, seed=7),
-        _request(
+        request(t0, deadline=t0, metadata={"k": "v"}, seed=7),
+        request(
             t0,
             batch_id="batch_1",
             custom_id="line-1",

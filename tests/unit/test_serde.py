@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from schemas import (
     BatchStatus,
-    ChatMessage,
     CostMetric,
     DeadLetter,
     InferenceRequest,
@@ -25,21 +24,13 @@ from schemas import (
 from schemas.registry import load_schema
 from schemas.serde import AvroDeserializer, AvroSerializer
 from sluice.errors import DeadLetterReason, SerializationError
-from tests.records import one_of_each
+from tests.records import one_of_each, request
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
 
 
 def _request(**kw: object) -> InferenceRequest:
-    fields: dict[str, object] = {
-        "request_id": "req-1",
-        "tenant": "acme",
-        "priority": "high",
-        "messages": [ChatMessage(role="user", content="hi")],
-        "created_at": T0,
-    }
-    fields.update(kw)
-    return InferenceRequest.model_validate(fields)
+    return request(T0, **kw)
 
 
 def test_round_trip_every_record_type() -> None:
