@@ -36,6 +36,8 @@ TABLES: dict[str, str] = {
         engine_run_id Nullable(String),
         reply_to Nullable(String),
         webhook_url Nullable(String),
+        cache_kind LowCardinality(Nullable(String)),
+        similarity Nullable(Float64),
         ingested_at {_TS} DEFAULT now64(3)
     """,
     "dead_letters": f"""
@@ -73,6 +75,7 @@ TABLES: dict[str, str] = {
         deduplicated Bool,
         created_at {_TS},
         engine_run_id Nullable(String),
+        cache_kind LowCardinality(Nullable(String)),
         ingested_at {_TS} DEFAULT now64(3)
     """,
     "request_status": f"""

@@ -80,8 +80,9 @@ def stats_sql(database: str, where: str = "1") -> str:
 
 
 def savings_sql(database: str, where: str = "1") -> str:
-    """Per tenant: what dedupe, the cache and routing saved against running every request on the
-    catalog's most capable model (``baseline_cost_usd`` is that model's price for the same tokens).
+    """Per tenant: what dedupe, the exact cache, the semantic cache and routing saved against
+    running every request on the catalog's most capable model (``baseline_cost_usd`` is that
+    model's price for the same tokens).
 
     Aliases must not reuse column names: ClickHouse resolves a later ``cached`` to the alias."""
     return f"""
@@ -90,12 +91,15 @@ def savings_sql(database: str, where: str = "1") -> str:
             count() AS requests,
             countIf(NOT deduplicated AND NOT cached) AS engine_runs,
             countIf(deduplicated) AS duplicates,
-            countIf(cached) AS cache_hits,
+            countIf(cached AND ifNull(cache_kind, 'exact') != 'semantic') AS cache_hits,
+            countIf(cached AND cache_kind = 'semantic') AS semantic_hits,
             sumIf(input_tokens + output_tokens, deduplicated OR cached) AS tokens_not_run,
             round(sum(cost_usd), 8) AS actual_usd,
             round(sum(baseline_cost_usd), 8) AS most_capable_usd,
             round(sumIf(baseline_cost_usd - cost_usd, deduplicated), 8) AS saved_dedupe_usd,
-            round(sumIf(baseline_cost_usd - cost_usd, cached), 8) AS saved_cache_usd,
+            round(sumIf(baseline_cost_usd - cost_usd, cached AND ifNull(cache_kind, 'exact') != 'semantic'), 8)
+                AS saved_cache_usd,
+            round(sumIf(baseline_cost_usd - cost_usd, cached AND cache_kind = 'semantic'), 8) AS saved_semantic_usd,
             round(sumIf(baseline_cost_usd - cost_usd, NOT deduplicated AND NOT cached), 8) AS saved_routing_usd,
             round(if(sum(baseline_cost_usd) > 0, 1 - sum(cost_usd) / sum(baseline_cost_usd), 0), 4) AS saved_fraction
         FROM {database}.cost_metrics FINAL

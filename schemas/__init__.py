@@ -21,7 +21,7 @@ from schemas.models import (
 )
 from schemas.registry import ConfluentSchemaRegistry, LocalSchemaRegistry, SchemaRegistry
 from schemas.serde import AvroDeserializer, AvroSerializer, Serde
-from schemas.vocabulary import BatchState, DeadLetterReason, Priority, RequestState, ResultStatus, Stage
+from schemas.vocabulary import BatchState, CacheKind, DeadLetterReason, Priority, RequestState, ResultStatus, Stage
 
 __all__ = [
     "AvroDeserializer",
@@ -29,6 +29,7 @@ __all__ = [
     "AvroSerializer",
     "BatchState",
     "BatchStatus",
+    "CacheKind",
     "ChatMessage",
     "ConfigError",
     "ConfluentSchemaRegistry",

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from schemas.ids import dead_letter_id, new_id, utcnow
-from schemas.vocabulary import BatchState, DeadLetterReason, Priority, RequestState, ResultStatus, Stage
+from schemas.vocabulary import BatchState, CacheKind, DeadLetterReason, Priority, RequestState, ResultStatus, Stage
 
 __all__ = [
     "AvroRecord",
@@ -162,6 +162,8 @@ class InferenceResult(AvroRecord):
     engine_run_id: str | None = None
     reply_to: str | None = None
     webhook_url: str | None = None
+    cache_kind: CacheKind | None = None
+    similarity: float | None = None
 
     @property
     def latency_ms(self) -> int:
@@ -309,6 +311,7 @@ class CostMetric(AvroRecord):
     deduplicated: bool = False
     created_at: datetime = Field(default_factory=utcnow)
     engine_run_id: str | None = None
+    cache_kind: CacheKind | None = None
 
     @classmethod
     def for_result(
@@ -343,6 +346,7 @@ class CostMetric(AvroRecord):
             batch_size=batch_size,
             cached=cached,
             deduplicated=deduplicated,
+            cache_kind=result.cache_kind if cached else None,
         )
 
 

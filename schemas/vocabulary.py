@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["BatchState", "DeadLetterReason", "Priority", "RequestState", "ResultStatus", "Stage"]
+__all__ = ["BatchState", "CacheKind", "DeadLetterReason", "Priority", "RequestState", "ResultStatus", "Stage"]
 
 
 class Priority(StrEnum):
@@ -47,6 +47,15 @@ class RequestState(StrEnum):
     CANCELLED = "cancelled"
     # The result exists (topic, ClickHouse) but its webhook could not be delivered.
     WEBHOOK_FAILED = "webhook_failed"
+
+
+class CacheKind(StrEnum):
+    """How a cached answer matched its request (``cache_kind`` on results and cost metrics)."""
+
+    # The same content key (model hint, messages, sampling parameters) answered before.
+    EXACT = "exact"
+    # A near-duplicate prompt of the same tenant and route answered before (the semantic cache).
+    SEMANTIC = "semantic"
 
 
 class BatchState(StrEnum):

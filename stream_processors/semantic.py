@@ -1,0 +1,385 @@
+"""The semantic response cache: a request the exact cache missed may be answered from a
+near-duplicate prompt already answered for the same tenant and route.
+
+Events reach it on two topics keyed by the cache scope (the tenant, or ``*`` when shared), so one
+worker holds a scope's whole index:
+
+* the **lookup** topic carries requests the dedupe stage diverted here (first of their content
+  key, eligible). They are looked up in batches: a cheap static embedding shortlists candidates
+  of the same signature, the lexical rules veto the impossible ones, and only then does the
+  sentence transformer run, on the requests that still have a candidate. A hit is answered
+  (``cache_kind=semantic``, the similarity and the id it was answered from); a miss goes on to its
+  model topic, and a *pending* entry is sent to the index topic.
+* the **index** topic carries pending entries, completions and ticks, one at a time (it owns the
+  changelogged table): a successful completion turns its pending entry into a cache entry; a tick
+  drops expired entries and those of a model whose fingerprint changed.
+
+The table survives restarts through its changelog; the in-memory matrices are rebuilt from it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from schemas import CacheKind, InferenceRequest, InferenceResult, RequestState, ResultStatus, utcnow
+from sluice.catalog import Catalog
+from sluice.headers import Headers, carried
+from sluice.settings import ProcessorSettings
+from stream_processors.embedding import Embedder, Vectors
+from stream_processors.emit import Emitter, Forward
+from stream_processors.router import Backlog
+from stream_processors.semantic_rules import (
+    answer_fingerprint,
+    compatible,
+    difference,
+    matched_text,
+    signature,
+)
+
+__all__ = ["Lookup", "SemanticStage"]
+
+logger = logging.getLogger(__name__)
+
+Entry = dict[str, Any]
+_SHORTLIST = 8
+
+
+def _pack(v: Vectors) -> str:
+    return base64.b64encode(v.astype(np.float16).tobytes()).decode()
+
+
+def _unpack(s: str) -> Vectors:
+    out: Vectors = np.frombuffer(base64.b64decode(s), dtype=np.float16).astype(np.float32)
+    return out
+
+
+@dataclass
+class _Scope:
+    """One scope's cache entries with their static vectors stacked for the shortlist."""
+
+    entries: list[Entry] = field(default_factory=list)
+    matrix: Vectors | None = None
+
+    def stacked(self) -> Vectors:
+        if self.matrix is None:
+            self.matrix = (
+                np.stack([e["_static"] for e in self.entries]) if self.entries else np.zeros((0, 1), np.float32)
+            )
+        return self.matrix
+
+
+@dataclass
+class Lookup:
+    """One diverted request on its way through a lookup batch."""
+
+    request: InferenceRequest
+    raw: bytes
+    headers: Headers
+    text: str = ""
+    signature: str | None = None
+    static: Vectors | None = None
+    candidates: list[Entry] = field(default_factory=list)
+
+
+class SemanticStage:
+    def __init__(
+        self,
+        table: MutableMapping[str, Entry],
+        emitter: Emitter,
+        catalog: Catalog,
+        settings: ProcessorSettings,
+        embedder: Embedder,
+        backlog: Backlog | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.table = table
+        self.emit = emitter
+        self.catalog = catalog
+        self.settings = settings
+        self.cfg = settings.semantic
+        self.embedder = embedder
+        self.backlog = backlog or Backlog()
+        self.clock = clock
+        self._scopes: dict[str, _Scope] = {}
+        self._indexed = -1  # table size the in-memory index was built from
+        self._vectors: OrderedDict[str, Vectors] = OrderedDict()  # full embeddings, by text
+
+    # -- who takes part --------------------------------------------------------------------
+    def scope(self, tenant: str) -> str:
+        return "*" if self.settings.cache_shared_across_tenants else tenant
+
+    def eligible(self, request: InferenceRequest) -> bool:
+        """Whether a request the exact cache missed is looked up here (else it runs)."""
+        return (
+            self.cfg.enabled
+            and request.cache
+            and request.route is not None
+            and request.tenant not in self.cfg.disabled_tenants
+            and self._signature(request) is not None
+        )
+
+    def _signature(self, request: InferenceRequest) -> str | None:
+        assert request.route is not None
+        model = self.catalog.get(request.route.model)
+        if model is None:
+            return None
+        return signature(request, answer_fingerprint(model), include_sampled=self.cfg.include_sampled)
+
+    # -- the in-memory index ---------------------------------------------------------------
+    def _index(self) -> dict[str, _Scope]:
+        # The table is the truth (restored from its changelog after a restart or a rebalance);
+        # the matrices are rebuilt whenever it holds entries this process did not add itself.
+        if len(self.table) != self._indexed:
+            self._scopes = {}
+            for key, entry in list(self.table.items()):
+                if key.startswith("entry:"):
+                    self._add(entry)
+            self._indexed = len(self.table)
+        return self._scopes
+
+    def _add(self, entry: Entry) -> None:
+        entry = {**entry, "_static": _unpack(entry["static"])}
+        scope = self._scopes.setdefault(entry["scope"], _Scope())
+        scope.entries.append(entry)
+        scope.matrix = None
+
+    def _drop(self, keys: set[str]) -> None:
+        for key in keys:
+            self.table.pop(key, None)
+        for scope in self._scopes.values():
+            kept = [e for e in scope.entries if _entry_key(e) not in keys]
+            if len(kept) != len(scope.entries):
+                scope.entries, scope.matrix = kept, None
+        self._indexed = len(self.table)
+
+    # -- lookups (batched; the app runs `vectors` in a worker thread) ----------------------
+    def prepare(self, batch: Sequence[tuple[InferenceRequest, bytes, Headers]]) -> tuple[list[Lookup], list[str]]:
+        """Shortlist candidates for each request; return the lookups and the texts that need a
+        full embedding (requests with a surviving candidate, and those candidates)."""
+        items = [Lookup(req, raw, carried(headers)) for req, raw, headers in batch]
+        for it in items:
+            it.text = matched_text(it.request)
+            it.signature = self._signature(it.request)
+        index = self._index()
+        live = [it for it in items if it.signature and index.get(self.scope(it.request.tenant))]
+        if not live:
+            return items, []
+        statics = self.embedder.static([it.text for it in live])
+        now = self.clock()
+        need: dict[str, None] = {}
+        for it, vec in zip(live, statics, strict=True):
+            it.static = vec
+            scope = index[self.scope(it.request.tenant)]
+            scores = scope.stacked() @ vec
+            for i in np.argsort(-scores)[: _SHORTLIST * 4]:
+                if scores[i] < self.cfg.prefilter or len(it.candidates) >= _SHORTLIST:
+                    break
+                entry = scope.entries[int(i)]
+                if not self._usable(entry, it, now):
+                    continue
+                diff = difference(it.text, entry["text"])
+                if diff.veto is None:
+                    it.candidates.append(entry)
+                    # The contrast check compares an added word with the words already there.
+                    need.update(
+                        dict.fromkeys([it.text, entry["text"], *diff.added, *(diff.others if diff.added else ())])
+                    )
+        return items, [t for t in need if t not in self._vectors]
+
+    def _usable(self, entry: Entry, it: Lookup, now: float) -> bool:
+        r = it.request
+        return bool(
+            entry["signature"] == it.signature
+            and now - entry["at"] <= self.cfg.max_age_s
+            and compatible(
+                cached_max_tokens=entry["max_tokens"],
+                finish_reason=entry["result"]["finish_reason"],
+                completion_tokens=entry["result"]["completion_tokens"],
+                max_tokens=r.max_tokens,
+            )
+        )
+
+    def vectors(self, texts: Sequence[str]) -> Vectors:
+        """The full embeddings of ``texts`` (the expensive step; safe to run in a thread)."""
+        return self.embedder.embed(texts)
+
+    def finish(self, items: list[Lookup], texts: Sequence[str], vectors: Vectors | None) -> list[Forward]:
+        for text, vec in zip(texts, vectors if vectors is not None else [], strict=True):
+            self._vectors[text] = vec
+        while len(self._vectors) > 4 * self.cfg.max_entries_per_tenant:
+            self._vectors.popitem(last=False)
+        # Misses become pending entries, which carry their static vector: one call for the batch.
+        todo = [it for it in items if it.signature is not None and it.static is None]
+        if todo:
+            for it, vec in zip(todo, self.embedder.static([it.text for it in todo]), strict=True):
+                it.static = vec
+        out: list[Forward] = []
+        for it in items:
+            hit = self._best(it)
+            out += self._answer(it, *hit) if hit else self._miss(it)
+        return out
+
+    def _best(self, it: Lookup) -> tuple[Entry, float] | None:
+        best: tuple[Entry, float] | None = None
+        if not it.candidates or it.text not in self._vectors:
+            return None
+        v = self._vectors[it.text]
+        for entry in it.candidates:
+            sim = float(v @ self._vectors[entry["text"]])
+            if sim < self.cfg.threshold or (best and sim <= best[1]):
+                continue
+            if self._contrasts(it.text, entry["text"]):
+                continue
+            best = (entry, sim)
+        return best
+
+    def _contrasts(self, a: str, b: str) -> bool:
+        # One added word that closely resembles a word already there is an alternative of the
+        # same kind ("pound" beside "kilogram", "odd" beside "even"), not an elaboration.
+        diff = difference(a, b)
+        if not diff.added or not diff.others:
+            return False
+        added = np.stack([self._vectors[w] for w in sorted(diff.added)])
+        others = np.stack([self._vectors[w] for w in sorted(diff.others)])
+        return bool((added @ others.T).max() >= self.cfg.contrast)
+
+    def _answer(self, it: Lookup, entry: Entry, similarity: float) -> list[Forward]:
+        r, stored = it.request, entry["result"]
+        now = utcnow()
+        result = InferenceResult(
+            request_id=r.request_id,
+            tenant=r.tenant,
+            priority=r.priority,
+            model=stored["model"],
+            status=ResultStatus.SUCCEEDED,
+            output_text=stored["output_text"],
+            finish_reason=stored["finish_reason"],
+            prompt_tokens=stored["prompt_tokens"],
+            completion_tokens=stored["completion_tokens"],
+            created_at=r.created_at,
+            started_at=max(r.created_at, now),
+            completed_at=now,
+            correlation_id=r.correlation_id,
+            route_reason=r.route.reason if r.route else None,
+            deduplicated_from=entry["request_id"],
+            cached=True,
+            cache_kind=CacheKind.SEMANTIC,
+            similarity=round(similarity, 4),
+            replay_of=r.replay_of,
+            batch_id=r.batch_id,
+            dedupe_key=r.dedupe_key,
+            custom_id=r.custom_id,
+            reply_to=r.reply_to,
+            webhook_url=r.webhook_url,
+        )
+        logger.debug("semantic hit: %s answered from %s (%.3f)", r.request_id, entry["request_id"], similarity)
+        return self.emit.result(result, cached=True, headers=it.headers)
+
+    def _miss(self, it: Lookup) -> list[Forward]:
+        r = it.request
+        assert r.route is not None
+        model = r.route.model
+        self.backlog.routed(model)
+        out = [
+            Forward(self.emit.topics.model(model, r.priority), r.request_id.encode(), it.raw, list(it.headers), r),
+            *self.emit.status(r.request_id, RequestState.ROUTED, model=model, detail=r.route.reason),
+        ]
+        if it.signature is not None and it.static is not None:
+            served_by = self.catalog.get(model)
+            pending = {
+                "request_id": r.request_id,
+                "scope": self.scope(r.tenant),
+                "signature": it.signature,
+                "model": model,
+                "max_tokens": r.max_tokens,
+                "text": it.text,
+                "static": _pack(it.static),
+                "fingerprint": answer_fingerprint(served_by) if served_by else "",
+            }
+            key = str(pending["scope"]).encode()
+            out.append(Forward(self.emit.topics.semantic_index, key, _json(pending), [("kind", b"pending")]))
+        return out
+
+    # -- the index topic (one event at a time: table writes follow the event's partition) ---
+    def _synced(self) -> bool:
+        return self._indexed == len(self.table)
+
+    def on_pending(self, pending: Entry, partition: int) -> None:
+        synced = self._synced()
+        self.table[f"pending:{pending['request_id']}"] = {**pending, "p": partition, "at": self.clock()}
+        if synced:
+            self._indexed = len(self.table)
+
+    def on_completed(self, result: InferenceResult, partition: int) -> None:
+        synced = self._synced()
+        pending = self.table.pop(f"pending:{result.request_id}", None)
+        if pending is None:
+            return
+        if result.status is not ResultStatus.SUCCEEDED or result.cached:
+            if synced:
+                self._indexed = len(self.table)
+            return
+        entry = {
+            **pending,
+            "p": partition,
+            "at": self.clock(),
+            "result": {
+                "model": result.model,
+                "output_text": result.output_text,
+                "finish_reason": result.finish_reason,
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+            },
+        }
+        key = _entry_key(entry)
+        replaced = key in self.table
+        self.table[key] = entry
+        if synced and not replaced:
+            self._add(entry)
+            self._indexed = len(self.table)
+        scope = self._index().get(entry["scope"])
+        if scope and len(scope.entries) > self.cfg.max_entries_per_tenant:
+            excess = len(scope.entries) - self.cfg.max_entries_per_tenant
+            self._drop({_entry_key(e) for e in sorted(scope.entries, key=lambda e: e["at"])[:excess]})
+
+    def sweep(self, partition: int) -> int:
+        """Drop this partition's entries that are too old, or whose model's answers changed."""
+        now = self.clock()
+        self._index()
+        prints = {m.name: answer_fingerprint(m) for m in self.catalog}
+        doomed: set[str] = set()
+        for key, entry in list(self.table.items()):
+            if entry.get("p") != partition:
+                continue
+            if key.startswith("pending:"):
+                if now - entry["at"] > self.settings.inflight_ttl_s:
+                    doomed.add(key)
+            elif now - entry["at"] > self.cfg.max_age_s or not self._current(entry, prints):
+                doomed.add(key)
+        if doomed:
+            self._drop(doomed)
+            logger.debug("semantic sweep of partition %d removed %d entries", partition, len(doomed))
+        return len(doomed)
+
+    @staticmethod
+    def _current(entry: Entry, prints: dict[str, str]) -> bool:
+        # The signature embeds the fingerprint; an entry of a model no longer in the catalog, or
+        # whose fingerprint changed, can never match again.
+        return entry["model"] in prints and entry.get("fingerprint", prints[entry["model"]]) == prints[entry["model"]]
+
+
+def _entry_key(entry: Entry) -> str:
+    return f"entry:{entry['scope']}:{entry['request_id']}"
+
+
+def _json(obj: Entry) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
