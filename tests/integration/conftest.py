@@ -85,6 +85,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
+@pytest.fixture(scope="session")
+def embedding_model_dir() -> Path:
+    """all-MiniLM-L6-v2 from the semantic extra (skipped locally without it, a failure in CI)."""
+    try:
+        from stream_processors.embedding import default_model_path
+
+        return default_model_path()
+    except Exception as exc:
+        unavailable("the semantic cache's embedding model", exc)
+
+
 @pytest.fixture
 def catalog(make_entry: Callable[..., ModelEntry]) -> Catalog:
     return Catalog(

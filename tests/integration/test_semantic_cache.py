@@ -1,0 +1,108 @@
+"""The semantic cache on the real embedding model (all-MiniLM-L6-v2), the real broker and
+ClickHouse. Answers come from the instant engine (the named test double): what is under test is
+which requests the router answers from the cache and which reach a model topic."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from analytics.query import savings_sql
+from analytics.store import Store
+from producers import SluiceClient
+from sluice.local.stack import LocalStack
+from sluice.settings import Settings
+from tests.integration.helpers import results, topic_keys
+from tests.support import wait_until
+
+pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.semantic]
+
+FRANCE = "What is the capital of France?"
+FRANCE_PARAPHRASE = "Tell me France's capital city."
+REVIEW = "Is this review positive? The food was amazing and the staff were friendly."
+REVIEW_REVERSED = "Is this review positive? The food was awful and the staff were rude."
+FRENCH = "Translate to French: Where is the train station?"
+GERMAN = "Translate to German: Where is the train station?"
+
+
+def _semantic_on(s: Settings) -> None:
+    s.processor.semantic.enabled = True
+
+
+def _indexed(stack: LocalStack, ids: list[str]) -> None:
+    """Wait until the router's changelogged index holds an entry for each of ``ids``."""
+    changelog = stack.topics.table_changelog(stack.settings.processor.app_id, "semantic")
+    wait_until(
+        lambda: topic_keys(stack.settings, [changelog], quiet_s=1.0),
+        lambda keys: all(any(k.endswith(f':{i}"') and "entry:" in k for k in keys) for i in ids),
+        timeout=120,
+        what="semantic index entries for the answered requests",
+    )
+
+
+def test_paraphrases_hit_near_misses_and_other_tenants_run(
+    make_stack: Callable[..., LocalStack], clickhouse_store: Store, embedding_model_dir: Path
+) -> None:
+    stack = make_stack(_semantic_on)
+    client = SluiceClient(stack.settings)
+    originals = [client.submit(text, tenant="acme", max_tokens=8) for text in (FRANCE, REVIEW, FRENCH)]
+    client.flush()
+    wait_until(
+        lambda: results(clickhouse_store, originals),
+        lambda r: len(r) == 3,
+        timeout=180,
+        what="the originals' results",
+    )
+    _indexed(stack, originals)
+
+    hit = client.submit(FRANCE_PARAPHRASE, tenant="acme", max_tokens=8)
+    reversed_review = client.submit(REVIEW_REVERSED, tenant="acme", max_tokens=8)
+    german = client.submit(GERMAN, tenant="acme", max_tokens=8)
+    other_tenant = client.submit(FRANCE_PARAPHRASE, tenant="globex", max_tokens=8)
+    client.flush()
+    later = [hit, reversed_review, german, other_tenant]
+    rows = wait_until(
+        lambda: results(clickhouse_store, later),
+        lambda r: len(r) == 4,
+        timeout=120,
+        what="results of the second round",
+    )
+    assert rows[hit]["cache_kind"] == "semantic" and rows[hit]["cached"]
+    assert rows[hit]["deduplicated_from"] == originals[0]
+    assert 0.8 <= rows[hit]["similarity"] < 1.0
+    first = results(clickhouse_store, originals)
+    assert rows[hit]["output_text"] == first[originals[0]]["output_text"]
+    for rid in (reversed_review, german, other_tenant):
+        assert rows[rid]["cache_kind"] is None and rows[rid]["deduplicated_from"] is None, rid
+
+    # What a subscriber of the model topics sees: every request but the hit.
+    model_topics = [t for m in stack.catalog for t in stack.topics.model_topics(m.name)]
+    ran = topic_keys(stack.settings, model_topics)
+    assert sorted(ran) == sorted([*originals, reversed_review, german, other_tenant])
+
+    history = clickhouse_store.query(
+        "SELECT state, detail FROM sluice.request_status WHERE request_id = {r:String} ORDER BY at",
+        {"r": hit},
+    ).rows
+    assert ("cached", f"semantic match of {originals[0]} (similarity {rows[hit]['similarity']:.3f})") in [
+        tuple(r) for r in history
+    ]
+    ledger = clickhouse_store.query(savings_sql("sluice", "tenant = 'acme'")).dicts()
+    assert (ledger[0]["semantic_hits"], ledger[0]["cache_hits"], ledger[0]["duplicates"]) == (1, 0, 0)
+    assert ledger[0]["saved_semantic_usd"] > 0
+
+    # The index survives the router: killed, restarted by the stack, it still answers.
+    router = next(c for c in stack.children if c.name == "processor")
+    router.proc.send_signal(signal.SIGKILL)
+    again = client.submit("Tell me the capital city of France.", tenant="acme", max_tokens=8)
+    client.flush()
+    row = wait_until(
+        lambda: results(clickhouse_store, [again]),
+        lambda r: len(r) == 1,
+        timeout=180,
+        what="a result after the router restarted",
+    )[again]
+    assert (row["cache_kind"], row["deduplicated_from"]) == ("semantic", originals[0])
