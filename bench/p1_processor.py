@@ -1,5 +1,11 @@
 """P1: requests/s through the Faust processor (decode, validate, classify, dedupe, route; Avro in
-and out) against a raw consume→produce passthrough on the same broker with the same input."""
+and out) against a raw consume→produce passthrough on the same broker with the same input.
+
+With the semantic cache, P1 runs the processor twice more on one workload, cache off and on: an
+index warmed with n/10 answered tickets (the bench answers them on the results topic, as a GPU
+consumer would), then the measured tickets, one in ten a reworded request about a warm ticket.
+Off, every request reaches a model topic; on, the rewordings are answered from the index. Both
+count requests routed or answered."""
 
 from __future__ import annotations
 
@@ -8,25 +14,34 @@ import sys
 import time
 
 from bench.harness import BenchEnv, Observer, ScenarioResult, instant_catalog, produce_all
-from schemas import ChatMessage, InferenceRequest, Serde
+from schemas import ChatMessage, InferenceRequest, InferenceResult, ResultStatus, Serde, utcnow
 from sluice.settings import Settings
 from sluice.topics import ensure_topics
+from stream_processors.dedupe import dedupe_key
 
 __all__ = ["run_p1"]
 
 
-def _requests(n: int, tag: str) -> list[tuple[bytes, bytes]]:
+_TICKET = "Summarize ticket {}: the consumer lags after a deploy."
+_REWORDED = "Give a one-line summary of ticket {}: the consumer lags after a deploy."
+
+
+def _request(rid: str, text: str) -> InferenceRequest:
+    return InferenceRequest(
+        request_id=rid, tenant="bench", messages=[ChatMessage(role="user", content=text)], max_tokens=64
+    )
+
+
+def _requests(n: int, tag: str, reworded_every: int = 0) -> list[tuple[bytes, bytes]]:
     serde = Serde()
     out = []
     for i in range(n):
-        r = InferenceRequest(
-            request_id=f"{tag}-{i}",
-            tenant="bench",
-            messages=[
-                ChatMessage(role="user", content=f"Summarize ticket {tag}-{i}: the consumer lags after a deploy.")
-            ],
-            max_tokens=64,
-        )
+        text = _TICKET.format(f"{tag}-{i}")
+        if reworded_every and i % reworded_every == 0:
+            # Each warm ticket is reworded once: a repeat of the same rewording would be an
+            # exact duplicate (attached to its first copy, not a semantic lookup).
+            text = _REWORDED.format(f"warm-{i // reworded_every}")
+        r = _request(f"{tag}-{i}", text)
         out.append((r.request_id.encode(), serde.encode(r)))
     return out
 
@@ -55,6 +70,79 @@ def _faust_rate(env: BenchEnv, name: str, n: int, lean: bool) -> float:
             observer.close()
 
 
+def _warm_index(settings: Settings, in_topic: str, results_topic: str, index_topic: str, warm_n: int) -> None:
+    """Route ``warm_n`` tickets, then publish their results as a GPU consumer would, and wait
+    until the router has processed them (with the cache on, they become index entries)."""
+    serde = Serde()
+    warm = [_request(f"warm-{i}", _TICKET.format(f"warm-{i}")) for i in range(warm_n)]
+    routed = Observer(settings, [results_topic, *_model_topics(settings)])
+    index = Observer(settings, [index_topic])
+    try:
+        produce_all(settings, in_topic, [(r.request_id.encode(), serde.encode(r)) for r in warm])
+        routed.wait_for(warm_n, timeout=300)
+        now = utcnow()
+        answers = [
+            InferenceResult(
+                request_id=r.request_id,
+                tenant=r.tenant,
+                priority=r.priority,
+                model="bench",
+                status=ResultStatus.SUCCEEDED,
+                output_text="The consumer group rebalances after every deploy.",
+                finish_reason="stop",
+                prompt_tokens=16,
+                completion_tokens=9,
+                created_at=r.created_at,
+                started_at=now,
+                completed_at=now,
+                engine_run_id="bench-warm",
+                dedupe_key=dedupe_key(r, settings.processor),
+            )
+            for r in warm
+        ]
+        produce_all(settings, results_topic, [(a.request_id.encode(), serde.encode(a)) for a in answers])
+        if settings.processor.semantic.enabled:
+            # Pending entries first (one per routed ticket), then one completion each.
+            index.wait_for(2 * warm_n, timeout=300)
+        time.sleep(2.0)
+    finally:
+        routed.close()
+        index.close()
+
+
+def _model_topics(settings: Settings) -> list[str]:
+    from sluice.topics import Topics
+
+    return Topics(settings.topic_prefix).model_topics("bench")
+
+
+def _semantic_rate(env: BenchEnv, name: str, n: int, semantic: bool) -> tuple[float, int]:
+    """Requests/s routed or answered, and how many were answered from the semantic cache."""
+    settings = env.settings(name, instant_catalog())
+    settings.processor.semantic.enabled = semantic
+    with env.stack(settings, run_consumers=False, run_sink=False) as stack:
+        in_topic = stack.topics.requests("normal")
+        _warm_index(stack.settings, in_topic, stack.topics.results, stack.topics.semantic_index, n // 10)
+        observer = Observer(stack.settings, [stack.topics.results, *stack.topics.model_topics("bench")])
+        prefix = f"{name}-"
+        try:
+            batch = _requests(n, name, reworded_every=10)
+            t0 = time.perf_counter()
+            produce_all(stack.settings, in_topic, batch)
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                with observer._lock:
+                    mine = [k for k in observer.arrivals if k.startswith(prefix)]
+                    if len(mine) >= n:
+                        t_end = max(observer.arrivals[k] for k in mine)
+                        hits = sum(1 for k in mine if observer.partitions[k][0] == stack.topics.results)
+                        return n / (t_end - t0), hits
+                time.sleep(0.05)
+            raise TimeoutError(f"{name}: not every request was routed or answered")
+        finally:
+            observer.close()
+
+
 def _passthrough_rate(env: BenchEnv, n: int) -> float:
     settings = env.settings("p1-raw", instant_catalog())
     with env.stack(settings, run_processor=False, run_consumers=False, run_sink=False) as stack:
@@ -74,18 +162,32 @@ def _passthrough_rate(env: BenchEnv, n: int) -> float:
             proc.wait(30)
 
 
-def run_p1(env: BenchEnv, quick: bool) -> ScenarioResult:
+def run_p1(env: BenchEnv, quick: bool) -> list[ScenarioResult]:
     n = 5_000 if quick else 50_000
     faust_rate = _faust_rate(env, "p1", n, lean=False)
     lean_rate = _faust_rate(env, "p1-lean", n, lean=True)
     raw_rate = _passthrough_rate(env, n)
+    off_rate, _ = _semantic_rate(env, "p1-sem-off", n, semantic=False)
+    on_rate, hits = _semantic_rate(env, "p1-sem-on", n, semantic=True)
     ratio = faust_rate / raw_rate
-    return ScenarioResult(
-        "P1",
-        "processor throughput",
-        {"requests": n, "faust_req_s": faust_rate, "faust_lean_req_s": lean_rate, "passthrough_req_s": raw_rate},
-        ratio,
-        ">= 0.5x passthrough and >= 10k req/s",
-        ratio >= 0.5 and faust_rate >= 10_000,
-        notes="faust_lean = dedupe and status events off (one hop, one output per request)",
+    semantic = ScenarioResult(
+        "P1s",
+        "processor throughput, semantic cache on/off",
+        {"requests": n, "cache_off_req_s": off_rate, "cache_on_req_s": on_rate, "semantic_hits": hits},
+        on_rate / off_rate,
+        ">= 0.8x with the cache off",
+        on_rate / off_rate >= 0.8,
+        notes="warm index of requests/10 answered tickets; 1 in 10 measured requests reworded (cache hits when on)",
     )
+    return [
+        ScenarioResult(
+            "P1",
+            "processor throughput",
+            {"requests": n, "faust_req_s": faust_rate, "faust_lean_req_s": lean_rate, "passthrough_req_s": raw_rate},
+            ratio,
+            ">= 0.5x passthrough and >= 10k req/s",
+            ratio >= 0.5 and faust_rate >= 10_000,
+            notes="faust_lean = dedupe and status events off (one hop, one output per request)",
+        ),
+        semantic,
+    ]

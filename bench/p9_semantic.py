@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.harness import BenchEnv, ScenarioResult
-from schemas import ChatMessage, InferenceRequest, InferenceResult, Route, Serde, utcnow
+from schemas import ChatMessage, InferenceRequest, InferenceResult, ResultStatus, Route, Serde, utcnow
 from sluice.catalog import Catalog, ModelEntry
 from sluice.settings import ProcessorSettings
 from sluice.topics import Topics
@@ -75,7 +75,7 @@ def similarities(pairs: list[Pair], embedder: Embedder, **semantic: object) -> l
                 tenant="bench",
                 priority=first.priority,
                 model="m",
-                status="succeeded",
+                status=ResultStatus.SUCCEEDED,
                 output_text="answer",
                 finish_reason="stop",
                 completion_tokens=5,
@@ -109,7 +109,7 @@ def run_p9(env: BenchEnv, quick: bool) -> ScenarioResult:
     table = {t: precision_recall(pairs, sims, t) for t in sorted({*THRESHOLDS, default})}
     precision, recall, _ = table[default]
     measured: dict[str, float] = {"pairs": len(pairs), "paraphrases": sum(p.same_answer for p in pairs)}
-    for t, (p, r, fp) in table.items():
+    for t, (p, r, _) in table.items():
         measured[f"P@{t:.2f}"] = p
         measured[f"R@{t:.2f}"] = r
     lowest_ok = min((t for t, (p, _, _) in table.items() if p >= 0.98), default=float("nan"))
