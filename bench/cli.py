@@ -30,6 +30,7 @@ def _scenarios() -> dict[str, Scenario]:
 
     modules = {
         "p1": ("bench.p1_processor", "run_p1"),
+        "p1s": ("bench.p1_processor", "run_p1s"),
         "p2": ("bench.p2_engine", "run_p2_p3"),
         "p4": ("bench.p4_priority", "run_p4"),
         "p5": ("bench.p5_latency", "run_p5"),
@@ -41,7 +42,7 @@ def _scenarios() -> dict[str, Scenario]:
     return {key: getattr(importlib.import_module(module), fn) for key, (module, fn) in modules.items()}
 
 
-SCENARIOS = ("p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "p9")
+SCENARIOS = ("p1", "p1s", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "p9")
 
 
 def _table(results: list[ScenarioResult], console: Console) -> None:
@@ -67,7 +68,7 @@ def _git_rev() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description="Sluice benchmarks (ratios measured in one run)")
     p.add_argument("--quick", action="store_true", help="about a minute per scenario")
-    p.add_argument("--only", default=",".join(SCENARIOS), help="comma list of p1..p9 (p2 and p3 run together)")
+    p.add_argument("--only", default=",".join(SCENARIOS), help="comma list of p1, p1s, p2..p9 (p2 and p3 run together)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here (compare between commits)")
     p.add_argument("--work-dir", type=Path, default=None, help="default: a temporary directory")
     return p

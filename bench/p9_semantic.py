@@ -12,7 +12,6 @@ hit at 0 with similarity >= t)."""
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,9 +64,7 @@ def similarities(pairs: list[Pair], embedder: Embedder, **semantic: object) -> l
         stage = SemanticStage({}, Emitter(_TOPICS, _SERDE, _CATALOG), _CATALOG, settings, embedder)
         first = _request(pair.cached, f"a{i}")
         items, texts = stage.prepare([(first, _SERDE.encode(first), [])])
-        forwards = stage.finish(items, texts, stage.vectors(texts) if texts else None)
-        pending = next(f for f in forwards if f.topic == _TOPICS.semantic_index)
-        stage.on_pending(json.loads(pending.value), 0)
+        stage.finish(items, texts, stage.vectors(texts) if texts else None)
         now = utcnow()
         stage.on_completed(
             InferenceResult(

@@ -17,7 +17,6 @@ before its offset moves; the downstream sinks are idempotent by request id.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -104,14 +103,12 @@ def _semantic_agents(
 
     @app.agent(index_topic, name="semantic-index")  # type: ignore[untyped-decorator,misc]
     async def index(stream: faust.StreamT[bytes]) -> None:
-        """Owns the semantic table: pending entries, completions that fill them, and ticks."""
+        """Owns the semantic table: completions of looked-up requests become entries; ticks."""
         async for event in stream.events():
             kind = dict(event.message.headers or []).get("kind")
             partition = event.message.partition
             try:
-                if kind == b"pending":
-                    stage.on_pending(json.loads(event.value), partition)
-                elif kind == b"completed":
+                if kind == b"completed":
                     stage.on_completed(serde.decode(InferenceResult, event.value), partition)
                 else:
                     stage.sweep(partition)

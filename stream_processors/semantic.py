@@ -9,10 +9,11 @@ worker holds a scope's whole index:
   of the same signature, the lexical rules veto the impossible ones, and only then does the
   sentence transformer run, on the requests that still have a candidate. A hit is answered
   (``cache_kind=semantic``, the similarity and the id it was answered from); a miss goes on to its
-  model topic, and a *pending* entry is sent to the index topic.
-* the **index** topic carries pending entries, completions and ticks, one at a time (it owns the
-  changelogged table): a successful completion turns its pending entry into a cache entry; a tick
-  drops expired entries and those of a model whose fingerprint changed.
+  model topic and is remembered (in memory) until its result.
+* the **index** topic carries completions and ticks, one at a time (it owns the changelogged
+  table): a successful completion of a remembered miss becomes a cache entry; a tick drops
+  expired entries and those of a model whose fingerprint changed. Both topics have the same key
+  and partition count, so a scope's lookups and completions reach the same worker.
 
 The table survives restarts through its changelog; the in-memory matrices are rebuilt from it.
 """
@@ -20,7 +21,6 @@ The table survives restarts through its changelog; the in-memory matrices are re
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 Entry = dict[str, Any]
 _SHORTLIST = 8
+_MAX_PENDING = 200_000
 
 
 def _pack(v: Vectors) -> str:
@@ -112,6 +113,9 @@ class SemanticStage:
         self._scopes: dict[str, _Scope] = {}
         self._indexed = -1  # table size the in-memory index was built from
         self._vectors: OrderedDict[str, Vectors] = OrderedDict()  # full embeddings, by text
+        # Misses waiting for their result, by request id. In memory only: one lost in a restart
+        # or rebalance just is not indexed (a cache miss later, never a wrong answer).
+        self._pending: OrderedDict[str, Entry] = OrderedDict()
 
     # -- who takes part --------------------------------------------------------------------
     def scope(self, tenant: str) -> str:
@@ -180,7 +184,9 @@ class SemanticStage:
             it.static = vec
             scope = index[self.scope(it.request.tenant)]
             scores = scope.stacked() @ vec
-            for i in np.argsort(-scores)[: _SHORTLIST * 4]:
+            top = np.argpartition(-scores, _SHORTLIST * 4)[: _SHORTLIST * 4] if len(scores) > _SHORTLIST * 4 else None
+            order = top[np.argsort(-scores[top])] if top is not None else np.argsort(-scores)
+            for i in order:
                 if scores[i] < self.cfg.prefilter or len(it.candidates) >= _SHORTLIST:
                     break
                 entry = scope.entries[int(i)]
@@ -295,7 +301,7 @@ class SemanticStage:
         ]
         if it.signature is not None and it.static is not None:
             served_by = self.catalog.get(model)
-            pending = {
+            self._pending[r.request_id] = {
                 "request_id": r.request_id,
                 "scope": self.scope(r.tenant),
                 "signature": it.signature,
@@ -304,30 +310,22 @@ class SemanticStage:
                 "text": it.text,
                 "static": _pack(it.static),
                 "fingerprint": answer_fingerprint(served_by) if served_by else "",
+                "at": self.clock(),
             }
-            key = str(pending["scope"]).encode()
-            out.append(Forward(self.emit.topics.semantic_index, key, _json(pending), [("kind", b"pending")]))
+            while len(self._pending) > _MAX_PENDING:
+                self._pending.popitem(last=False)
         return out
 
     # -- the index topic (one event at a time: table writes follow the event's partition) ---
     def _synced(self) -> bool:
         return self._indexed == len(self.table)
 
-    def on_pending(self, pending: Entry, partition: int) -> None:
-        synced = self._synced()
-        self.table[f"pending:{pending['request_id']}"] = {**pending, "p": partition, "at": self.clock()}
-        if synced:
-            self._indexed = len(self.table)
-
     def on_completed(self, result: InferenceResult, partition: int) -> None:
+        """A result of a request looked up here: a success becomes a cache entry."""
+        pending = self._pending.pop(result.request_id, None)
+        if pending is None or result.status is not ResultStatus.SUCCEEDED or result.cached:
+            return
         synced = self._synced()
-        pending = self.table.pop(f"pending:{result.request_id}", None)
-        if pending is None:
-            return
-        if result.status is not ResultStatus.SUCCEEDED or result.cached:
-            if synced:
-                self._indexed = len(self.table)
-            return
         entry = {
             **pending,
             "p": partition,
@@ -356,14 +354,13 @@ class SemanticStage:
         now = self.clock()
         self._index()
         prints = {m.name: answer_fingerprint(m) for m in self.catalog}
+        while self._pending and now - next(iter(self._pending.values()))["at"] > self.settings.inflight_ttl_s:
+            self._pending.popitem(last=False)
         doomed: set[str] = set()
         for key, entry in list(self.table.items()):
             if entry.get("p") != partition:
                 continue
-            if key.startswith("pending:"):
-                if now - entry["at"] > self.settings.inflight_ttl_s:
-                    doomed.add(key)
-            elif now - entry["at"] > self.cfg.max_age_s or not self._current(entry, prints):
+            if now - entry["at"] > self.cfg.max_age_s or not self._current(entry, prints):
                 doomed.add(key)
         if doomed:
             self._drop(doomed)
@@ -379,7 +376,3 @@ class SemanticStage:
 
 def _entry_key(entry: Entry) -> str:
     return f"entry:{entry['scope']}:{entry['request_id']}"
-
-
-def _json(obj: Entry) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()

@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from schemas import InferenceRequest
 from sluice.catalog import ModelEntry
@@ -63,6 +64,13 @@ def _words(text: str) -> list[str]:
     return [_norm(w) for w in _WORD.findall(text.replace("\u2019", "'"))]
 
 
+@lru_cache(maxsize=65_536)
+def _analysed(text: str) -> tuple[frozenset[str], tuple[str, ...]]:
+    """(negations, content words in order) of a text; cached: indexed texts are compared often."""
+    words = _words(text)
+    return frozenset(w for w in words if w in _NEGATIONS), tuple(w for w in words if w not in _FRAMING)
+
+
 def content_words(text: str) -> list[str]:
     """The words that carry a prompt's content, in order (framing words dropped)."""
     return [w for w in _words(text) if w not in _FRAMING]
@@ -80,10 +88,9 @@ class Difference:
 
 def difference(a: str, b: str) -> Difference:
     """The lexical comparison of two prompts; ``veto`` names why they cannot share an answer."""
-    wa, wb = _words(a), _words(b)
-    if {w for w in wa if w in _NEGATIONS} != {w for w in wb if w in _NEGATIONS}:
+    (na, ca), (nb, cb) = _analysed(a), _analysed(b)
+    if na != nb:
         return Difference("negation differs")
-    ca, cb = [w for w in wa if w not in _FRAMING], [w for w in wb if w not in _FRAMING]
     sa, sb = set(ca), set(cb)
     only_a, only_b = sa - sb, sb - sa
     if any(any(c.isdigit() for c in w) for w in only_a | only_b):
