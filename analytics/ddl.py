@@ -156,8 +156,10 @@ LATEST_VIEWS = {
     "dead_letters_latest": "SELECT * FROM {db}.dead_letters FINAL",
     "batches_latest": "SELECT * FROM {db}.batches FINAL",
     "request_status_latest": (
-        "SELECT request_id, argMax(state, at) AS state, max(at) AS at, argMax(model, at) AS model, "
-        "argMax(detail, at) AS detail, any(tenant) AS tenant FROM {db}.request_status FINAL GROUP BY request_id"
+        # Aliases must not reuse column names: ClickHouse would resolve a later `at` to the alias.
+        "SELECT request_id, argMax(state, at) AS last_state, max(at) AS last_at, argMax(model, at) AS last_model, "
+        "argMax(detail, at) AS last_detail, any(tenant) AS request_tenant FROM {db}.request_status FINAL "
+        "GROUP BY request_id"
     ),
 }
 

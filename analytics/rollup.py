@@ -93,15 +93,15 @@ def rollup_stats_sql(database: str, where: str = "1") -> str:
         SELECT
             model,
             priority,
-            sum(requests) AS requests,
-            sum(failed) AS failed,
-            toInt64(quantilesExactMerge(0.5, 0.95)(latency)[1]) AS p50_ms,
-            toInt64(quantilesExactMerge(0.5, 0.95)(latency)[2]) AS p95_ms,
-            sum(input_tokens) AS input_tokens,
-            sum(output_tokens) AS output_tokens,
-            round(sum(cost_usd), 8) AS cost_usd,
-            round(sum(baseline_cost_usd) - sum(cost_usd), 8) AS saved_usd
-        FROM {database}.{ROLLUP} FINAL
+            sum(h.requests) AS requests,
+            sum(h.failed) AS failed,
+            toInt64(quantilesExactMerge(0.5, 0.95)(h.latency)[1]) AS p50_ms,
+            toInt64(quantilesExactMerge(0.5, 0.95)(h.latency)[2]) AS p95_ms,
+            sum(h.input_tokens) AS input_tokens,
+            sum(h.output_tokens) AS output_tokens,
+            round(sum(h.cost_usd), 8) AS cost_usd,
+            round(sum(h.baseline_cost_usd) - sum(h.cost_usd), 8) AS saved_usd
+        FROM {database}.{ROLLUP} AS h FINAL
         WHERE {where}
         GROUP BY model, priority
         ORDER BY model, indexOf(['high', 'normal', 'low'], priority)
@@ -113,20 +113,21 @@ def rollup_savings_sql(database: str, where: str = "1") -> str:
     return f"""
         SELECT
             tenant,
-            sum(metered) AS requests,
-            sum(engine_runs) AS engine_runs,
-            sum(duplicates) AS duplicates,
-            sum(cache_hits) AS cache_hits,
-            sum(semantic_hits) AS semantic_hits,
-            sum(tokens_not_run) AS tokens_not_run,
-            round(sum(cost_usd), 8) AS actual_usd,
-            round(sum(baseline_cost_usd), 8) AS most_capable_usd,
-            round(sum(saved_dedupe_usd), 8) AS saved_dedupe_usd,
-            round(sum(saved_cache_usd), 8) AS saved_cache_usd,
-            round(sum(saved_semantic_usd), 8) AS saved_semantic_usd,
-            round(sum(saved_routing_usd), 8) AS saved_routing_usd,
-            round(if(sum(baseline_cost_usd) > 0, 1 - sum(cost_usd) / sum(baseline_cost_usd), 0), 4) AS saved_fraction
-        FROM {database}.{ROLLUP} FINAL
+            sum(h.metered) AS requests,
+            sum(h.engine_runs) AS engine_runs,
+            sum(h.duplicates) AS duplicates,
+            sum(h.cache_hits) AS cache_hits,
+            sum(h.semantic_hits) AS semantic_hits,
+            sum(h.tokens_not_run) AS tokens_not_run,
+            round(sum(h.cost_usd), 8) AS actual_usd,
+            round(sum(h.baseline_cost_usd), 8) AS most_capable_usd,
+            round(sum(h.saved_dedupe_usd), 8) AS saved_dedupe_usd,
+            round(sum(h.saved_cache_usd), 8) AS saved_cache_usd,
+            round(sum(h.saved_semantic_usd), 8) AS saved_semantic_usd,
+            round(sum(h.saved_routing_usd), 8) AS saved_routing_usd,
+            round(if(sum(h.baseline_cost_usd) > 0, 1 - sum(h.cost_usd) / sum(h.baseline_cost_usd), 0), 4)
+                AS saved_fraction
+        FROM {database}.{ROLLUP} AS h FINAL
         WHERE {where}
         GROUP BY tenant
         HAVING requests > 0

@@ -213,7 +213,8 @@ class GpuWorker:
                 running.item, out.error_kind or DeadLetterReason.ENGINE_ERROR, out.error, running.started, out, running
             )
             return
-        self._finish(running.item, self.outcomes.succeeded(running.item, out, running.started, running.usage), "ok")
+        outs = self.outcomes.succeeded(running.item, out, running.started, running.usage)
+        self._finish(running.item, outs, "succeeded")
 
     def _abort(self, request_ids: list[str], reason: DeadLetterReason, why: Callable[[Running], str]) -> None:
         reasons = {rid: why(r) for rid in request_ids if (r := self.inflight.get(rid)) is not None}

@@ -150,6 +150,8 @@ class EngineSettings(BaseModel):
 
     # A name from the engine registry (``sluice.engines``): "vllm", or "instant" (a test double).
     kind: str = "vllm"
+    # vLLM's engine metrics (vllm:*) on the consumer's /metrics.
+    engine_metrics: bool = True
     # None picks by host: float32 and eager mode on CPU hosts (bf16 is slower on AVX2 and
     # torch.compile costs minutes at every start there); vLLM's "auto" and CUDA graphs on GPUs.
     dtype: str | None = None

@@ -242,9 +242,9 @@ class LocalStack:
                 target=self.sink.run, args=(self._stop, self._sink_ready), name="sink", daemon=True
             )
             self._sink_thread.start()
-        m = self.settings.metrics
-        if m.enabled:
-            self.metrics_server = MetricsServer(m.host, m.port, health=self._health).start()
+        ms = self.settings.metrics
+        if ms.enabled:
+            self.metrics_server = MetricsServer(ms.host, ms.port, health=self._health).start()
             self.metrics_urls["stack"] = self.metrics_server.url
             if self.run_sink:
                 self.metrics_urls["sink"] = self.metrics_server.url
@@ -253,8 +253,6 @@ class LocalStack:
             gw.port = gw.port or free_port(gw.host)
             self.gateway_url = f"http://{gw.host}:{gw.port}"
             ensure_operator_key(self.settings)
-        if self.run_sink:
-            self._write_stack_file()
         env = {**child_env(self.settings), PARENT_PID_ENV: str(os.getpid())}
         py = sys.executable
         if self.run_gateway:
@@ -278,6 +276,9 @@ class LocalStack:
                     name = f"gpu-{m.name}" if self.replicas == 1 else f"gpu-{m.name}-{replica}"
                     cmd = [py, "-m", "gpu_consumers", "--model", m.name]
                     self.children.append(_Child(name, cmd, self._env(env, name), self.log_dir / f"{name}.log"))
+        if self.run_sink:
+            # After the children: it lists their metrics endpoints.
+            self._write_stack_file()
         if self.run_gateway:
             self._wait_gateway()
         if self.supervise:

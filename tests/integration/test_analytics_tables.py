@@ -133,7 +133,7 @@ def test_the_rollup_gives_the_raw_tables_figures_through_redeliveries(scratch: S
 
 
 def test_sorting_keys_views_and_text_ttl(scratch: Store) -> None:
-    scratch.text_ttl_days = 30
+    scratch.text_ttl_days = 7  # the rows below are older than that
     scratch.ensure_schema()
     db = scratch.database
     keys = dict(scratch.query(f"SELECT name, sorting_key FROM system.tables WHERE database = '{db}'").rows)
@@ -144,7 +144,7 @@ def test_sorting_keys_views_and_text_ttl(scratch: Store) -> None:
     # The views read like FINAL: one row per id, no FINAL needed.
     assert scratch.query(f"SELECT count() FROM {db}.results_latest").rows == [[1]]
     assert scratch.query(f"SELECT count() FROM {db}.cost_metrics_latest").rows == [[1]]
-    assert scratch.query(f"SELECT state FROM {db}.request_status_latest").rows == []
+    assert scratch.query(f"SELECT last_state FROM {db}.request_status_latest").rows == []
     # Text older than the TTL is cleared, the row (latency, tokens) stays.
     scratch.command(f"ALTER TABLE {db}.results MATERIALIZE TTL SETTINGS mutations_sync = 2")
     scratch.command(f"OPTIMIZE TABLE {db}.results FINAL")
