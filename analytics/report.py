@@ -80,10 +80,13 @@ def report_html(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, genera
     for row in rows:
         r = dict(zip(columns, row, strict=True))
         name = f"{r['model']} / {r['priority']}"
-        if r["tokens"]:
-            cost[name].append((r["hour"], r["cost_usd"] / r["tokens"] * 1_000_000))
-        p50[name].append((r["hour"], r["p50_ms"] / 1000))
-        p95[name].append((r["hour"], r["p95_ms"] / 1000))
+        # Rows from the query endpoint arrive as JSON: times as text, big integers possibly too.
+        hour = r["hour"] if isinstance(r["hour"], datetime) else datetime.fromisoformat(str(r["hour"]))
+        tokens, usd = float(r["tokens"]), float(r["cost_usd"])
+        if tokens:
+            cost[name].append((hour, usd / tokens * 1_000_000))
+        p50[name].append((hour, float(r["p50_ms"]) / 1000))
+        p95[name].append((hour, float(r["p95_ms"]) / 1000))
     body = "".join(
         [
             _chart("Cost per 1M tokens (USD), by model and priority", "USD", cost),
