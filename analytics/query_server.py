@@ -39,6 +39,7 @@ def write_token(path: Path, token: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(token)
 
+
 logger = logging.getLogger(__name__)
 
 

@@ -16,10 +16,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from analytics.rollup import refresh_rollup
 from analytics.store import Store
 from schemas import (
     AvroRecord,
@@ -34,7 +36,7 @@ from schemas import (
 )
 from sluice import clients
 from sluice.errors import SluiceError, StoreError
-from sluice.metrics import SINK_ROWS
+from sluice.metrics import SINK_ERRORS, SINK_ROWS, observe_records
 from sluice.settings import Settings
 from sluice.topics import Topics, message_coords
 
@@ -132,6 +134,9 @@ class ClickHouseSink:
         self.skipped = 0
         self.refused = 0
         self._producer: Any = None
+        # The first refresh recomputes every hour (rows may have arrived while no sink ran).
+        self._rollup_at = float("-inf")
+        self._rollup_since: datetime | None = None
 
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
         ch = self.settings.clickhouse
@@ -161,10 +166,22 @@ class ClickHouseSink:
                 if due or (offsets and not count):
                     self._flush(consumer, pending, offsets, stop)
                     count, first_at = 0, None
+                self._maybe_refresh_rollup()
             if offsets:
                 self._flush(consumer, pending, offsets, stop)
         finally:
             consumer.close()
+
+    def _maybe_refresh_rollup(self) -> None:
+        now = time.monotonic()
+        if now - self._rollup_at < self.settings.clickhouse.rollup_interval_s:
+            return
+        self._rollup_at = now
+        try:
+            self._rollup_since = refresh_rollup(self.store, self._rollup_since)
+        except StoreError as exc:
+            # The raw tables are complete; the rollup catches up on the next refresh.
+            logger.warning("hourly rollup not refreshed: %s", exc)
 
     def _accept(
         self,
@@ -236,6 +253,7 @@ class ClickHouseSink:
             try:
                 refused = self._insert_or_split(table, items)
             except StoreError as exc:
+                SINK_ERRORS.labels(table, "missing_table" if _missing_table(exc) else "unavailable").inc()
                 if _missing_table(exc):
                     # Dropped by hand (or never created): re-create the schema and insert again.
                     logger.warning("%s: table %s is missing; re-creating the schema", exc, table)
@@ -275,6 +293,7 @@ class ClickHouseSink:
 
     def _refuse(self, table: str, item: Pending, error: str) -> None:
         self.refused += 1
+        SINK_ERRORS.labels(table, "refused").inc()
         logger.error(
             "ClickHouse refused a %s row from %s[%d]@%d: %s", table, item.topic, item.partition, item.offset, error
         )
@@ -292,6 +311,7 @@ class ClickHouseSink:
             timestamp_ms=item.timestamp_ms,
         )
         dl.request_id, dl.tenant = row.get("request_id"), row.get("tenant")
+        observe_records((dl,), source="sink")
         if self._producer is None:
             self._producer = clients.producer(self.settings.kafka, "sink")
         self._producer.produce(

@@ -10,13 +10,22 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from analytics.ddl import ddl_statements
+from analytics.ddl import (
+    TABLES,
+    TTL_COLUMNS,
+    create_table,
+    ddl_statements,
+    sorting_key,
+    ttl_statements,
+    view_statements,
+)
 from sluice.errors import StoreError
 from sluice.settings import Settings
 
@@ -57,11 +66,20 @@ class QueryResult:
 
 
 class Store:
-    def __init__(self, url: str, database: str = "sluice", username: str = "default", password: str = "") -> None:
+    def __init__(
+        self,
+        url: str,
+        database: str = "sluice",
+        username: str = "default",
+        password: str = "",
+        *,
+        text_ttl_days: int = 0,
+    ) -> None:
         import clickhouse_connect
 
         self.url = url
         self.database = database
+        self.text_ttl_days = text_ttl_days
         self._lock = threading.Lock()
         try:
             if url.startswith("chdb://"):
@@ -85,15 +103,69 @@ class Store:
     def from_settings(cls, settings: Settings) -> Store:
         """The store the settings name: ``SLUICE_CLICKHOUSE__URL``, or the embedded chDB directory."""
         ch = settings.clickhouse
-        return cls(settings.clickhouse_url(), ch.database, ch.username, ch.password)
+        return cls(settings.clickhouse_url(), ch.database, ch.username, ch.password, text_ttl_days=ch.text_ttl_days)
 
     @property
     def embedded(self) -> bool:
         return self.url.startswith("chdb://")
 
     def ensure_schema(self) -> None:
-        for stmt in ddl_statements(self.database):
+        """Create what is missing, migrate tables of an earlier release to today's sorting keys,
+        bring text TTLs to the setting, and (re)create the ``*_latest`` views."""
+        for stmt in ddl_statements(self.database, self.text_ttl_days):
             self.command(stmt)
+        self._migrate_sorting_keys()
+        self._apply_ttl()
+        for stmt in view_statements(self.database):
+            self.command(stmt)
+
+    def _tables(self) -> dict[str, tuple[str, str]]:
+        rows = self.query(
+            "SELECT name, sorting_key, create_table_query FROM system.tables WHERE database = {db:String}",
+            {"db": self.database},
+        ).rows
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def _migrate_sorting_keys(self) -> None:
+        # A sorting key cannot be altered: copy into a table with the new one, swap the names,
+        # keep the old table as <name>__before_<time> for the operator to drop.
+        db = self.database
+        for table, (key, _) in self._tables().items():
+            if table not in TABLES or key.replace(" ", "") == sorting_key(table).replace(" ", ""):
+                continue
+            new = f"{table}__migrating"
+            stamp = time.strftime("%Y%m%d%H%M%S")
+            logger.warning(
+                "migrating %s.%s to sorting key (%s); the old table stays as %s__before_%s",
+                db,
+                table,
+                sorting_key(table),
+                table,
+                stamp,
+            )
+            self.command(f"DROP TABLE IF EXISTS {db}.{new}")
+            self.command(create_table(db, table, new, self.text_ttl_days))
+            cols = self.query(
+                "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String} "
+                "AND default_kind = '' AND name IN (SELECT name FROM system.columns "
+                "WHERE database = {db:String} AND table = {n:String})",
+                {"db": db, "t": new, "n": table},
+            ).rows
+            names = ", ".join(f"`{r[0]}`" for r in cols)
+            self.command(f"INSERT INTO {db}.{new} ({names}) SELECT {names} FROM {db}.{table}")
+            self.command(f"RENAME TABLE {db}.{table} TO {db}.{table}__before_{stamp}, {db}.{new} TO {db}.{table}")
+
+    def _apply_ttl(self) -> None:
+        tables = self._tables()
+        wanted = self.text_ttl_days
+        for table, cols in TTL_COLUMNS.items():
+            create = tables.get(table, ("", ""))[1]
+            for column, _ in cols:
+                found = re.search(rf"`?{column}`? String[^,]*?TTL [^,]*?toIntervalDay\((\d+)\)", create)
+                if (int(found.group(1)) if found else 0) != wanted:
+                    for stmt in ttl_statements(self.database, wanted):
+                        if f" {column} " in stmt and f"{table} " in stmt:
+                            self.command(stmt)
 
     def command(self, sql: str) -> None:
         with self._lock:

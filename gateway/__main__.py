@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sluice.lifecycle import die_with_parent
 from sluice.logs import setup_logging
+from sluice.metrics import serve_metrics
 from sluice.settings import Settings
 
 
@@ -12,7 +13,9 @@ def main() -> None:
     die_with_parent()
     from gateway.server import Gateway
 
-    Gateway(Settings()).serve()
+    settings = Settings()
+    serve_metrics(settings.metrics)
+    Gateway(settings).serve()
 
 
 if __name__ == "__main__":

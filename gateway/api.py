@@ -9,6 +9,7 @@ Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations (the
 # Tenant dependency is local to create_api) at runtime.
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import IO, Annotated, Any
@@ -27,6 +28,7 @@ from gateway.webhooks import TargetRefused, check_target
 from schemas import BatchState, BatchStatus, InferenceResult, Priority, ResultStatus
 from sluice.errors import SluiceError
 from sluice.headers import valid_traceparent
+from sluice.metrics import HTTP_REQUESTS, HTTP_SECONDS
 from sluice.settings import Settings
 
 __all__ = ["ApiError", "Services", "batch_object", "create_api"]
@@ -120,6 +122,16 @@ class _Counting:
 def create_api(services: Services) -> FastAPI:
     s = services
     app = FastAPI(title="Sluice gateway", version="1", docs_url="/docs", redoc_url=None)
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next: Any) -> Any:
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        # The route template, not the path: ids must not become label values.
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        HTTP_REQUESTS.labels(request.method, route, str(response.status_code)).inc()
+        HTTP_SECONDS.labels(request.method, route).observe(time.perf_counter() - t0)
+        return response
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:

@@ -444,4 +444,3 @@ def _custom_id(line: bytes) -> str | None:
     except (ValueError, AttributeError):
         return None
     return cid if isinstance(cid, str) else None
-

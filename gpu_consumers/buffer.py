@@ -47,6 +47,9 @@ class PriorityBuffer:
     def add(self, item: Buffered) -> None:
         self._queues[item.rank].append(item)
 
+    def depth(self, rank: int) -> int:
+        return len(self._queues[rank])
+
     def full(self, rank: int) -> bool:
         return len(self._queues[rank]) >= self.capacity
 

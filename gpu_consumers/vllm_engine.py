@@ -78,6 +78,9 @@ def engine_kwargs(settings: EngineSettings, args: ModelEngineArgs, max_model_len
         # JSON output (response_format) without free whitespace between tokens: with it, a model
         # can fill max_tokens with spaces after "{" and never close the object. Engine-wide in vLLM.
         "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+        # vLLM's own Prometheus series (vllm:*: KV-cache use, scheduler queues, token latencies)
+        # land in this process's registry, which the consumer's /metrics serves.
+        "disable_log_stats": not settings.engine_metrics,
     }
     if not cpu:
         kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization

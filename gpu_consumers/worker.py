@@ -48,7 +48,7 @@ from schemas import DeadLetterReason, InferenceRequest, PipelineRejection, Reque
 from sluice import clients
 from sluice.catalog import Catalog, ModelEntry
 from sluice.headers import carried
-from sluice.metrics import ENGINE_INFLIGHT, ENGINE_SECONDS, REQUESTS
+from sluice.metrics import ENGINE_INFLIGHT, ENGINE_SECONDS, REQUESTS, observe_records
 from sluice.settings import Settings
 from sluice.topics import Topics, message_coords
 
@@ -187,6 +187,7 @@ class GpuWorker:
     def _finish(self, item: Buffered, outs: list[Out], status: str) -> None:
         self.publisher.publish((item.topic, item.partition), item.offset, outs)
         REQUESTS.labels(self.entry.name, status).inc()
+        observe_records((o.record for o in outs), source="engine")
         self.finished += 1
         if self.on_finished is not None:
             self.on_finished(item.request.request_id, outs)
@@ -212,7 +213,8 @@ class GpuWorker:
                 running.item, out.error_kind or DeadLetterReason.ENGINE_ERROR, out.error, running.started, out, running
             )
             return
-        self._finish(running.item, self.outcomes.succeeded(running.item, out, running.started, running.usage), "ok")
+        outs = self.outcomes.succeeded(running.item, out, running.started, running.usage)
+        self._finish(running.item, outs, "succeeded")
 
     def _abort(self, request_ids: list[str], reason: DeadLetterReason, why: Callable[[Running], str]) -> None:
         reasons = {rid: why(r) for rid in request_ids if (r := self.inflight.get(rid)) is not None}

@@ -16,6 +16,7 @@ __all__ = [
     "FileSettings",
     "GatewaySettings",
     "KafkaSettings",
+    "MetricsSettings",
     "ProcessorSettings",
     "RetrySettings",
     "SchemaRegistrySettings",
@@ -133,6 +134,10 @@ class ClickHouseSettings(BaseModel):
     sink_batch_size: int = 5000
     # About one insert per second per table, as ClickHouse recommends for MergeTree tables.
     sink_flush_ms: int = 1000
+    # Output text and dead letters' original bytes are cleared after this many days (0: kept).
+    text_ttl_days: int = Field(default=0, ge=0)
+    # How often the sink recomputes the hourly rollup `sluice stats` reads (hours with new rows).
+    rollup_interval_s: float = Field(default=60.0, gt=0)
     # Where the process that owns an embedded chDB directory serves queries for the others.
     query_host: str = "127.0.0.1"
     query_port: int = 0
@@ -145,6 +150,8 @@ class EngineSettings(BaseModel):
 
     # A name from the engine registry (``sluice.engines``): "vllm", or "instant" (a test double).
     kind: str = "vllm"
+    # vLLM's engine metrics (vllm:*) on the consumer's /metrics.
+    engine_metrics: bool = True
     # None picks by host: float32 and eager mode on CPU hosts (bf16 is slower on AVX2 and
     # torch.compile costs minutes at every start there); vLLM's "auto" and CUDA graphs on GPUs.
     dtype: str | None = None
@@ -212,6 +219,16 @@ class SemanticCacheSettings(BaseModel):
     # Requests per embedding batch, and how long the router waits to fill one.
     batch_size: int = Field(default=256, gt=0)
     batch_wait_s: float = Field(default=0.02, ge=0)
+
+
+class MetricsSettings(BaseModel):
+    """Each process's Prometheus ``/metrics`` and ``/healthz`` endpoint."""
+
+    enabled: bool = True
+    # 0.0.0.0 where a scraper on another host (or container) must reach it.
+    host: str = "127.0.0.1"
+    # 0: a free port, logged at start (``sluice up`` assigns one per child and records it).
+    port: int = Field(default=0, ge=0, le=65535)
 
 
 class ProcessorSettings(BaseModel):
@@ -310,6 +327,7 @@ class Settings(BaseSettings):
     clickhouse: ClickHouseSettings = Field(default_factory=ClickHouseSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     processor: ProcessorSettings = Field(default_factory=ProcessorSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     tenants: TenantSettings = Field(default_factory=TenantSettings)
     files: FileSettings = Field(default_factory=FileSettings)

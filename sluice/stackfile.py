@@ -5,19 +5,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 __all__ = ["read_stack_file", "write_stack_file"]
 
 
-def write_stack_file(data_dir: Path, info: dict[str, str]) -> None:
+def write_stack_file(data_dir: Path, info: dict[str, Any]) -> None:
     (data_dir / "stack.json").write_text(json.dumps({"pid": str(os.getpid()), **info}))
 
 
-def read_stack_file(data_dir: Path) -> dict[str, str] | None:
+def read_stack_file(data_dir: Path) -> dict[str, Any] | None:
     """The running stack's endpoints, if a live process owns ``data_dir``."""
     path = data_dir / "stack.json"
     try:
-        info: dict[str, str] = json.loads(path.read_text())
+        info: dict[str, Any] = json.loads(path.read_text())
         os.kill(int(info["pid"]), 0)
     except (OSError, ValueError, KeyError):
         return None

@@ -123,7 +123,7 @@ class Topics:
         topics[self.semantic_index] = {}
         topics[self.cancellations] = {"cleanup.policy": "compact"}
         topics[self.batches] = {"cleanup.policy": "compact"}
-        for own in (tenancy.results_topics.values() if tenancy else ()):
+        for own in tenancy.results_topics.values() if tenancy else ():
             topics[own] = {}
         topics.update({self.retry(level): {} for level in range(retry_levels)})
         topics[self.table_changelog(app_id, "dedupe")] = {"cleanup.policy": "compact"}

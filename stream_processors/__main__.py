@@ -3,19 +3,44 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator
 
 import faust
+from prometheus_client.core import GaugeMetricFamily
 
 from sluice.lifecycle import die_with_parent
 from sluice.logs import setup_logging
+from sluice.metrics import gauge_family, register_collector, serve_metrics
 from sluice.settings import Settings
 from stream_processors.app import create_app
+
+
+def _backlog_gauges(app: faust.App) -> Iterator[GaugeMetricFamily]:
+    backlog = app.pipeline.router.backlog
+    models = [m.name for m in app.pipeline.emit.catalog]
+    now = time.time()
+    yield gauge_family(
+        "sluice_model_queued_requests",
+        "Requests routed to a model and not yet answered (this router's share): the scaling signal",
+        ["model"],
+        [([m], backlog.get(m)) for m in models],
+    )
+    yield gauge_family(
+        "sluice_model_oldest_queued_seconds",
+        "Age of the oldest request routed to a model and not yet answered (this router's share)",
+        ["model"],
+        [([m], backlog.oldest_age(m, now)) for m in models],
+    )
 
 
 def main() -> None:
     setup_logging()
     die_with_parent()
-    app = create_app(Settings())
+    settings = Settings()
+    app = create_app(settings)
+    register_collector(lambda: _backlog_gauges(app))
+    serve_metrics(settings.metrics)
     # Started programmatically rather than through Faust's click CLI (see pyproject.toml).
     worker = faust.Worker(app, loglevel=logging.getLogger().level, quiet=True)
     worker.execute_from_commandline()

@@ -28,6 +28,7 @@ from sluice import clients
 from sluice.catalog import Catalog, load_catalog
 from sluice.errors import SluiceError
 from sluice.headers import carried
+from sluice.metrics import ROUTED, observe_records
 from sluice.settings import Settings
 from sluice.topics import Topics
 from stream_processors.classifier import Classifier
@@ -172,8 +173,16 @@ def create_app(
     stage = DedupeStage(table, pipeline.emit, ps, pipeline.router.backlog, semantic=semantic)
     out_topics: dict[str, faust.TopicT] = {}
 
+    model_topics = {t for m in catalog for t in topics.model_topics(m.name)}
+
     async def send(forwards: list[Forward]) -> None:
         for fwd in forwards:
+            record = fwd.record
+            if isinstance(record, InferenceRequest):
+                if fwd.topic in model_topics and record.route is not None:
+                    ROUTED.labels(record.route.model, record.priority).inc()
+            elif record is not None:
+                observe_records((record,), source="router")
             if fwd.topic not in out_topics:
                 out_topics[fwd.topic] = app.topic(fwd.topic, **raw)
             await out_topics[fwd.topic].send(key=fwd.key, value=fwd.value, headers=fwd.headers)
@@ -229,7 +238,7 @@ def create_app(
             if result.deduplicated_from is not None and result.cache_kind is not CacheKind.SEMANTIC:
                 continue  # answered by this processor (a duplicate or an exact cache hit)
             if result.engine_run_id:
-                pipeline.router.backlog.completed(result.model)
+                pipeline.router.backlog.completed(result.model, result.request_id)
             if result.dedupe_key is not None:
                 # A semantic hit completes its own content key too: its duplicates get the answer.
                 await dedupe_topic.send(key=result.dedupe_key.encode(), value=value, headers=[("kind", b"completed")])

@@ -170,7 +170,7 @@ class DedupeStage:
             kind = [*carried(headers), ("kind", b"request")]
             return [Forward(self.emit.topics.semantic, scope, raw, kind, record=request)]
         model = request.route.model
-        self.backlog.routed(model)
+        self.backlog.routed(model, request.request_id)
         fwd = Forward(
             topic=self.emit.topics.model(model, request.priority),
             key=request.request_id.encode(),
@@ -276,7 +276,7 @@ class DedupeStage:
                 logger.warning(
                     "original %s of %s did not complete in time; running it alone", entry["original"], w["request_id"]
                 )
-                self.backlog.routed(w["model"])
+                self.backlog.routed(w["model"], w["request_id"])
                 out.append(
                     Forward(
                         self.emit.topics.model(w["model"], w["priority"]),

@@ -90,7 +90,7 @@ class RequestPipeline:
             # The request's own headers ride along: the dedupe agent forwards or answers with them.
             fwd_headers = [*carried(headers), ("kind", b"request")]
             return [*out, Forward(self.topics.dedupe, key, self.serde.encode(request), fwd_headers, request)]
-        self.router.backlog.routed(route.model)
+        self.router.backlog.routed(route.model, request.request_id)
         fwd = Forward(
             self.topics.model(route.model, request.priority),
             request.request_id.encode(),

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from schemas import InferenceRequest, Route, utcnow
@@ -45,18 +46,37 @@ class Backlog:
 
     _inflight: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # When each outstanding request was routed, oldest first, for the age of the oldest. Capped:
+    # beyond it the newest are not tracked, so the oldest stays right.
+    _since: dict[str, OrderedDict[str, float]] = field(default_factory=dict)
+    max_tracked: int = 100_000
 
-    def routed(self, model: str) -> None:
+    def routed(self, model: str, request_id: str | None = None, at: float | None = None) -> None:
         with self._lock:
             self._inflight[model] += 1
+            if request_id is not None:
+                since = self._since.setdefault(model, OrderedDict())
+                if len(since) < self.max_tracked and request_id not in since:
+                    since[request_id] = time.time() if at is None else at
 
-    def completed(self, model: str) -> None:
+    def completed(self, model: str, request_id: str | None = None) -> None:
         with self._lock:
             if self._inflight[model] > 0:
                 self._inflight[model] -= 1
+            if request_id is not None and model in self._since:
+                self._since[model].pop(request_id, None)
 
     def get(self, model: str) -> int:
         return self._inflight[model]
+
+    def oldest_age(self, model: str, now: float | None = None) -> float:
+        """Seconds since the oldest outstanding request of ``model`` was routed (0 when none)."""
+        with self._lock:
+            since = self._since.get(model)
+            if not since:
+                return 0.0
+            first = next(iter(since.values()))
+        return max(0.0, (time.time() if now is None else now) - first)
 
     def over(self, entry: ModelEntry) -> bool:
         return entry.max_backlog is not None and self._inflight[entry.name] >= entry.max_backlog

@@ -294,7 +294,7 @@ class SemanticStage:
         r = it.request
         assert r.route is not None
         model = r.route.model
-        self.backlog.routed(model)
+        self.backlog.routed(model, r.request_id)
         out = [
             Forward(self.emit.topics.model(model, r.priority), r.request_id.encode(), it.raw, list(it.headers), r),
             *self.emit.status(r.request_id, RequestState.ROUTED, model=model, detail=r.route.reason),

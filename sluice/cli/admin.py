@@ -29,10 +29,12 @@ def cmd_topics(args: argparse.Namespace) -> int:
 def cmd_sink(args: argparse.Namespace) -> int:
     from analytics.sink import ClickHouseSink
     from analytics.store import Store
+    from sluice.metrics import serve_metrics
 
     settings = settings_from(args)
     store = Store.from_settings(settings)
     store.ensure_schema()
+    serve_metrics(settings.metrics)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

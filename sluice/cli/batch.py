@@ -202,8 +202,10 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from gateway.server import Gateway
+    from sluice.metrics import serve_metrics
 
     settings = settings_from(args)
+    serve_metrics(settings.metrics)
     host = args.host or settings.gateway.host
     port = args.port if args.port is not None else (settings.gateway.port or 8000)
     console.print(f"Sluice gateway on http://{host}:{port} (OpenAI base_url: http://{host}:{port}/v1)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from sluice.cli.common import add_command, console, print_rows, settings_from
 
@@ -18,17 +19,28 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from analytics.query import open_query, savings_sql, stats_sql
+    from analytics.query import open_query
+    from analytics.rollup import rollup_savings_sql as savings_sql
+    from analytics.rollup import rollup_stats_sql as stats_sql
 
     settings = settings_from(args)
     db = settings.clickhouse.database
     query = open_query(settings)
     params = {"tenant": args.tenant} if args.tenant else {}
     if args.view in ("latency", "all"):
-        res = query(stats_sql(db, "r.tenant = {tenant:String}" if args.tenant else "1"), params)
+        # From the hourly rollup the sink keeps (refreshed every SLUICE_CLICKHOUSE__ROLLUP_INTERVAL_S).
+        res = query(stats_sql(db, "tenant = {tenant:String}" if args.tenant else "1"), params)
         if args.format == "table":
             console.print("[bold]Latency and cost by model and priority[/]")
         print_rows(res.columns, res.rows, args.format)
+    if args.plot is not None:
+        from datetime import UTC, datetime
+
+        from analytics.report import report_html, report_sql
+
+        res = query(report_sql(db, "tenant = {tenant:String}" if args.tenant else "1"), params)
+        args.plot.write_text(report_html(res.columns, res.rows, generated=datetime.now(UTC)))
+        console.print(f"wrote {args.plot}")
     if args.view in ("savings", "all"):
         res = query(savings_sql(db, "tenant = {tenant:String}" if args.tenant else "1"), params)
         if args.format == "table":
@@ -45,4 +57,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sp = add_command(sub, "stats", cmd_stats, "latency and cost by model and priority; savings by tenant")
     sp.add_argument("--tenant", default=None)
     sp.add_argument("--view", choices=["all", "latency", "savings"], default="all")
+    sp.add_argument(
+        "--plot", type=Path, default=None, metavar="HTML", help="also write cost and latency charts by hour here"
+    )
     sp.add_argument("--format", choices=["table", "json"], default="table")

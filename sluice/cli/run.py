@@ -47,7 +47,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"ClickHouse {settings.clickhouse_url()}, "
             f"queries/metrics {stack.query_server.url if stack.query_server else '-'}, "
             f"gateway (OpenAI-compatible Batch API) {stack.gateway_url or '-'}; "
-            f"logs in {stack.log_dir}. Ctrl-C stops."
+            f"metrics (/metrics, /healthz) {', '.join(f'{k} {v}' for k, v in stack.metrics_urls.items()) or '-'}; "
+            f"logs in {stack.log_dir}. Ctrl-C stops.",
+            soft_wrap=True,
         )
         stack.wait()
     except KeyboardInterrupt:

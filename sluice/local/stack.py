@@ -28,7 +28,7 @@ from sluice.errors import SluiceError
 from sluice.lifecycle import PARENT_PID_ENV
 from sluice.local.broker import EmbeddedBroker, stop_process
 from sluice.local.storage import ObjectStore
-from sluice.metrics import CHILD_RESTARTS
+from sluice.metrics import CHILD_RESTARTS, MetricsServer
 from sluice.settings import Settings
 from sluice.stackfile import write_stack_file
 from sluice.topics import Topics, ensure_topics
@@ -186,6 +186,9 @@ class LocalStack:
         self._owns_store = store is None
         self.sink: ClickHouseSink | None = None
         self.query_server: QueryServer | None = None
+        self.metrics_server: MetricsServer | None = None
+        # Component name -> its Prometheus endpoint (this process serves the sink's).
+        self.metrics_urls: dict[str, str] = {}
         self.children: list[_Child] = []
         self._stop = threading.Event()
         self._sink_ready = threading.Event()
@@ -239,20 +242,31 @@ class LocalStack:
                 target=self.sink.run, args=(self._stop, self._sink_ready), name="sink", daemon=True
             )
             self._sink_thread.start()
+        ms = self.settings.metrics
+        if ms.enabled:
+            self.metrics_server = MetricsServer(ms.host, ms.port, health=self._health).start()
+            self.metrics_urls["stack"] = self.metrics_server.url
+            if self.run_sink:
+                self.metrics_urls["sink"] = self.metrics_server.url
         if self.run_gateway:
             gw = self.settings.gateway
             gw.port = gw.port or free_port(gw.host)
             self.gateway_url = f"http://{gw.host}:{gw.port}"
             ensure_operator_key(self.settings)
-        if self.run_sink:
-            self._write_stack_file()
         env = {**child_env(self.settings), PARENT_PID_ENV: str(os.getpid())}
         py = sys.executable
         if self.run_gateway:
-            self.children.append(_Child("gateway", [py, "-m", "gateway"], env, self.log_dir / "gateway.log"))
+            self.children.append(
+                _Child("gateway", [py, "-m", "gateway"], self._env(env, "gateway"), self.log_dir / "gateway.log")
+            )
         if self.run_processor:
             self.children.append(
-                _Child("processor", [py, "-m", "stream_processors"], env, self.log_dir / "processor.log")
+                _Child(
+                    "processor",
+                    [py, "-m", "stream_processors"],
+                    self._env(env, "processor"),
+                    self.log_dir / "processor.log",
+                )
             )
         if self.run_consumers:
             for m in self.catalog:
@@ -260,9 +274,11 @@ class LocalStack:
                     continue
                 for replica in range(self.replicas):
                     name = f"gpu-{m.name}" if self.replicas == 1 else f"gpu-{m.name}-{replica}"
-                    self.children.append(
-                        _Child(name, [py, "-m", "gpu_consumers", "--model", m.name], env, self.log_dir / f"{name}.log")
-                    )
+                    cmd = [py, "-m", "gpu_consumers", "--model", m.name]
+                    self.children.append(_Child(name, cmd, self._env(env, name), self.log_dir / f"{name}.log"))
+        if self.run_sink:
+            # After the children: it lists their metrics endpoints.
+            self._write_stack_file()
         if self.run_gateway:
             self._wait_gateway()
         if self.supervise:
@@ -284,6 +300,24 @@ class LocalStack:
                 time.sleep(0.2)
         raise SluiceError(f"the gateway did not answer within {timeout:.0f}s; see {child.log_path}")
 
+    def _env(self, env: dict[str, str], name: str) -> dict[str, str]:
+        """A child's environment: its own metrics port (kept across restarts), recorded."""
+        m = self.settings.metrics
+        if not m.enabled:
+            return env
+        port = free_port(m.host)
+        self.metrics_urls[name] = f"http://{m.host}:{port}/metrics"
+        return {**env, "SLUICE_METRICS": json.dumps({**m.model_dump(mode="json"), "port": port})}
+
+    def _health(self) -> str | None:
+        """Why the stack is unhealthy (``/healthz`` of this process), or None."""
+        if self._failure:
+            return self._failure
+        if self.broker is not None and not self.broker.alive():
+            return "the broker is not running"
+        dead = [c.name for c in self.children if not c.alive()]
+        return f"not running (restarting): {', '.join(dead)}" if dead else None
+
     def _write_stack_file(self) -> None:
         assert self.query_server is not None
         write_stack_file(
@@ -293,6 +327,7 @@ class LocalStack:
                 "bootstrap_servers": self.settings.kafka.bootstrap_servers,
                 "topic_prefix": self.settings.topic_prefix,
                 **({"gateway_url": self.gateway_url} if self.gateway_url else {}),
+                "metrics_urls": self.metrics_urls,
             },
         )
 
@@ -378,6 +413,9 @@ class LocalStack:
             self.query_server.stop()
             self.query_server = None
             (self.settings.data_dir / "stack.json").unlink(missing_ok=True)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
         if self.store is not None and self._owns_store:
             self.store.close()
             self.store = None

@@ -120,6 +120,8 @@ def settings(tmp_path: Path, kafka_bootstrap: str, clickhouse_store: Store, cata
     # A small engine: 8 requests at a time, so backlogs form and priorities matter.
     s.engine.max_inflight = 8
     s.clickhouse.sink_flush_ms = 200
+    # `sluice stats` reads the hourly rollup: refreshed often, so tests wait seconds, not a minute.
+    s.clickhouse.rollup_interval_s = 0.5
     s.retry.backoff_ms = [200, 400]
     return s
 

@@ -16,7 +16,7 @@ from schemas import CostMetric, InferenceResult, Serde
 from sluice.local.stack import LocalStack
 from tests.avro_frames import frame_request_dict
 from tests.integration.helpers import dead_letters, produce_raw, result_counts
-from tests.support import cli_json, wait_until
+from tests.support import cli_json, run_cli, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
@@ -205,6 +205,17 @@ def test_sql_and_stats_from_another_process_while_the_stack_runs(stack: LocalSta
         assert (settings.data_dir / "stack.json").is_file()
     out = cli_json(settings, "sql", "SELECT count() AS n FROM sluice.results FINAL WHERE tenant = 'stats-tenant'")
     assert out == [{"n": 3}]
-    rows = cli_json(settings, "stats", "--view", "latency", "--tenant", "stats-tenant")
+    rows = wait_until(
+        lambda: cli_json(settings, "stats", "--view", "latency", "--tenant", "stats-tenant"),
+        lambda rows: sum(r["requests"] for r in rows) == 3,
+        timeout=60,
+        what="the hourly rollup to hold the 3 results",
+    )
     assert [(r["model"], r["priority"], r["requests"]) for r in rows] == [("tiny", "low", 3)]
+    # --plot: the charts of the same rollup, one self-contained HTML file.
+    report = settings.data_dir / "report.html"
+    proc = run_cli(settings, "stats", "--tenant", "stats-tenant", "--plot", str(report))
+    assert proc.returncode == 0, proc.stderr
+    html = report.read_text()
+    assert html.count("<svg") == 3 and "tiny / low" in html and "<script" not in html
     assert rows[0]["p95_ms"] >= rows[0]["p50_ms"] > 0

@@ -81,8 +81,14 @@ def test_duplicates_run_once_and_every_submitter_gets_a_result(
     ).rows[0]
     assert saved[0] == len(dups) and saved[1] > 0 and saved[2] == 0
 
-    # The same figures through `sluice stats` (another process, through the stack's query endpoint).
-    (row,) = cli_json(stack.settings, "stats", "--view", "savings", "--tenant", "dd")
+    # The same figures through `sluice stats` (another process, through the stack's query
+    # endpoint), which reads the hourly rollup once the sink has refreshed it.
+    (row,) = wait_until(
+        lambda: cli_json(stack.settings, "stats", "--view", "savings", "--tenant", "dd"),
+        lambda rows: len(rows) == 1 and rows[0]["requests"] == len(everyone) - 1,
+        timeout=60,
+        what="the rollup to hold tenant dd's requests",
+    )
     assert (row["requests"], row["engine_runs"], row["duplicates"], row["cache_hits"]) == (
         len(everyone) - 1,  # the other tenant's request is not in tenant dd
         len(ran) - 1,

@@ -7,7 +7,9 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from analytics.store import Store
 from producers import SluiceClient
@@ -72,6 +74,13 @@ def test_requests_run_through_real_vllm_end_to_end(vllm_stack: LocalStack, click
         timeout=60,
     )
     assert [(d["reason"], d["request_id"]) for d in dls] == [("context_overflow", overflow)]
+    # vLLM's own series come out of the consumer's /metrics next to Sluice's.
+    text = httpx.get(vllm_stack.metrics_urls["gpu-tiny"], timeout=10).text
+    samples = {
+        s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels.get("le")
+    }
+    assert samples.get("vllm:generation_tokens_total", 0) > 0
+    assert samples.get("sluice_tokens_total", 0) > 0
 
 
 def test_the_engine_loop_on_real_vllm_mixed_lengths_cancel_and_deadline(

