@@ -13,6 +13,9 @@ import subprocess
 import sys
 import time
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench.harness import BenchEnv, Observer, ScenarioResult, instant_catalog, produce_all
 from schemas import ChatMessage, InferenceRequest, InferenceResult, ResultStatus, Serde, utcnow
 from sluice.settings import Settings
@@ -70,13 +73,22 @@ def _faust_rate(env: BenchEnv, name: str, n: int, lean: bool) -> float:
             observer.close()
 
 
-def _warm_index(settings: Settings, in_topic: str, results_topic: str, index_topic: str, warm_n: int) -> None:
+def _indexed_entries(metrics_url: str) -> float:
+    text = httpx.get(metrics_url, timeout=10).text
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "sluice_semantic_cache_entries"
+    )
+
+
+def _warm_index(settings: Settings, in_topic: str, results_topic: str, warm_n: int, router_metrics: str) -> None:
     """Route ``warm_n`` tickets, then publish their results as a GPU consumer would, and wait
     until the router has processed them (with the cache on, they become index entries)."""
     serde = Serde()
     warm = [_request(f"warm-{i}", _TICKET.format(f"warm-{i}")) for i in range(warm_n)]
     routed = Observer(settings, [results_topic, *_model_topics(settings)])
-    index = Observer(settings, [index_topic])
     try:
         produce_all(settings, in_topic, [(r.request_id.encode(), serde.encode(r)) for r in warm])
         routed.wait_for(warm_n, timeout=300)
@@ -102,12 +114,15 @@ def _warm_index(settings: Settings, in_topic: str, results_topic: str, index_top
         ]
         produce_all(settings, results_topic, [(a.request_id.encode(), serde.encode(a)) for a in answers])
         if settings.processor.semantic.enabled:
-            # One completion per answered ticket reaches the index agent.
-            index.wait_for(warm_n, timeout=300)
+            # Each answered ticket becomes an entry once the router has embedded it.
+            deadline = time.monotonic() + 300
+            while _indexed_entries(router_metrics) < warm_n:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the semantic index did not fill")
+                time.sleep(0.5)
         time.sleep(2.0)
     finally:
         routed.close()
-        index.close()
 
 
 def _model_topics(settings: Settings) -> list[str]:
@@ -122,7 +137,10 @@ def _semantic_rate(env: BenchEnv, name: str, n: int, semantic: bool, reworded_ev
     settings.processor.semantic.enabled = semantic
     with env.stack(settings, run_consumers=False, run_sink=False) as stack:
         in_topic = stack.topics.requests("normal")
-        _warm_index(stack.settings, in_topic, stack.topics.results, stack.topics.semantic_index, n // 10)
+        router_metrics = stack.metrics_urls["processor"]
+        _warm_index(
+            stack.settings, in_topic, stack.topics.results, stack.topics.semantic_index, n // 10, router_metrics
+        )
         observer = Observer(stack.settings, [stack.topics.results, *stack.topics.model_topics("bench")])
         prefix = f"{name}-"
         try:

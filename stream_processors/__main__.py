@@ -32,6 +32,13 @@ def _backlog_gauges(app: faust.App) -> Iterator[GaugeMetricFamily]:
         ["model"],
         [([m], backlog.oldest_age(m, now)) for m in models],
     )
+    if app.semantic is not None:
+        yield gauge_family(
+            "sluice_semantic_cache_entries",
+            "Answered requests in the semantic cache index held by this router",
+            [],
+            [([], app.semantic.entry_count())],
+        )
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import faust
+from faust.types import TP
 
 from schemas import CacheKind, InferenceRequest, InferenceResult, ResultStatus, Serde
 from sluice import clients
@@ -64,7 +65,21 @@ def _semantic_stage(app: faust.App, settings: Settings, catalog: Catalog, pipeli
         schema=faust.Schema(key_type=str, key_serializer="json", value_serializer="json"),
     )
     embedder = MiniLMEmbedder(ps.semantic.model_path)
-    return SemanticStage(table, pipeline.emit, catalog, ps, embedder, pipeline.router.backlog)
+    lookup_topic = Topics(settings.topic_prefix).semantic
+
+    def owns(partition: int) -> bool:
+        return TP(lookup_topic, partition) in app.assignor.assigned_actives()
+
+    return SemanticStage(
+        table,
+        pipeline.emit,
+        catalog,
+        ps,
+        embedder,
+        pipeline.router.backlog,
+        partitions=settings.kafka.partitions,
+        owns=owns,
+    )
 
 
 def _semantic_agents(
@@ -109,7 +124,13 @@ def _semantic_agents(
             partition = event.message.partition
             try:
                 if kind == b"completed":
-                    stage.on_completed(serde.decode(InferenceResult, event.value), partition)
+                    result = serde.decode(InferenceResult, event.value)
+                    # The entry's sentence embedding is computed now, off the lookup path: a later
+                    # near-duplicate then needs only its own.
+                    text = stage.indexable_text(result)
+                    if text is not None:
+                        stage.remember_vectors([text], await asyncio.to_thread(stage.vectors, [text]))
+                    stage.on_completed(result, partition)
                 else:
                     stage.sweep(partition)
             except (SluiceError, ValueError, KeyError) as exc:
@@ -160,6 +181,7 @@ def create_app(
     )
     # The per-event logic this app runs (for embedding applications and tests to inspect).
     app.pipeline = pipeline
+    app.semantic = None
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     source = app.topic(*topics.all_requests(), internal=False, **raw)
     dedupe_topic = app.topic(topics.dedupe, partitions=settings.kafka.partitions, internal=False, **raw)
@@ -170,6 +192,7 @@ def create_app(
         schema=faust.Schema(key_type=str, key_serializer="json", value_serializer="json"),
     )
     semantic = _semantic_stage(app, settings, catalog, pipeline) if ps.semantic.enabled else None
+    app.semantic = semantic
     stage = DedupeStage(table, pipeline.emit, ps, pipeline.router.backlog, semantic=semantic)
     out_topics: dict[str, faust.TopicT] = {}
 
@@ -185,7 +208,7 @@ def create_app(
                 observe_records((record,), source="router")
             if fwd.topic not in out_topics:
                 out_topics[fwd.topic] = app.topic(fwd.topic, **raw)
-            await out_topics[fwd.topic].send(key=fwd.key, value=fwd.value, headers=fwd.headers)
+            await out_topics[fwd.topic].send(key=fwd.key, value=fwd.value, headers=fwd.headers, partition=fwd.partition)
 
     @app.agent(source, name="route")  # type: ignore[untyped-decorator,misc]
     async def route(stream: faust.StreamT[bytes]) -> None:
@@ -244,7 +267,12 @@ def create_app(
                 await dedupe_topic.send(key=result.dedupe_key.encode(), value=value, headers=[("kind", b"completed")])
             if semantic is not None and result.engine_run_id and result.status is ResultStatus.SUCCEEDED:
                 scope = semantic.scope(result.tenant).encode()
-                await index_topic.send(key=scope, value=value, headers=[("kind", b"completed")])
+                await index_topic.send(
+                    key=scope,
+                    value=value,
+                    headers=[("kind", b"completed")],
+                    partition=semantic.partition_of(result.tenant),
+                )
 
     def retry_agent(level: int, delay_s: float) -> None:
         topic = app.topic(topics.retry(level), internal=False, **raw)

@@ -166,9 +166,13 @@ class DedupeStage:
     def _forward(self, request: InferenceRequest, raw: bytes, headers: Headers | None = None) -> list[Forward]:
         assert request.route is not None
         if self.semantic is not None and self.semantic.eligible(request):
+            local = self.semantic.try_local(request, raw, headers)
+            if local is not None:
+                return local
             scope = self.semantic.scope(request.tenant).encode()
             kind = [*carried(headers), ("kind", b"request")]
-            return [Forward(self.emit.topics.semantic, scope, raw, kind, record=request)]
+            partition = self.semantic.partition_of(request.tenant)
+            return [Forward(self.emit.topics.semantic, scope, raw, kind, record=request, partition=partition)]
         model = request.route.model
         self.backlog.routed(model, request.request_id)
         fwd = Forward(

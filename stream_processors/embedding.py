@@ -30,6 +30,9 @@ Vectors = npt.NDArray[np.float32]
 class Embedder(Protocol):
     def load(self) -> None: ...
 
+    @property
+    def ready(self) -> bool: ...
+
     def embed(self, texts: Sequence[str]) -> Vectors: ...
 
     def static(self, texts: Sequence[str]) -> Vectors: ...
@@ -68,6 +71,11 @@ class MiniLMEmbedder:
 
     def load(self) -> None:
         self._load()
+
+    @property
+    def ready(self) -> bool:
+        """Loaded: calls will not block on loading (which takes seconds)."""
+        return self._model is not None
 
     def _load(self) -> Any:
         with self._lock:

@@ -23,6 +23,8 @@ class Forward:
     value: bytes
     headers: list[tuple[str, bytes]] = field(default_factory=list)
     record: AvroRecord | None = None
+    # Unset: the producer's partitioner picks one from the key.
+    partition: int | None = None
 
 
 class Emitter:

@@ -15,6 +15,11 @@ worker holds a scope's whole index:
   expired entries and those of a model whose fingerprint changed. Both topics have the same key
   and partition count, so a scope's lookups and completions reach the same worker.
 
+A process that holds a scope's partition settles most requests in place, without the hop: the
+dedupe stage asks :meth:`SemanticStage.try_local` first, and only a request whose comparison needs
+the sentence transformer (a candidate survived the cheap checks and a vector is missing) goes to
+the lookup topic, to be embedded in a batch. Entries are embedded once, when they are indexed.
+
 The table survives restarts through its changelog; the in-memory matrices are rebuilt from it.
 """
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -101,8 +107,15 @@ class SemanticStage:
         embedder: Embedder,
         backlog: Backlog | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        partitions: int = 1,
+        owns: Callable[[int], bool] | None = None,
     ) -> None:
         self.table = table
+        # Both semantic topics are partitioned by scope explicitly (crc32), so a process can tell
+        # whether it holds a scope's index: ``owns(partition)``.
+        self.partitions = partitions
+        self.owns = owns
         self.emit = emitter
         self.catalog = catalog
         self.settings = settings
@@ -120,6 +133,13 @@ class SemanticStage:
     # -- who takes part --------------------------------------------------------------------
     def scope(self, tenant: str) -> str:
         return "*" if self.settings.cache_shared_across_tenants else tenant
+
+    def entry_count(self) -> int:
+        """Cache entries this process holds (its partitions of the table)."""
+        return sum(1 for key in list(self.table) if key.startswith("entry:"))
+
+    def partition_of(self, tenant: str) -> int:
+        return zlib.crc32(self.scope(tenant).encode()) % self.partitions
 
     def eligible(self, request: InferenceRequest) -> bool:
         """Whether a request the exact cache missed is looked up here (else it runs)."""
@@ -166,6 +186,31 @@ class SemanticStage:
         self._indexed = len(self.table)
 
     # -- lookups (batched; the app runs `vectors` in a worker thread) ----------------------
+    def try_local(self, request: InferenceRequest, raw: bytes, headers: Headers | None) -> list[Forward] | None:
+        """Settle a request here, without a hop, when this process holds its scope's index and
+        no sentence embedding has to be computed (no candidate survives the cheap checks, or the
+        candidates' vectors are known); ``None``: send it to the lookup topic."""
+        if not self.embedder.ready or self.owns is None or not self.owns(self.partition_of(request.tenant)):
+            return None
+        items, texts = self.prepare([(request, raw, list(headers or []))])
+        if texts:
+            return None
+        return self.finish(items, [], None)
+
+    def indexable_text(self, result: InferenceResult) -> str | None:
+        """The text a result's entry will be indexed under, if it becomes an entry."""
+        pending = self._pending.get(result.request_id)
+        if pending is None or result.status is not ResultStatus.SUCCEEDED or result.cached:
+            return None
+        text: str = pending["text"]
+        return None if text in self._vectors else text
+
+    def remember_vectors(self, texts: Sequence[str], vectors: Vectors | None) -> None:
+        for text, vec in zip(texts, vectors if vectors is not None else [], strict=True):
+            self._vectors[text] = vec
+        while len(self._vectors) > 4 * self.cfg.max_entries_per_tenant:
+            self._vectors.popitem(last=False)
+
     def prepare(self, batch: Sequence[tuple[InferenceRequest, bytes, Headers]]) -> tuple[list[Lookup], list[str]]:
         """Shortlist candidates for each request; return the lookups and the texts that need a
         full embedding (requests with a surviving candidate, and those candidates)."""
@@ -219,10 +264,7 @@ class SemanticStage:
         return self.embedder.embed(texts)
 
     def finish(self, items: list[Lookup], texts: Sequence[str], vectors: Vectors | None) -> list[Forward]:
-        for text, vec in zip(texts, vectors if vectors is not None else [], strict=True):
-            self._vectors[text] = vec
-        while len(self._vectors) > 4 * self.cfg.max_entries_per_tenant:
-            self._vectors.popitem(last=False)
+        self.remember_vectors(texts, vectors)
         # Misses become pending entries, which carry their static vector: one call for the batch.
         todo = [it for it in items if it.signature is not None and it.static is None]
         if todo:

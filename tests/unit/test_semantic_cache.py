@@ -55,6 +55,8 @@ class PlantedEmbedder:
         self.angles = angles
         self.embedded: list[str] = []
 
+    ready = True
+
     def load(self) -> None:
         pass
 
@@ -391,3 +393,33 @@ def test_the_dedupe_stage_diverts_first_requests_here() -> None:
     r2 = req(ORIGINAL, "r2", cache=False)
     r2.dedupe_key = "idem:acme:k"
     assert topics_of(dedupe.on_request(r2, SERDE.encode(r2), 0))[0] == "u.model.cheap.normal"
+
+
+def test_a_process_holding_the_scope_settles_requests_without_a_candidate_itself() -> None:
+    sem, _, _ = make()
+    sem.owns = lambda partition: True
+    dedupe = DedupeStage({}, Emitter(TOPICS, SERDE, CATALOG), settings(), semantic=sem)
+    first = req(ORIGINAL, "r1")
+    # Nothing indexed yet: straight to the model topic, remembered for indexing.
+    assert topics_of(dedupe.on_request(first, SERDE.encode(first), 0)) == ["u.model.cheap.normal", TOPICS.status]
+    answered(sem, req(ORIGINAL, "r0"))
+    # A candidate whose comparison needs the sentence transformer: batched in the lookup agent.
+    para = req(PARAPHRASE, "r2")
+    out = dedupe.on_request(para, SERDE.encode(para), 0)
+    assert [(f.topic, f.partition) for f in out] == [(TOPICS.semantic, sem.partition_of("acme"))]
+    # Once both vectors are known, the same comparison is settled in place: a hit.
+    lookup(sem, para)
+    again = req(PARAPHRASE, "r3", max_tokens=100)  # another content key: not r2's duplicate
+    hit = result_in(dedupe.on_request(again, SERDE.encode(again), 0))
+    assert hit is not None and hit.cache_kind is CacheKind.SEMANTIC and hit.deduplicated_from == "r0"
+    # Another process holds the scope: always the lookup topic.
+    sem.owns = lambda partition: False
+    other = req("Something else entirely?", "r4")
+    assert topics_of(dedupe.on_request(other, SERDE.encode(other), 0)) == [TOPICS.semantic]
+
+
+def test_scope_partitions_are_stable_and_in_range() -> None:
+    sem, _, _ = make()
+    sem.partitions = 6
+    parts = {t: sem.partition_of(t) for t in ("acme", "globex", "initech")}
+    assert all(0 <= p < 6 for p in parts.values()) and parts == {t: sem.partition_of(t) for t in parts}
