@@ -138,9 +138,7 @@ def _semantic_rate(env: BenchEnv, name: str, n: int, semantic: bool, reworded_ev
     with env.stack(settings, run_consumers=False, run_sink=False) as stack:
         in_topic = stack.topics.requests("normal")
         router_metrics = stack.metrics_urls["processor"]
-        _warm_index(
-            stack.settings, in_topic, stack.topics.results, stack.topics.semantic_index, n // 10, router_metrics
-        )
+        _warm_index(stack.settings, in_topic, stack.topics.results, n // 10, router_metrics)
         observer = Observer(stack.settings, [stack.topics.results, *stack.topics.model_topics("bench")])
         prefix = f"{name}-"
         try:
