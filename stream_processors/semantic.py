@@ -124,6 +124,7 @@ class SemanticStage:
         self.backlog = backlog or Backlog()
         self.clock = clock
         self._scopes: dict[str, _Scope] = {}
+        self._fingerprints = {m.name: answer_fingerprint(m) for m in catalog}
         self._indexed = -1  # table size the in-memory index was built from
         self._vectors: OrderedDict[str, Vectors] = OrderedDict()  # full embeddings, by text
         # Misses waiting for their result, by request id. In memory only: one lost in a restart
@@ -153,10 +154,10 @@ class SemanticStage:
 
     def _signature(self, request: InferenceRequest) -> str | None:
         assert request.route is not None
-        model = self.catalog.get(request.route.model)
-        if model is None:
+        fingerprint = self._fingerprints.get(request.route.model)
+        if fingerprint is None:
             return None
-        return signature(request, answer_fingerprint(model), include_sampled=self.cfg.include_sampled)
+        return signature(request, fingerprint, include_sampled=self.cfg.include_sampled)
 
     # -- the in-memory index ---------------------------------------------------------------
     def _index(self) -> dict[str, _Scope]:
@@ -229,10 +230,11 @@ class SemanticStage:
             it.static = vec
             scope = index[self.scope(it.request.tenant)]
             scores = scope.stacked() @ vec
-            top = np.argpartition(-scores, _SHORTLIST * 4)[: _SHORTLIST * 4] if len(scores) > _SHORTLIST * 4 else None
+            # The closest few by the static vector are examined; a near-duplicate is among them.
+            top = np.argpartition(-scores, _SHORTLIST)[:_SHORTLIST] if len(scores) > _SHORTLIST else None
             order = top[np.argsort(-scores[top])] if top is not None else np.argsort(-scores)
             for i in order:
-                if scores[i] < self.cfg.prefilter or len(it.candidates) >= _SHORTLIST:
+                if scores[i] < self.cfg.prefilter:
                     break
                 entry = scope.entries[int(i)]
                 if not self._usable(entry, it, now):
@@ -342,7 +344,6 @@ class SemanticStage:
             *self.emit.status(r.request_id, RequestState.ROUTED, model=model, detail=r.route.reason),
         ]
         if it.signature is not None and it.static is not None:
-            served_by = self.catalog.get(model)
             self._pending[r.request_id] = {
                 "request_id": r.request_id,
                 "scope": self.scope(r.tenant),
@@ -351,7 +352,7 @@ class SemanticStage:
                 "max_tokens": r.max_tokens,
                 "text": it.text,
                 "static": _pack(it.static),
-                "fingerprint": answer_fingerprint(served_by) if served_by else "",
+                "fingerprint": self._fingerprints.get(model, ""),
                 "at": self.clock(),
             }
             while len(self._pending) > _MAX_PENDING:

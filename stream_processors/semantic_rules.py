@@ -65,10 +65,13 @@ def _words(text: str) -> list[str]:
 
 
 @lru_cache(maxsize=65_536)
-def _analysed(text: str) -> tuple[frozenset[str], tuple[str, ...]]:
-    """(negations, content words in order) of a text; cached: indexed texts are compared often."""
+def _analysed(text: str) -> tuple[frozenset[str], tuple[str, ...], frozenset[str]]:
+    """(negations, content words in order, words with digits) of a text; cached: indexed texts
+    are compared often."""
     words = _words(text)
-    return frozenset(w for w in words if w in _NEGATIONS), tuple(w for w in words if w not in _FRAMING)
+    content = tuple(w for w in words if w not in _FRAMING)
+    digits = frozenset(w for w in content if any(c.isdigit() for c in w))
+    return frozenset(w for w in words if w in _NEGATIONS), content, digits
 
 
 def content_words(text: str) -> list[str]:
@@ -88,13 +91,13 @@ class Difference:
 
 def difference(a: str, b: str) -> Difference:
     """The lexical comparison of two prompts; ``veto`` names why they cannot share an answer."""
-    (na, ca), (nb, cb) = _analysed(a), _analysed(b)
+    (na, ca, da), (nb, cb, db) = _analysed(a), _analysed(b)
     if na != nb:
         return Difference("negation differs")
+    if da != db:
+        return Difference("numbers differ")
     sa, sb = set(ca), set(cb)
     only_a, only_b = sa - sb, sb - sa
-    if any(any(c.isdigit() for c in w) for w in only_a | only_b):
-        return Difference("numbers differ")
     if only_a and only_b:
         return Difference("content words substituted")
     if not only_a and not only_b:
