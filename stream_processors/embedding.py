@@ -67,6 +67,7 @@ class MiniLMEmbedder:
         self.max_seq_length = max_seq_length
         self._model: Any = None
         self._table: Vectors | None = None
+        self._fast: Any = None
         self._lock = threading.Lock()
 
     def load(self) -> None:
@@ -91,6 +92,13 @@ class MiniLMEmbedder:
                 model.max_seq_length = self.max_seq_length
                 weights = model[0].auto_model.embeddings.word_embeddings.weight
                 self._table = weights.detach().cpu().numpy().astype(np.float32)
+                # A copy of the Rust tokenizer without padding: the model's own changes its padding
+                # state per call, and pad tokens would drag every static vector towards [PAD].
+                from tokenizers import Tokenizer
+
+                self._fast = Tokenizer.from_str(model.tokenizer.backend_tokenizer.to_str())
+                self._fast.no_padding()
+                self._fast.no_truncation()
                 self._model = model
                 logger.info("semantic cache: loaded %s", path)
         return self._model
@@ -102,14 +110,16 @@ class MiniLMEmbedder:
         import torch
 
         with torch.inference_mode():
-            out = model.encode(list(texts), batch_size=max(1, min(len(texts), 128)), convert_to_numpy=True)
+            out = model.encode(
+                list(texts), batch_size=max(1, min(len(texts), 128)), convert_to_numpy=True, show_progress_bar=False
+            )
         return _normalise(out)
 
     def static(self, texts: Sequence[str]) -> Vectors:
-        model = self._load()
+        self._load()
         assert self._table is not None
         # The Rust tokenizer directly: the Python wrapper costs more than the tokenizing here.
-        fast = model.tokenizer.backend_tokenizer
+        fast = self._fast
         # encode_batch hands work to a thread pool: worth it for batches, not for a few texts.
         encodings = (
             fast.encode_batch(list(texts), add_special_tokens=False)

@@ -106,3 +106,18 @@ def test_paraphrases_hit_near_misses_and_other_tenants_run(
         what="a result after the router restarted",
     )[again]
     assert (row["cache_kind"], row["deduplicated_from"]) == ("semantic", originals[0])
+
+
+def test_static_vectors_do_not_depend_on_the_batch_or_the_models_padding(embedding_model_dir: Path) -> None:
+    from stream_processors.embedding import MiniLMEmbedder
+
+    embedder = MiniLMEmbedder(embedding_model_dir)
+    alone = embedder.static([FRANCE])[0]
+    batched = embedder.static([FRANCE, REVIEW * 3, *[GERMAN] * 20])[0]
+    embedder.embed([REVIEW, FRANCE])  # the model's own tokenizer call changes its padding state
+    after = embedder.static([FRANCE])[0]
+    assert float(alone @ batched) == pytest.approx(1.0, abs=1e-6)
+    assert float(alone @ after) == pytest.approx(1.0, abs=1e-6)
+    # The cheap vector still ranks the paraphrase above an unrelated prompt.
+    para, other = embedder.static([FRANCE_PARAPHRASE, "Write a regex that matches an IPv4 address."])
+    assert float(alone @ para) > float(alone @ other)
