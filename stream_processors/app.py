@@ -128,9 +128,11 @@ def _semantic_agents(
                     # The entry's sentence embedding is computed now, off the lookup path: a later
                     # near-duplicate then needs only its own.
                     text = stage.indexable_text(result)
+                    static = None
                     if text is not None:
-                        stage.remember_vectors([text], await asyncio.to_thread(stage.vectors, [text]))
-                    stage.on_completed(result, partition)
+                        static, full = await asyncio.to_thread(stage.entry_vectors, text)
+                        stage.remember_vectors([text], full[None, :])
+                    stage.on_completed(result, partition, static)
                 else:
                     stage.sweep(partition)
             except (SluiceError, ValueError, KeyError) as exc:

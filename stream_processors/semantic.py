@@ -48,6 +48,7 @@ from stream_processors.semantic_rules import (
     compatible,
     difference,
     matched_text,
+    numbers,
     signature,
 )
 
@@ -69,19 +70,36 @@ def _unpack(s: str) -> Vectors:
     return out
 
 
-@dataclass
-class _Scope:
-    """One scope's cache entries with their static vectors stacked for the shortlist."""
+class _Bucket:
+    """Entries of one scope whose prompts carry the same numbers (a number that differs is a
+    veto, so only these can match), with their static vectors in a matrix that grows in place."""
 
-    entries: list[Entry] = field(default_factory=list)
-    matrix: Vectors | None = None
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
+        self._rows: Vectors = np.zeros((0, 0), np.float32)
 
-    def stacked(self) -> Vectors:
-        if self.matrix is None:
-            self.matrix = (
-                np.stack([e["_static"] for e in self.entries]) if self.entries else np.zeros((0, 1), np.float32)
-            )
-        return self.matrix
+    def add(self, entry: Entry) -> None:
+        vec = entry["_static"]
+        n = len(self.entries)
+        if n == len(self._rows):
+            grown = np.zeros((max(16, 2 * n), len(vec)), np.float32)
+            if n:
+                grown[:n] = self._rows[:n]
+            self._rows = grown
+        self._rows[n] = vec
+        self.entries.append(entry)
+
+    def remove(self, keys: set[str]) -> None:
+        kept = [e for e in self.entries if _entry_key(e) not in keys]
+        if len(kept) != len(self.entries):
+            self.entries = []
+            self._rows = np.zeros((0, 0), np.float32)
+            for e in kept:
+                self.add(e)
+
+    @property
+    def matrix(self) -> Vectors:
+        return self._rows[: len(self.entries)]
 
 
 @dataclass
@@ -123,7 +141,9 @@ class SemanticStage:
         self.embedder = embedder
         self.backlog = backlog or Backlog()
         self.clock = clock
-        self._scopes: dict[str, _Scope] = {}
+        # (scope, numbers in the prompt) -> bucket; scope -> its entries, oldest first (bounds).
+        self._buckets: dict[tuple[str, frozenset[str]], _Bucket] = {}
+        self._by_scope: dict[str, OrderedDict[str, Entry]] = {}
         self._fingerprints = {m.name: answer_fingerprint(m) for m in catalog}
         self._indexed = -1  # table size the in-memory index was built from
         self._vectors: OrderedDict[str, Vectors] = OrderedDict()  # full embeddings, by text
@@ -137,7 +157,7 @@ class SemanticStage:
 
     def entry_count(self) -> int:
         """Cache entries this process holds (its partitions of the table)."""
-        return sum(1 for key in list(self.table) if key.startswith("entry:"))
+        return sum(len(scope) for scope in self._by_scope.values())
 
     def partition_of(self, tenant: str) -> int:
         return zlib.crc32(self.scope(tenant).encode()) % self.partitions
@@ -160,30 +180,32 @@ class SemanticStage:
         return signature(request, fingerprint, include_sampled=self.cfg.include_sampled)
 
     # -- the in-memory index ---------------------------------------------------------------
-    def _index(self) -> dict[str, _Scope]:
+    def _index(self) -> dict[tuple[str, frozenset[str]], _Bucket]:
         # The table is the truth (restored from its changelog after a restart or a rebalance);
-        # the matrices are rebuilt whenever it holds entries this process did not add itself.
+        # the buckets are rebuilt whenever it holds entries this process did not add itself.
         if len(self.table) != self._indexed:
-            self._scopes = {}
-            for key, entry in list(self.table.items()):
-                if key.startswith("entry:"):
-                    self._add(entry)
+            self._buckets, self._by_scope = {}, {}
+            entries = [e for k, e in list(self.table.items()) if k.startswith("entry:")]
+            for entry in sorted(entries, key=lambda e: e["at"]):
+                self._add(entry)
             self._indexed = len(self.table)
-        return self._scopes
+        return self._buckets
 
     def _add(self, entry: Entry) -> None:
         entry = {**entry, "_static": _unpack(entry["static"])}
-        scope = self._scopes.setdefault(entry["scope"], _Scope())
-        scope.entries.append(entry)
-        scope.matrix = None
+        self._buckets.setdefault((entry["scope"], numbers(entry["text"])), _Bucket()).add(entry)
+        self._by_scope.setdefault(entry["scope"], OrderedDict())[_entry_key(entry)] = entry
 
     def _drop(self, keys: set[str]) -> None:
         for key in keys:
             self.table.pop(key, None)
-        for scope in self._scopes.values():
-            kept = [e for e in scope.entries if _entry_key(e) not in keys]
-            if len(kept) != len(scope.entries):
-                scope.entries, scope.matrix = kept, None
+        touched = set()
+        for scope in self._by_scope.values():
+            for key in keys & scope.keys():
+                entry = scope.pop(key)
+                touched.add((entry["scope"], numbers(entry["text"])))
+        for where in touched:
+            self._buckets[where].remove(keys)
         self._indexed = len(self.table)
 
     # -- lookups (batched; the app runs `vectors` in a worker thread) ----------------------
@@ -204,7 +226,12 @@ class SemanticStage:
         if pending is None or result.status is not ResultStatus.SUCCEEDED or result.cached:
             return None
         text: str = pending["text"]
-        return None if text in self._vectors else text
+        return text
+
+    def entry_vectors(self, text: str) -> tuple[Vectors, Vectors]:
+        """(static, full) vectors of an entry's text: the expensive part of indexing, safe to
+        run in a thread."""
+        return self.embedder.static([text])[0], self.embedder.embed([text])[0]
 
     def remember_vectors(self, texts: Sequence[str], vectors: Vectors | None) -> None:
         for text, vec in zip(texts, vectors if vectors is not None else [], strict=True):
@@ -220,7 +247,12 @@ class SemanticStage:
             it.text = matched_text(it.request)
             it.signature = self._signature(it.request)
         index = self._index()
-        live = [it for it in items if it.signature and index.get(self.scope(it.request.tenant))]
+        buckets: dict[int, _Bucket] = {}
+        for it in items:
+            bucket = index.get((self.scope(it.request.tenant), numbers(it.text))) if it.signature else None
+            if bucket is not None and bucket.entries:
+                buckets[id(it)] = bucket
+        live = [it for it in items if id(it) in buckets]
         if not live:
             return items, []
         statics = self.embedder.static([it.text for it in live])
@@ -228,15 +260,15 @@ class SemanticStage:
         need: dict[str, None] = {}
         for it, vec in zip(live, statics, strict=True):
             it.static = vec
-            scope = index[self.scope(it.request.tenant)]
-            scores = scope.stacked() @ vec
+            near = buckets[id(it)]
+            scores = near.matrix @ vec
             # The closest few by the static vector are examined; a near-duplicate is among them.
             top = np.argpartition(-scores, _SHORTLIST)[:_SHORTLIST] if len(scores) > _SHORTLIST else None
             order = top[np.argsort(-scores[top])] if top is not None else np.argsort(-scores)
             for i in order:
                 if scores[i] < self.cfg.prefilter:
                     break
-                entry = scope.entries[int(i)]
+                entry = near.entries[int(i)]
                 if not self._usable(entry, it, now):
                     continue
                 diff = difference(it.text, entry["text"])
@@ -267,11 +299,6 @@ class SemanticStage:
 
     def finish(self, items: list[Lookup], texts: Sequence[str], vectors: Vectors | None) -> list[Forward]:
         self.remember_vectors(texts, vectors)
-        # Misses become pending entries, which carry their static vector: one call for the batch.
-        todo = [it for it in items if it.signature is not None and it.static is None]
-        if todo:
-            for it, vec in zip(todo, self.embedder.static([it.text for it in todo]), strict=True):
-                it.static = vec
         out: list[Forward] = []
         for it in items:
             hit = self._best(it)
@@ -343,7 +370,8 @@ class SemanticStage:
             Forward(self.emit.topics.model(model, r.priority), r.request_id.encode(), it.raw, list(it.headers), r),
             *self.emit.status(r.request_id, RequestState.ROUTED, model=model, detail=r.route.reason),
         ]
-        if it.signature is not None and it.static is not None:
+        if it.signature is not None:
+            # Remembered until its result; its vectors are computed when it is indexed.
             self._pending[r.request_id] = {
                 "request_id": r.request_id,
                 "scope": self.scope(r.tenant),
@@ -351,7 +379,6 @@ class SemanticStage:
                 "model": model,
                 "max_tokens": r.max_tokens,
                 "text": it.text,
-                "static": _pack(it.static),
                 "fingerprint": self._fingerprints.get(model, ""),
                 "at": self.clock(),
             }
@@ -363,14 +390,18 @@ class SemanticStage:
     def _synced(self) -> bool:
         return self._indexed == len(self.table)
 
-    def on_completed(self, result: InferenceResult, partition: int) -> None:
-        """A result of a request looked up here: a success becomes a cache entry."""
+    def on_completed(self, result: InferenceResult, partition: int, static: Vectors | None = None) -> None:
+        """A result of a request looked up here: a success becomes a cache entry (``static``:
+        its static vector, when the caller computed it off the event loop)."""
         pending = self._pending.pop(result.request_id, None)
         if pending is None or result.status is not ResultStatus.SUCCEEDED or result.cached:
             return
+        if static is None:
+            static = self.embedder.static([pending["text"]])[0]
         synced = self._synced()
         entry = {
             **pending,
+            "static": _pack(static),
             "p": partition,
             "at": self.clock(),
             "result": {
@@ -387,10 +418,11 @@ class SemanticStage:
         if synced and not replaced:
             self._add(entry)
             self._indexed = len(self.table)
-        scope = self._index().get(entry["scope"])
-        if scope and len(scope.entries) > self.cfg.max_entries_per_tenant:
-            excess = len(scope.entries) - self.cfg.max_entries_per_tenant
-            self._drop({_entry_key(e) for e in sorted(scope.entries, key=lambda e: e["at"])[:excess]})
+        self._index()
+        scope = self._by_scope.get(entry["scope"], OrderedDict())
+        if len(scope) > self.cfg.max_entries_per_tenant:
+            excess = len(scope) - self.cfg.max_entries_per_tenant
+            self._drop(set(list(scope)[:excess]))
 
     def sweep(self, partition: int) -> int:
         """Drop this partition's entries that are too old, or whose model's answers changed."""

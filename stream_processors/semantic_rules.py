@@ -28,6 +28,7 @@ __all__ = [
     "difference",
     "lexical_veto",
     "matched_text",
+    "numbers",
     "signature",
 ]
 
@@ -72,6 +73,11 @@ def _analysed(text: str) -> tuple[frozenset[str], tuple[str, ...], frozenset[str
     content = tuple(w for w in words if w not in _FRAMING)
     digits = frozenset(w for w in content if any(c.isdigit() for c in w))
     return frozenset(w for w in words if w in _NEGATIONS), content, digits
+
+
+def numbers(text: str) -> frozenset[str]:
+    """The words of a prompt that carry digits: two prompts match only with the same ones."""
+    return _analysed(text)[2]
 
 
 def content_words(text: str) -> list[str]:

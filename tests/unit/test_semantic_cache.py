@@ -423,3 +423,17 @@ def test_scope_partitions_are_stable_and_in_range() -> None:
     sem.partitions = 6
     parts = {t: sem.partition_of(t) for t in ("acme", "globex", "initech")}
     assert all(0 <= p < 6 for p in parts.values()) and parts == {t: sem.partition_of(t) for t in parts}
+
+
+def test_prompts_with_other_numbers_never_reach_the_embedding_model() -> None:
+    base, para = (
+        "Summarize ticket 41: login fails after the update.",
+        "Give a summary of ticket 41: login fails after the update.",
+    )
+    stage, _, _ = make({base: 0.0, para: angle_for(0.95)})
+    answered(stage, req(base, "r1"))
+    embedder = stage.embedder
+    embedder.embedded.clear()  # type: ignore[attr-defined]
+    assert result_in(lookup(stage, req("Summarize ticket 42: login fails after the update.", "r2"))) is None
+    assert embedder.embedded == []  # type: ignore[attr-defined]
+    assert result_in(lookup(stage, req(para, "r3"))) is not None
