@@ -20,9 +20,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import faust
-from faust.types import TP
 
 from schemas import CacheKind, InferenceRequest, InferenceResult, ResultStatus, Serde
 from sluice import clients
@@ -67,8 +67,18 @@ def _semantic_stage(app: faust.App, settings: Settings, catalog: Catalog, pipeli
     embedder = MiniLMEmbedder(ps.semantic.model_path)
     lookup_topic = Topics(settings.topic_prefix).semantic
 
+    # assigned_actives() builds a set of every assigned partition; it changes only on a
+    # rebalance, so a second-old answer is fine (a stale one only costs a hop or a cache miss).
+    owned: dict[str, Any] = {"at": 0.0, "parts": frozenset()}
+
     def owns(partition: int) -> bool:
-        return TP(lookup_topic, partition) in app.assignor.assigned_actives()
+        now = time.monotonic()
+        if now - owned["at"] > 1.0:
+            owned["parts"] = frozenset(
+                tp.partition for tp in app.assignor.assigned_actives() if tp.topic == lookup_topic
+            )
+            owned["at"] = now
+        return partition in owned["parts"]
 
     return SemanticStage(
         table,

@@ -145,6 +145,7 @@ class SemanticStage:
         self._buckets: dict[tuple[str, frozenset[str]], _Bucket] = {}
         self._by_scope: dict[str, OrderedDict[str, Entry]] = {}
         self._fingerprints = {m.name: answer_fingerprint(m) for m in catalog}
+        self._last_signature: tuple[InferenceRequest | None, str | None] = (None, None)
         self._indexed = -1  # table size the in-memory index was built from
         self._vectors: OrderedDict[str, Vectors] = OrderedDict()  # full embeddings, by text
         # Misses waiting for their result, by request id. In memory only: one lost in a restart
@@ -174,10 +175,13 @@ class SemanticStage:
 
     def _signature(self, request: InferenceRequest) -> str | None:
         assert request.route is not None
+        # eligible() and the lookup ask for the same request in a row: computed once.
+        if self._last_signature[0] is request:
+            return self._last_signature[1]
         fingerprint = self._fingerprints.get(request.route.model)
-        if fingerprint is None:
-            return None
-        return signature(request, fingerprint, include_sampled=self.cfg.include_sampled)
+        sig = None if fingerprint is None else signature(request, fingerprint, include_sampled=self.cfg.include_sampled)
+        self._last_signature = (request, sig)
+        return sig
 
     # -- the in-memory index ---------------------------------------------------------------
     def _index(self) -> dict[tuple[str, frozenset[str]], _Bucket]:
