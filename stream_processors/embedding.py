@@ -9,6 +9,7 @@ layers) used to shortlist candidates, so the transformer only runs for requests 
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Sequence
@@ -100,6 +101,9 @@ class MiniLMEmbedder:
                 self._fast.no_padding()
                 self._fast.no_truncation()
                 self._model = model
+                # The model is hundreds of thousands of long-lived Python objects: keep them out of
+                # every later garbage collection, which the router's event loop would pay for.
+                gc.freeze()
                 logger.info("semantic cache: loaded %s", path)
         return self._model
 
