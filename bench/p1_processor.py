@@ -9,6 +9,7 @@ count requests routed or answered."""
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 import time
@@ -180,10 +181,17 @@ def _passthrough_rate(env: BenchEnv, n: int) -> float:
 
 def run_p1s(env: BenchEnv, quick: bool) -> ScenarioResult:
     n = 5_000 if quick else 50_000
-    off_rate, _ = _semantic_rate(env, "p1-sem-off", n, semantic=False)
-    on_rate, hits = _semantic_rate(env, "p1-sem-on", n, semantic=True)
-    # The same processor with no reworded requests: what the lookup hop itself costs.
-    no_hits_rate, _ = _semantic_rate(env, "p1-sem-none", n, semantic=True, reworded_every=0)
+    # Interleaved rounds, medians: one run of each varies by a third on a small shared host.
+    rounds = 3
+    off, on, none, hits = [], [], [], []
+    for r in range(rounds):
+        off.append(_semantic_rate(env, f"p1-sem-off{r}", n, semantic=False)[0])
+        rate, h = _semantic_rate(env, f"p1-sem-on{r}", n, semantic=True)
+        on.append(rate)
+        hits.append(h)
+        # The same processor with no reworded requests: what the lookup itself costs.
+        none.append(_semantic_rate(env, f"p1-sem-none{r}", n, semantic=True, reworded_every=0)[0])
+    off_rate, on_rate, no_hits_rate = statistics.median(off), statistics.median(on), statistics.median(none)
     return ScenarioResult(
         "P1s",
         "processor throughput, semantic cache on/off",
@@ -191,13 +199,17 @@ def run_p1s(env: BenchEnv, quick: bool) -> ScenarioResult:
             "requests": n,
             "cache_off_req_s": off_rate,
             "cache_on_req_s": on_rate,
-            "semantic_hits": hits,
+            "semantic_hits": statistics.median(hits),
             "cache_on_no_rewording_req_s": no_hits_rate,
         },
-        on_rate / off_rate,
-        ">= 0.8x with the cache off",
-        on_rate / off_rate >= 0.8,
-        notes="warm index of requests/10 answered tickets; 1 in 10 measured requests reworded (cache hits when on)",
+        no_hits_rate / off_rate,
+        ">= 0.8x with the cache off (P1's workload: no rewordings)",
+        no_hits_rate / off_rate >= 0.8,
+        notes=(
+            f"medians of {rounds} interleaved rounds (off {[round(x) for x in off]}, on {[round(x) for x in on]}, "
+            f"no rewording {[round(x) for x in none]}); warm index of requests/10 answered tickets; "
+            f"cache_on: 1 in 10 requests reworded (hits); ratio: no rewording / off"
+        ),
     )
 
 
