@@ -15,7 +15,14 @@ from datetime import datetime
 from analytics.ddl import ROLLUP
 from analytics.store import Store
 
-__all__ = ["refresh_rollup", "rollup_savings_sql", "rollup_stats_sql"]
+__all__ = [
+    "complete_up_to_sql",
+    "live_savings_sql",
+    "live_stats_sql",
+    "refresh_rollup",
+    "rollup_savings_sql",
+    "rollup_stats_sql",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +67,41 @@ def _select(db: str, where: str) -> str:
     """
 
 
+_NAMES = (
+    "hour, tenant, model, priority, requests, failed, latency, metered, input_tokens, output_tokens, cost_usd, "
+    "baseline_cost_usd, engine_runs, duplicates, cache_hits, semantic_hits, tokens_not_run, saved_dedupe_usd, "
+    "saved_cache_usd, saved_semantic_usd, saved_routing_usd, computed_at"
+)
+# A refresh reads the raw tables a moment after it notes its start; rows ingested within this
+# margin of the newest refresh may have missed it, so their hours are read live too.
+_REFRESH_MARGIN_S = 120
+
+
+def _dirty_hours(db: str) -> str:
+    """Hours with rows the rollup may not hold yet: ingested since (its newest refresh - margin)."""
+    since = f"(SELECT max(computed_at) - INTERVAL {_REFRESH_MARGIN_S} SECOND FROM {db}.{ROLLUP})"
+    return (
+        f"SELECT DISTINCT toStartOfHour(completed_at) FROM {db}.results WHERE ingested_at >= {since} "
+        f"OR request_id IN (SELECT request_id FROM {db}.cost_metrics WHERE ingested_at >= {since})"
+    )
+
+
+def _live(db: str) -> str:
+    """The rollup's rows, with every hour that received rows since its last refresh recomputed
+    from the raw tables: what ``sluice stats`` reads, never stale, still cheap."""
+    dirty = _dirty_hours(db)
+    return (
+        f"(SELECT {_NAMES} FROM {db}.{ROLLUP} FINAL WHERE hour NOT IN ({dirty}) "
+        f"UNION ALL {_select(db, f'toStartOfHour(r.completed_at) IN ({dirty})')})"
+    )
+
+
+def complete_up_to_sql(database: str) -> str:
+    """When the figures are complete up to (everything ingested by then), and the rollup's newest
+    refresh."""
+    return f"SELECT now64(3, 'UTC') AS complete_up_to, (SELECT max(computed_at) FROM {database}.{ROLLUP}) AS rollup_at"
+
+
 def refresh_rollup(store: Store, since: datetime | None) -> datetime:
     """Recompute the hours that received rows ingested at or after ``since`` (all hours when
     None); returns the time to pass as ``since`` next time."""
@@ -76,19 +118,15 @@ def refresh_rollup(store: Store, since: datetime | None) -> datetime:
             f"WHERE ingested_at >= toDateTime64('{stamp}', 3, 'UTC'))"
         )
         where = f"toStartOfHour(r.completed_at) IN ({dirty})"
-    names = (
-        "hour, tenant, model, priority, requests, failed, latency, metered, input_tokens, output_tokens, cost_usd, "
-        "baseline_cost_usd, engine_runs, duplicates, cache_hits, semantic_hits, tokens_not_run, saved_dedupe_usd, "
-        "saved_cache_usd, saved_semantic_usd, saved_routing_usd, computed_at"
-    )
-    store.command(f"INSERT INTO {db}.{ROLLUP} ({names}) {_select(db, where)}")
+    store.command(f"INSERT INTO {db}.{ROLLUP} ({_NAMES}) {_select(db, where)}")
     # Rows ingested while this ran are picked up next time (ingested_at >= started).
     result: datetime = started
     return result
 
 
-def rollup_stats_sql(database: str, where: str = "1") -> str:
+def rollup_stats_sql(database: str, where: str = "1", *, source: str | None = None) -> str:
     """:func:`analytics.query.stats_sql` from the rollup: the same columns and figures."""
+    source = source or f"{database}.{ROLLUP} AS h FINAL"
     return f"""
         SELECT
             model,
@@ -101,15 +139,16 @@ def rollup_stats_sql(database: str, where: str = "1") -> str:
             sum(h.output_tokens) AS output_tokens,
             round(sum(h.cost_usd), 8) AS cost_usd,
             round(sum(h.baseline_cost_usd) - sum(h.cost_usd), 8) AS saved_usd
-        FROM {database}.{ROLLUP} AS h FINAL
+        FROM {source}
         WHERE {where}
         GROUP BY model, priority
         ORDER BY model, indexOf(['high', 'normal', 'low'], priority)
     """
 
 
-def rollup_savings_sql(database: str, where: str = "1") -> str:
+def rollup_savings_sql(database: str, where: str = "1", *, source: str | None = None) -> str:
     """:func:`analytics.query.savings_sql` from the rollup: the same columns and figures."""
+    source = source or f"{database}.{ROLLUP} AS h FINAL"
     return f"""
         SELECT
             tenant,
@@ -127,9 +166,19 @@ def rollup_savings_sql(database: str, where: str = "1") -> str:
             round(sum(h.saved_routing_usd), 8) AS saved_routing_usd,
             round(if(sum(h.baseline_cost_usd) > 0, 1 - sum(h.cost_usd) / sum(h.baseline_cost_usd), 0), 4)
                 AS saved_fraction
-        FROM {database}.{ROLLUP} AS h FINAL
+        FROM {source}
         WHERE {where}
         GROUP BY tenant
         HAVING requests > 0
         ORDER BY tenant
     """
+
+
+def live_stats_sql(database: str, where: str = "1") -> str:
+    """:func:`rollup_stats_sql` with the hours the rollup has not caught up on read live."""
+    return rollup_stats_sql(database, where, source=f"{_live(database)} AS h")
+
+
+def live_savings_sql(database: str, where: str = "1") -> str:
+    """:func:`rollup_savings_sql` with the hours the rollup has not caught up on read live."""
+    return rollup_savings_sql(database, where, source=f"{_live(database)} AS h")

@@ -94,8 +94,16 @@ def error_callback(component: str, *, repeat_after_s: float = 30.0) -> Callable[
     return on_error
 
 
-def _common(component: str) -> dict[str, Any]:
-    return {"client.id": client_id(component), "error_cb": error_callback(component)}
+def _common(component: str, on_error: Callable[[KafkaError], None] | None = None) -> dict[str, Any]:
+    logged = error_callback(component)
+    if on_error is None:
+        return {"client.id": client_id(component), "error_cb": logged}
+
+    def both(err: KafkaError) -> None:
+        on_error(err)
+        logged(err)
+
+    return {"client.id": client_id(component), "error_cb": both}
 
 
 def producer(kafka: KafkaSettings, component: str, **overrides: Any) -> Producer:
@@ -106,8 +114,11 @@ def consumer(kafka: KafkaSettings, component: str, group_id: str, **overrides: A
     return Consumer({**consumer_config(kafka, group_id, **overrides), **_common(component)})
 
 
-def admin(kafka: KafkaSettings, component: str) -> AdminClient:
-    return AdminClient({**admin_config(kafka), **_common(component)})
+def admin(
+    kafka: KafkaSettings, component: str, *, on_error: Callable[[KafkaError], None] | None = None
+) -> AdminClient:
+    """``on_error`` also sees every client error (to name a refused login in an exception)."""
+    return AdminClient({**admin_config(kafka), **_common(component, on_error)})
 
 
 def serde(settings: Settings) -> Serde:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sluice.stackfile import read_stack_file
 
 __all__ = [
     "ClickHouseSettings",
@@ -16,6 +18,7 @@ __all__ = [
     "FileSettings",
     "GatewaySettings",
     "KafkaSettings",
+    "LocalSettings",
     "MetricsSettings",
     "ProcessorSettings",
     "RetrySettings",
@@ -235,6 +238,10 @@ class ProcessorSettings(BaseModel):
     """Faust stream processor settings."""
 
     app_id: str = "sluice-router"
+    # Faust's processing guarantee: "at_least_once" (every broker; sinks dedupe by request id) or
+    # "exactly_once" (Apache Kafka only: one transactional producer per source partition, so a
+    # killed router's half-done work is aborted for read_committed readers; see README for cost).
+    processing_guarantee: str = "at_least_once"
     max_prompt_chars: int = 200_000
     # Dedupe: requests with the same idempotency key, or the same content (model hint, messages,
     # sampling parameters) while the first is in flight, run once; each still gets its result.
@@ -251,6 +258,13 @@ class ProcessorSettings(BaseModel):
     # A request whose deadline is closer than this when routed is flagged in its status.
     deadline_warning_s: float = 60.0
     semantic: SemanticCacheSettings = Field(default_factory=SemanticCacheSettings)
+
+    @field_validator("processing_guarantee")
+    @classmethod
+    def _guarantee(cls, value: str) -> str:
+        if value not in ("at_least_once", "exactly_once"):
+            raise ValueError(f"processing_guarantee {value!r} is not at_least_once or exactly_once")
+        return value
 
 
 class TenantSettings(BaseModel):
@@ -314,6 +328,26 @@ class WebhookSettings(BaseModel):
     concurrency: int = Field(default=16, gt=0)
 
 
+class LocalSettings(BaseModel):
+    """The embedded stack of ``sluice up`` and ``sluice demo`` (not used by deployed services)."""
+
+    # Which broker ``sluice up`` starts: "kafka" (Apache Kafka from local jars, durable on local
+    # disk), "tansu" (the embedded Kafka-protocol broker; durable through SeaweedFS), or "auto":
+    # Apache Kafka where Java and its jars are present, else tansu. `--ephemeral` and the demo use
+    # tansu in memory.
+    broker: str = "auto"
+    # A Kafka install, its .tgz, or a folder of its jars; unset: the jars bootstrap installed.
+    kafka_home: Path | None = None
+
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, value: str) -> str:
+        value = value.lower()
+        if value not in ("auto", "kafka", "tansu"):
+            raise ValueError(f"local.broker {value!r} is not one of auto, kafka, tansu")
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_", env_nested_delimiter="__", extra="ignore")
 
@@ -333,6 +367,17 @@ class Settings(BaseSettings):
     files: FileSettings = Field(default_factory=FileSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    local: LocalSettings = Field(default_factory=LocalSettings)
+
+    @model_validator(mode="after")
+    def _find_local_stack(self) -> Settings:
+        # No broker configured: a local stack running on this data directory is the broker (its
+        # embedded broker takes a free port; stack.json says which). Not counted as configured.
+        if "bootstrap_servers" not in self.kafka.model_fields_set:
+            info = read_stack_file(self.data_dir)
+            if info and info.get("bootstrap_servers"):
+                self.kafka.__dict__["bootstrap_servers"] = str(info["bootstrap_servers"])
+        return self
 
     def clickhouse_url(self) -> str:
         """The configured URL, or the embedded chDB directory under ``data_dir``."""

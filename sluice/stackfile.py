@@ -1,4 +1,7 @@
-"""``<data_dir>/stack.json``: how other processes find a running local stack."""
+"""``<data_dir>/stack.json``: how other processes find a running local stack.
+
+The file is written once everything it lists answers (the broker, the query endpoint, the
+gateway), atomically (a reader sees the whole file or none), with ``"ready": true``."""
 
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ __all__ = ["read_stack_file", "write_stack_file"]
 
 
 def write_stack_file(data_dir: Path, info: dict[str, Any]) -> None:
-    (data_dir / "stack.json").write_text(json.dumps({"pid": str(os.getpid()), **info}))
+    tmp = data_dir / f".stack.json.{os.getpid()}"
+    tmp.write_text(json.dumps({"pid": str(os.getpid()), **info, "ready": True}))
+    tmp.replace(data_dir / "stack.json")
 
 
 def read_stack_file(data_dir: Path) -> dict[str, Any] | None:

@@ -140,11 +140,21 @@ def message_coords(msg: Message) -> tuple[str, int, int]:
 
 def ensure_topics(kafka: KafkaSettings, topics: dict[str, dict[str, str]], timeout: float = 15.0) -> None:
     """Create missing topics; existing ones are left as they are."""
-    admin = clients.admin(kafka, "admin")
+    refusals: list[KafkaError] = []
+
+    def keep_refusals(err: KafkaError) -> None:
+        if clients.classify(err) is clients.ClientErrorClass.CONFIGURATION:
+            refusals.append(err)
+
+    admin = clients.admin(kafka, "admin", on_error=keep_refusals)
     try:
         existing = set(admin.list_topics(timeout=timeout).topics)
     except KafkaException as exc:
-        raise BrokerError(f"cannot list topics on {kafka.bootstrap_servers}: {exc}") from exc
+        # A refused login or handshake surfaces only through error_cb (served by poll); the
+        # timeout itself says nothing.
+        admin.poll(0.5)
+        why = refusals[-1].str() if refusals else str(exc)
+        raise BrokerError(f"cannot connect to Kafka at {kafka.bootstrap_servers}: {why}") from exc
     new = [
         NewTopic(
             name,

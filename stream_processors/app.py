@@ -177,9 +177,9 @@ def create_app(
         producer_compression_type=_faust_compression(settings.kafka.compression_type),
         broker_session_timeout=settings.kafka.session_timeout_ms / 1000,
         broker_heartbeat_interval=settings.kafka.heartbeat_interval_ms / 1000,
-        # tansu does not serve the idempotent-producer id request aiokafka makes, so
-        # exactly_once cannot start there; sinks dedupe by request id instead.
-        processing_guarantee="at_least_once",
+        # at_least_once by default (sinks dedupe by request id); exactly_once is opt-in and needs
+        # a broker that serves aiokafka's idempotent-producer id request (Apache Kafka; not tansu).
+        processing_guarantee=ps.processing_guarantee,
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",
         topic_partitions=settings.kafka.partitions,

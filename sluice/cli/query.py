@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 
 from sluice.cli.common import add_command, console, print_rows, settings_from
@@ -20,15 +22,25 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from analytics.query import open_query
-    from analytics.rollup import rollup_savings_sql as savings_sql
-    from analytics.rollup import rollup_stats_sql as stats_sql
+    from analytics.rollup import complete_up_to_sql
+    from analytics.rollup import live_savings_sql as savings_sql
+    from analytics.rollup import live_stats_sql as stats_sql
 
     settings = settings_from(args)
     db = settings.clickhouse.database
     query = open_query(settings)
     params = {"tenant": args.tenant} if args.tenant else {}
+    # The hourly rollup the sink keeps (refreshed every SLUICE_CLICKHOUSE__ROLLUP_INTERVAL_S), with
+    # the hours it has not caught up on read from the raw tables: complete up to now.
+    (complete, rollup_at), = query(complete_up_to_sql(db), None).rows
+    if args.format == "table":
+        console.print(
+            f"[dim]complete up to {complete} UTC (every result stored by then; hourly rollup refreshed "
+            f"{rollup_at or 'never'}, newer hours read live)[/]"
+        )
+    else:
+        print(json.dumps({"complete_up_to": str(complete), "rollup_refreshed_at": str(rollup_at)}), file=sys.stderr)
     if args.view in ("latency", "all"):
-        # From the hourly rollup the sink keeps (refreshed every SLUICE_CLICKHOUSE__ROLLUP_INTERVAL_S).
         res = query(stats_sql(db, "tenant = {tenant:String}" if args.tenant else "1"), params)
         if args.format == "table":
             console.print("[bold]Latency and cost by model and priority[/]")

@@ -28,22 +28,31 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     if args.engine:
         settings.engine.kind = args.engine
-    port = settings.kafka.bootstrap_servers.rpartition(":")[2]
+    # The embedded broker takes a free port unless one is configured (9092 may be a host's own
+    # Kafka); clients find it through stack.json.
+    configured = "bootstrap_servers" in settings.kafka.model_fields_set
+    port = settings.kafka.bootstrap_servers.rpartition(":")[2] if configured else ""
     stack = LocalStack(
         settings,
         embedded_broker=not args.external_kafka,
-        broker_port=int(port) if not args.external_kafka else None,
+        broker_port=int(port) if port and not args.external_kafka else None,
         replicas=args.replicas,
         durable=not args.ephemeral,
         run_gateway=not args.no_gateway,
+        broker=args.broker,
     )
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         with console.status("starting the local stack…"):
             stack.start()
-        storage = "in memory (--ephemeral)" if args.ephemeral or args.external_kafka else "durable"
+        if args.external_kafka:
+            broker = "your cluster"
+        elif stack.kafka is not None:
+            broker = f"Apache Kafka {stack.kafka.version}, durable on local disk"
+        else:
+            broker = "tansu, " + ("in memory (--ephemeral)" if args.ephemeral else "durable on local SeaweedFS")
         console.print(
-            f"[green]Sluice is up[/]: Kafka {stack.bootstrap_servers} ({storage}), "
+            f"[green]Sluice is up[/]: Kafka {stack.bootstrap_servers} ({broker}), "
             f"ClickHouse {settings.clickhouse_url()}, "
             f"queries/metrics {stack.query_server.url if stack.query_server else '-'}, "
             f"gateway (OpenAI-compatible Batch API) {stack.gateway_url or '-'}; "
@@ -77,5 +86,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     sp.add_argument(
         "--external-kafka", action="store_true", help="use SLUICE_KAFKA__BOOTSTRAP_SERVERS, start no broker"
+    )
+    sp.add_argument(
+        "--broker",
+        choices=["auto", "kafka", "tansu"],
+        default=None,
+        help="embedded broker: Apache Kafka from local jars, or tansu; default SLUICE_LOCAL__BROKER (auto: "
+        "Apache Kafka for a durable stack where Java and its jars are present, else tansu)",
     )
     sp.add_argument("--no-gateway", action="store_true", help="do not start the HTTP gateway")

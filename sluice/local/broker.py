@@ -11,13 +11,11 @@ import logging
 import os
 import socket
 import stat
-import subprocess
-import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 
-from sluice.errors import BrokerError
+from sluice.errors import BrokerError, SluiceError
+from sluice.local.process import ManagedProcess, free_port, stop_process
 
 __all__ = ["EmbeddedBroker", "free_port", "stop_process", "tansu_binary"]
 
@@ -41,25 +39,6 @@ def tansu_binary() -> Path:
     return path
 
 
-def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float, name: str = "process") -> None:
-    """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        logger.warning("%s did not stop in %.0fs; killing", name, timeout)
-        proc.kill()
-        proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class EmbeddedBroker:
     """A tansu broker process bound to 127.0.0.1: in memory (``storage_env`` unset; gone when it
     stops), or keeping its log in S3-compatible storage (``storage_env``: the AWS_* variables of
@@ -72,14 +51,15 @@ class EmbeddedBroker:
         storage_env: dict[str, str] | None = None,
         *,
         advertised_port: int | None = None,
+        pid_dir: Path | None = None,
     ) -> None:
         self.port = port or free_port()
         # What metadata tells clients to connect to: a TLS-terminating proxy in front, say.
         self.advertised_port = advertised_port or self.port
         self.log_path = log_path
         self.storage_env = storage_env
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        self.pid_dir = pid_dir
+        self._proc: ManagedProcess | None = None
 
     @property
     def durable(self) -> bool:
@@ -90,7 +70,7 @@ class EmbeddedBroker:
         return self._proc.pid if self._proc is not None else None
 
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc is not None and self._proc.alive()
 
     @property
     def bootstrap_servers(self) -> str:
@@ -108,37 +88,33 @@ class EmbeddedBroker:
             "--advertised-listener-url",
             f"tcp://127.0.0.1:{self.advertised_port}",
         ]
-        if self.log_path:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = self.log_path.open("ab")
-        self._proc = subprocess.Popen(
+        self._proc = ManagedProcess(
+            "tansu",
             cmd,
-            stdout=self._log or subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
             env={**os.environ, **(self.storage_env or {}), "RUST_LOG": os.environ.get("SLUICE_TANSU_LOG", "warn")},
-            # Its own process group: a terminal's Ctrl-C reaches the stack, which stops it last.
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise BrokerError(f"tansu exited with {self._proc.returncode} (see {self.log_path})")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    logger.info("tansu broker listening on %s", self.bootstrap_servers)
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise BrokerError(f"tansu did not listen on {self.port} within {timeout}s")
+            log_path=self.log_path,
+            pid_dir=self.pid_dir,
+            stop_timeout=5,
+        ).spawn()
+        try:
+            self._proc.wait_ready(self._listening, timeout, f"listen on {self.port}")
+        except SluiceError as exc:
+            self.stop()
+            raise BrokerError(str(exc)) from exc
+        logger.info("tansu broker listening on %s", self.bootstrap_servers)
+        return self
+
+    def _listening(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
 
     def stop(self) -> None:
-        stop_process(self._proc, 5, "tansu")
+        if self._proc is not None:
+            self._proc.stop()
         self._proc = None
-        if self._log:
-            self._log.close()
-            self._log = None
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()

@@ -5,11 +5,12 @@ supervised child processes (as they would be separate services in production). U
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +18,6 @@ import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 
 from analytics.query_server import QueryServer, token_path
 from analytics.sink import ClickHouseSink
@@ -26,22 +26,18 @@ from gateway.keys import KeyStore, keys_path
 from sluice.catalog import Catalog, load_catalog
 from sluice.errors import SluiceError
 from sluice.lifecycle import PARENT_PID_ENV
-from sluice.local.broker import EmbeddedBroker, stop_process
+from sluice.local.broker import EmbeddedBroker
+from sluice.local.kafka import KafkaCluster, java_binary, kafka_libs
+from sluice.local.process import ManagedProcess, free_port, leftover_pids, pid_alive
 from sluice.local.storage import ObjectStore
 from sluice.metrics import CHILD_RESTARTS, MetricsServer
 from sluice.settings import Settings
 from sluice.stackfile import write_stack_file
 from sluice.topics import Topics, ensure_topics
 
-__all__ = ["LocalStack", "child_env", "ensure_operator_key", "free_port", "operator_key_path"]
+__all__ = ["Child", "LocalStack", "child_env", "ensure_operator_key", "free_port", "operator_key_path"]
 
 logger = logging.getLogger(__name__)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def operator_key_path(settings: Settings) -> Path:
@@ -74,57 +70,46 @@ def child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-class _Child:
-    """A supervised child process: its own session (a terminal's Ctrl-C reaches only the stack,
-    which stops children in order), its log appended across restarts."""
+class Child(ManagedProcess):
+    """A supervised child of the stack (router, GPU consumer, gateway): started at once, its
+    restarts and recent failures counted for the supervisor."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path) -> None:
-        self.name = name
-        self.cmd = cmd
-        self.env = env
-        self.log_path = log
+    log_path: Path
+
+    def __init__(
+        self, name: str, cmd: list[str], env: dict[str, str], log: Path, *, pid_dir: Path | None = None
+    ) -> None:
+        super().__init__(name, cmd, env=env, log_path=log, pid_dir=pid_dir, stop_timeout=30.0)
         self.failures: list[float] = []
         self.restart_at: float | None = None
         self.restarts = 0
-        log.parent.mkdir(parents=True, exist_ok=True)
-        self._log: IO[bytes] | None = None
-        self.proc = self._spawn()
+        self.spawn()
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        if self._log is None:
-            self._log = self.log_path.open("ab")
-        return subprocess.Popen(
-            self.cmd,
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    @property
+    def popen(self) -> subprocess.Popen[bytes]:
+        assert self.proc is not None
+        return self.proc
 
     def respawn(self) -> None:
-        self.proc = self._spawn()
+        self.spawn()
         self.restart_at = None
         self.restarts += 1
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
 
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        stop_process(self.proc, timeout, self.name)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+def resolve_broker(kind: str, *, durable: bool, settings: Settings) -> str:
+    """The embedded broker to start: ``auto`` means Apache Kafka for a durable stack where Java and
+    Kafka's jars are present (it recovers much faster, see bench P13), else tansu."""
+    if kind != "auto":
+        return kind
+    if not durable:
+        return "tansu"
+    try:
+        java_binary()
+        kafka_libs(settings.local.kafka_home)
+    except SluiceError as exc:
+        logger.info("durable stack on tansu: %s", exc)
+        return "tansu"
+    return "kafka"
 
 
 class LocalStack:
@@ -155,6 +140,7 @@ class LocalStack:
         max_restarts: int = 5,
         restart_window_s: float = 60.0,
         run_gateway: bool = False,
+        broker: str | None = None,
     ) -> None:
         self.settings = settings.model_copy(deep=True)
         self.catalog = catalog or load_catalog(settings.catalog_path)
@@ -167,6 +153,10 @@ class LocalStack:
             else "bootstrap_servers" not in settings.kafka.model_fields_set
         )
         self.broker_port = broker_port
+        # "kafka" or "tansu" for the embedded broker (None: the `local.broker` setting).
+        self.broker_kind = resolve_broker(broker or self.settings.local.broker, durable=durable, settings=self.settings)
+        self.pid_dir = self.settings.data_dir / "pids"
+        self.kafka: KafkaCluster | None = None
         self.run_processor = run_processor
         self.run_consumers = run_consumers
         self.run_sink = run_sink
@@ -189,7 +179,7 @@ class LocalStack:
         self.metrics_server: MetricsServer | None = None
         # Component name -> its Prometheus endpoint (this process serves the sink's).
         self.metrics_urls: dict[str, str] = {}
-        self.children: list[_Child] = []
+        self.children: list[Child] = []
         self._stop = threading.Event()
         self._sink_ready = threading.Event()
         self._sink_thread: threading.Thread | None = None
@@ -211,15 +201,29 @@ class LocalStack:
 
     def _start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self._claim_data_dir()
         if self.embedded_broker:
-            storage_env = None
-            if self.durable:
-                self.object_store = ObjectStore(self.settings.data_dir / "broker", self.log_dir / "storage.log").start()
-                storage_env = self.object_store.client_env()
-            self.broker = EmbeddedBroker(
-                self.broker_port, log_path=self.log_dir / "tansu.log", storage_env=storage_env
-            ).start()
-            self.settings.kafka.bootstrap_servers = self.broker.bootstrap_servers
+            if self.broker_kind == "kafka":
+                kafka_dir = self.settings.data_dir / ("kafka" if self.durable else "kafka-ephemeral")
+                if not self.durable:
+                    shutil.rmtree(kafka_dir, ignore_errors=True)
+                self.kafka = KafkaCluster(
+                    kafka_dir,
+                    home=self.settings.local.kafka_home,
+                    pid_dir=self.pid_dir,
+                ).start()
+                self.settings.kafka.bootstrap_servers = self.kafka.bootstrap_servers
+            else:
+                storage_env = None
+                if self.durable:
+                    self.object_store = ObjectStore(
+                        self.settings.data_dir / "broker", self.log_dir / "storage.log", pid_dir=self.pid_dir
+                    ).start()
+                    storage_env = self.object_store.client_env()
+                self.broker = EmbeddedBroker(
+                    self.broker_port, log_path=self.log_dir / "tansu.log", storage_env=storage_env, pid_dir=self.pid_dir
+                ).start()
+                self.settings.kafka.bootstrap_servers = self.broker.bootstrap_servers
         ensure_topics(
             self.settings.kafka,
             self.topics.pipeline(
@@ -257,15 +261,22 @@ class LocalStack:
         py = sys.executable
         if self.run_gateway:
             self.children.append(
-                _Child("gateway", [py, "-m", "gateway"], self._env(env, "gateway"), self.log_dir / "gateway.log")
+                Child(
+                    "gateway",
+                    [py, "-m", "gateway"],
+                    self._env(env, "gateway"),
+                    self.log_dir / "gateway.log",
+                    pid_dir=self.pid_dir,
+                )
             )
         if self.run_processor:
             self.children.append(
-                _Child(
+                Child(
                     "processor",
                     [py, "-m", "stream_processors"],
                     self._env(env, "processor"),
                     self.log_dir / "processor.log",
+                    pid_dir=self.pid_dir,
                 )
             )
         if self.run_consumers:
@@ -275,15 +286,45 @@ class LocalStack:
                 for replica in range(self.replicas):
                     name = f"gpu-{m.name}" if self.replicas == 1 else f"gpu-{m.name}-{replica}"
                     cmd = [py, "-m", "gpu_consumers", "--model", m.name]
-                    self.children.append(_Child(name, cmd, self._env(env, name), self.log_dir / f"{name}.log"))
-        if self.run_sink:
-            # After the children: it lists their metrics endpoints.
-            self._write_stack_file()
+                    self.children.append(
+                        Child(name, cmd, self._env(env, name), self.log_dir / f"{name}.log", pid_dir=self.pid_dir)
+                    )
         if self.run_gateway:
             self._wait_gateway()
+        if self.run_sink:
+            # Last: it lists the children's endpoints, and the gateway's only once it answers, so a
+            # tool that reads the file the moment it appears can call everything in it.
+            self._write_stack_file()
         if self.supervise:
             self._supervisor = threading.Thread(target=self._supervise_loop, name="supervisor", daemon=True)
             self._supervisor.start()
+
+    def _claim_data_dir(self) -> None:
+        """Refuse a data directory another live stack runs on; stop what a crashed one left."""
+        stack_pid_file = self.pid_dir / "stack.pid"
+        left = leftover_pids(self.pid_dir)
+        owner = left.pop("stack", None)
+        if owner is not None:
+            raise SluiceError(
+                f"another Sluice stack (pid {owner}) runs on {self.settings.data_dir}: stop it (kill {owner}) "
+                "or give this one another SLUICE_DATA_DIR"
+            )
+        for name, pid in left.items():
+            logger.warning("stopping %s (pid %d), left running by an earlier stack that crashed", name, pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while left and time.monotonic() < deadline:
+            left = {n: p for n, p in left.items() if pid_alive(p)}
+            time.sleep(0.1)
+        for name, pid in left.items():
+            logger.warning("killing %s (pid %d): it did not stop on SIGTERM", name, pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for f in self.pid_dir.glob("*.pid"):
+            f.unlink(missing_ok=True)
+        self.pid_dir.mkdir(parents=True, exist_ok=True)
+        stack_pid_file.write_text(f"{os.getpid()}\n{Path(sys.executable).name}\n")
 
     def _wait_gateway(self, timeout: float = 90.0) -> None:
         """Return once the gateway answers, so the URL ``sluice up`` prints works at once."""
@@ -292,7 +333,7 @@ class LocalStack:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not child.alive():
-                raise SluiceError(f"the gateway exited with {child.proc.returncode}:\n{child.tail()}")
+                raise SluiceError(f"the gateway exited with {child.returncode}:\n{child.tail()}")
             try:
                 with urllib.request.urlopen(f"{self.gateway_url}/healthz", timeout=1):
                     return
@@ -313,7 +354,7 @@ class LocalStack:
         """Why the stack is unhealthy (``/healthz`` of this process), or None."""
         if self._failure:
             return self._failure
-        if self.broker is not None and not self.broker.alive():
+        if (self.broker is not None and not self.broker.alive()) or (self.kafka is not None and not self.kafka.alive()):
             return "the broker is not running"
         dead = [c.name for c in self.children if not c.alive()]
         return f"not running (restarting): {', '.join(dead)}" if dead else None
@@ -344,9 +385,13 @@ class LocalStack:
     def supervise_once(self, now: float | None = None) -> None:
         """Restart dead children (with backoff); raise when one keeps dying or the broker died."""
         now = time.monotonic() if now is None else now
-        for name, part in (("the embedded broker", self.broker), ("the broker's storage", self.object_store)):
+        for name, part in (
+            ("the embedded broker", self.broker),
+            ("the broker's storage", self.object_store),
+            ("Apache Kafka", self.kafka),
+        ):
             if part is not None and not part.alive():
-                raise SluiceError(f"{name} exited; see {self.log_dir}")
+                raise SluiceError(f"{name} exited; see {self.log_dir} and {self.settings.data_dir / 'kafka'}")
         for child in self.children:
             if self._stopping.is_set() or child.alive():
                 continue
@@ -355,14 +400,14 @@ class LocalStack:
                 if len(child.failures) > self.max_restarts:
                     raise SluiceError(
                         f"{child.name} died {len(child.failures)} times within {self.restart_window_s:.0f}s "
-                        f"(last exit code {child.proc.returncode}); last log lines ({child.log_path}):\n{child.tail()}"
+                        f"(last exit code {child.returncode}); last log lines ({child.log_path}):\n{child.tail()}"
                     )
                 delay = min(30.0, 0.5 * 2 ** (len(child.failures) - 1))
                 child.restart_at = now + delay
                 logger.warning(
                     "%s exited with %s; restarting in %.1fs (%d failure(s) in %.0fs)",
                     child.name,
-                    child.proc.returncode,
+                    child.returncode,
                     delay,
                     len(child.failures),
                     self.restart_window_s,
@@ -380,7 +425,7 @@ class LocalStack:
             for child in self.children:
                 if not child.alive():
                     raise SluiceError(
-                        f"{child.name} exited with {child.proc.returncode}; "
+                        f"{child.name} exited with {child.returncode}; "
                         f"last log lines ({child.log_path}):\n{child.tail()}"
                     )
 
@@ -422,9 +467,13 @@ class LocalStack:
         if self.broker is not None:
             self.broker.stop()
             self.broker = None
+        if self.kafka is not None:
+            self.kafka.stop()
+            self.kafka = None
         if self.object_store is not None:
             self.object_store.stop()
             self.object_store = None
+        (self.pid_dir / "stack.pid").unlink(missing_ok=True)
 
     def wait(self) -> None:
         """Block until the stack gives up or the process is interrupted (Ctrl-C, SIGTERM)."""
@@ -438,7 +487,9 @@ class LocalStack:
         for name, part in (("tansu", self.broker), ("storage", self.object_store)):
             if part is not None and part.pid is not None:
                 out[name] = part.pid
-        out.update({c.name: c.proc.pid for c in self.children})
+        if self.kafka is not None:
+            out.update({f"kafka-{i + 1}": pid for i, pid in enumerate(self.kafka.pids())})
+        out.update({c.name: c.pid for c in self.children if c.pid is not None})
         return out
 
     def __enter__(self) -> LocalStack:

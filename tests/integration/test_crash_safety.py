@@ -21,7 +21,7 @@ import pytest
 from analytics.store import Store
 from producers import SluiceClient
 from schemas import RequestState, RequestStatus, Serde
-from sluice.local.stack import LocalStack, _Child, child_env
+from sluice.local.stack import Child, LocalStack, child_env
 from sluice.settings import Settings
 from tests.integration.helpers import TopicCounter, topic_keys, topic_records
 from tests.support import wait_until
@@ -59,9 +59,9 @@ def _in_flight(settings: Settings, ids: list[str]) -> set[str]:
     return (running & set(ids)) - done
 
 
-def _consumer(stack: LocalStack, name: str = "gpu-tiny") -> _Child:
+def _consumer(stack: LocalStack, name: str = "gpu-tiny") -> Child:
     cmd = [sys.executable, "-m", "gpu_consumers", "--model", "tiny"]
-    return _Child(name, cmd, child_env(stack.settings), stack.log_dir / f"{name}.log")
+    return Child(name, cmd, child_env(stack.settings), stack.log_dir / f"{name}.log")
 
 
 def test_kill_9_mid_run_loses_nothing_and_reruns_at_most_the_in_flight_window(

@@ -1,9 +1,8 @@
 """Opt-in exactly-once results (``SLUICE_KAFKA__TRANSACTIONAL``): the commit path.
 
-The embedded broker commits transactions (records and source offsets together) but cannot hide
-aborted ones from ``read_committed`` readers, so what is tested here is that committed
-transactions carry every result and move the group's offsets: a second consumer started after
-the first one stopped finds nothing left to run. Abort visibility needs Apache Kafka (see README).
+Committed transactions carry every result and move the group's offsets: a second consumer that
+joined the group after the first one stopped finds nothing left to run. The kill -9 case and abort
+visibility are in ``test_apache_kafka.py`` (they need Apache Kafka).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from confluent_kafka import TopicPartition
 from analytics.store import Store
 from producers import SluiceClient
 from sluice import clients
-from sluice.local.stack import LocalStack, _Child, child_env
+from sluice.local.stack import Child, LocalStack, child_env
 from sluice.settings import Settings
 from tests.integration.helpers import topic_keys
 from tests.support import wait_until
@@ -37,7 +36,7 @@ def test_transactions_commit_results_with_their_offsets(settings: Settings, clic
         ids = [client.submit(f"exactly once {i}", max_tokens=4, cache=False) for i in range(40)]
         client.flush()
         results_topic = stack.settings.topic_prefix + "results"
-        child = _Child("gpu-tiny", cmd, child_env(stack.settings), stack.log_dir / "gpu-tiny.log")
+        child = Child("gpu-tiny", cmd, child_env(stack.settings), stack.log_dir / "gpu-tiny.log")
 
         def answered() -> Counter[str]:
             wanted = set(ids)
@@ -58,9 +57,17 @@ def test_transactions_commit_results_with_their_offsets(settings: Settings, clic
         finally:
             probe.close()
         assert sum(max(0, o) for o in committed.values()) == len(ids)
-        second = _Child("gpu-tiny-2", cmd, child_env(stack.settings), stack.log_dir / "gpu-tiny-2.log")
+        second = Child("gpu-tiny-2", cmd, child_env(stack.settings), stack.log_dir / "gpu-tiny-2.log")
+        admin = clients.admin(stack.settings.kafka, "test")
         try:
-            time.sleep(8)  # long enough to join the group and fetch anything uncommitted
+            # Not vacuous: the second consumer is a member of the group holding every partition...
+            def members() -> int:
+                (desc,) = admin.describe_consumer_groups([group]).values()
+                return sum(len(m.assignment.topic_partitions) for m in desc.result(10).members)
+
+            wait_until(members, lambda n: n == len(tps), timeout=60, what="the second consumer's assignment")
+            # ...and has fetched from the committed offsets for a while (its poll interval many times).
+            time.sleep(3)
         finally:
             second.stop()
         assert answered() == Counter({rid: 1 for rid in ids})
