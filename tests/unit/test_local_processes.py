@@ -158,6 +158,4 @@ def test_local_broker_setting_is_validated() -> None:
     assert Settings(local={"broker": "KAFKA"}).local.broker == "kafka"
     with pytest.raises(ValueError, match="local.broker"):
         Settings(local={"broker": "redpanda"})
-    with pytest.raises(ValueError, match="processing_guarantee"):
-        Settings(processor={"processing_guarantee": "exactly-once"})
 
