@@ -30,6 +30,7 @@ __all__ = [
     "BenchEnv",
     "Observer",
     "ScenarioResult",
+    "kafka_unavailable",
     "percentile",
     "produce_all",
 ]
@@ -202,6 +203,19 @@ class BenchEnv:
 
     def close(self) -> None:
         self.store.close()
+
+
+def kafka_unavailable() -> str | None:
+    """Why Apache Kafka cannot run here (no Java, no jars), or None when it can."""
+    from sluice.errors import SluiceError
+    from sluice.local.kafka import java_binary, kafka_libs
+
+    try:
+        java_binary()
+        kafka_libs()
+    except SluiceError as exc:
+        return str(exc)
+    return None
 
 
 def instant_catalog(name: str = "bench") -> Catalog:

@@ -17,7 +17,7 @@ import time
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.harness import BenchEnv, Observer, ScenarioResult, instant_catalog, produce_all
+from bench.harness import BenchEnv, Observer, ScenarioResult, instant_catalog, kafka_unavailable, produce_all
 from schemas import ChatMessage, InferenceRequest, InferenceResult, ResultStatus, Serde, utcnow
 from sluice.settings import Settings
 from sluice.topics import ensure_topics
@@ -60,13 +60,13 @@ def _measure(settings: Settings, in_topic: str, observer: Observer, n: int, tag:
     return n / (t_end - t0)
 
 
-def _faust_rate(env: BenchEnv, name: str, n: int, lean: bool) -> float:
+def _faust_rate(env: BenchEnv, name: str, n: int, lean: bool, broker: str = "tansu") -> float:
     settings = env.settings(name, instant_catalog())
     if lean:
         # The floor: one Faust hop, one output per request (no dedupe repartition, no status events).
         settings.publish_status = False
         settings.processor.dedupe_enabled = False
-    with env.stack(settings, run_consumers=False, run_sink=False) as stack:
+    with env.stack(settings, run_consumers=False, run_sink=False, broker=broker) as stack:
         observer = Observer(stack.settings, stack.topics.model_topics("bench"))
         try:
             return _measure(stack.settings, stack.topics.requests("normal"), observer, n, name)
@@ -160,9 +160,9 @@ def _semantic_rate(env: BenchEnv, name: str, n: int, semantic: bool, reworded_ev
             observer.close()
 
 
-def _passthrough_rate(env: BenchEnv, n: int) -> float:
-    settings = env.settings("p1-raw", instant_catalog())
-    with env.stack(settings, run_processor=False, run_consumers=False, run_sink=False) as stack:
+def _passthrough_rate(env: BenchEnv, n: int, broker: str = "tansu") -> float:
+    settings = env.settings(f"p1-raw-{broker}", instant_catalog())
+    with env.stack(settings, run_processor=False, run_consumers=False, run_sink=False, broker=broker) as stack:
         p_in, p_out = f"{settings.topic_prefix}passthrough.in", f"{settings.topic_prefix}passthrough.out"
         ensure_topics(stack.settings.kafka, {p_in: {}, p_out: {}})
         proc = subprocess.Popen(
@@ -219,12 +219,22 @@ def run_p1(env: BenchEnv, quick: bool) -> ScenarioResult:
     lean_rate = _faust_rate(env, "p1-lean", n, lean=True)
     raw_rate = _passthrough_rate(env, n)
     ratio = faust_rate / raw_rate
+    measured = {"requests": n, "faust_req_s": faust_rate, "faust_lean_req_s": lean_rate, "passthrough_req_s": raw_rate}
+    notes = "faust_lean = dedupe and status events off (one hop, one output per request); tansu in memory"
+    why_not = kafka_unavailable()
+    if why_not is None:
+        # The same workload on Apache Kafka (one local node), side by side in this run.
+        measured["kafka_faust_req_s"] = _faust_rate(env, "p1-kafka", n, lean=False, broker="kafka")
+        measured["kafka_passthrough_req_s"] = _passthrough_rate(env, n, broker="kafka")
+        notes += "; kafka_* = the same on Apache Kafka"
+    else:
+        notes += f"; Apache Kafka not measured: {why_not}"
     return ScenarioResult(
         "P1",
         "processor throughput",
-        {"requests": n, "faust_req_s": faust_rate, "faust_lean_req_s": lean_rate, "passthrough_req_s": raw_rate},
+        measured,
         ratio,
         ">= 0.5x passthrough and >= 10k req/s",
         ratio >= 0.5 and faust_rate >= 10_000,
-        notes="faust_lean = dedupe and status events off (one hop, one output per request)",
+        notes=notes,
     )

@@ -28,7 +28,9 @@ def _consumer_peak(env: BenchEnv, backlog: int, seconds: float, *, durable: bool
     settings = env.settings(f"p6-{backlog}{'-durable' if durable else ''}", instant_catalog())
     settings.engine.kind = "instant"
     settings.engine.instant_token_seconds = 0.01
-    with env.stack(settings, run_processor=False, run_consumers=False, run_sink=False, durable=durable) as stack:
+    with env.stack(
+        settings, run_processor=False, run_consumers=False, run_sink=False, durable=durable, broker="tansu"
+    ) as stack:
         serde = Serde()
         route = Route(model="bench", reason="bench")
         msgs = []

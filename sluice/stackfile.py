@@ -1,7 +1,9 @@
 """``<data_dir>/stack.json``: how other processes find a running local stack.
 
-The file is written once everything it lists answers (the broker, the query endpoint, the
-gateway), atomically (a reader sees the whole file or none), with ``"ready": true``."""
+Everything the file lists answers when it is written, atomically (a reader sees a whole file or
+none). A stack writes it twice: first with the broker and the query endpoint (its children find
+the query endpoint there) and ``"ready": false``, then, once the gateway and every child's metrics
+endpoint are up, with everything and ``"ready": true``."""
 
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ from typing import Any
 __all__ = ["read_stack_file", "write_stack_file"]
 
 
-def write_stack_file(data_dir: Path, info: dict[str, Any]) -> None:
+def write_stack_file(data_dir: Path, info: dict[str, Any], *, ready: bool = True) -> None:
     tmp = data_dir / f".stack.json.{os.getpid()}"
-    tmp.write_text(json.dumps({"pid": str(os.getpid()), **info, "ready": True}))
+    tmp.write_text(json.dumps({"pid": str(os.getpid()), **info, "ready": ready}))
     tmp.replace(data_dir / "stack.json")
 
 

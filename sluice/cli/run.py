@@ -45,6 +45,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         with console.status("starting the local stack…"):
             stack.start()
+            stack.ready.wait(90)
         if args.external_kafka:
             broker = "your cluster"
         elif stack.kafka is not None:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
@@ -185,6 +186,8 @@ class LocalStack:
         self._sink_thread: threading.Thread | None = None
         self._supervisor: threading.Thread | None = None
         self._stopping = threading.Event()
+        # Set once stack.json lists everything (and everything in it answers).
+        self.ready = threading.Event()
         self._failure: str | None = None
 
     @property
@@ -257,6 +260,9 @@ class LocalStack:
             gw.port = gw.port or free_port(gw.host)
             self.gateway_url = f"http://{gw.host}:{gw.port}"
             ensure_operator_key(self.settings)
+        if self.run_sink:
+            # The children (the gateway among them) find the query endpoint here.
+            self._write_stack_file(ready=False)
         env = {**child_env(self.settings), PARENT_PID_ENV: str(os.getpid())}
         py = sys.executable
         if self.run_gateway:
@@ -292,9 +298,11 @@ class LocalStack:
         if self.run_gateway:
             self._wait_gateway()
         if self.run_sink:
-            # Last: it lists the children's endpoints, and the gateway's only once it answers, so a
-            # tool that reads the file the moment it appears can call everything in it.
-            self._write_stack_file()
+            # Again, complete, once the children's endpoints answer (the gateway's already does):
+            # in the background, so a stack in a test starts no slower; `sluice up` waits for it.
+            threading.Thread(target=self._finish_stack_file, name="stack-file", daemon=True).start()
+        else:
+            self.ready.set()
         if self.supervise:
             self._supervisor = threading.Thread(target=self._supervise_loop, name="supervisor", daemon=True)
             self._supervisor.start()
@@ -359,18 +367,42 @@ class LocalStack:
         dead = [c.name for c in self.children if not c.alive()]
         return f"not running (restarting): {', '.join(dead)}" if dead else None
 
-    def _write_stack_file(self) -> None:
+    def _write_stack_file(self, *, ready: bool) -> None:
         assert self.query_server is not None
-        write_stack_file(
-            self.settings.data_dir,
-            {
-                "query_url": self.query_server.url,
-                "bootstrap_servers": self.settings.kafka.bootstrap_servers,
-                "topic_prefix": self.settings.topic_prefix,
-                **({"gateway_url": self.gateway_url} if self.gateway_url else {}),
-                "metrics_urls": self.metrics_urls,
-            },
-        )
+        info: dict[str, object] = {
+            "query_url": self.query_server.url,
+            "bootstrap_servers": self.settings.kafka.bootstrap_servers,
+            "topic_prefix": self.settings.topic_prefix,
+        }
+        if ready:
+            if self.gateway_url:
+                info["gateway_url"] = self.gateway_url
+            info["metrics_urls"] = self.metrics_urls
+        write_stack_file(self.settings.data_dir, info, ready=ready)
+
+    def _finish_stack_file(self) -> None:
+        self._wait_metrics()
+        if not self._stopping.is_set():
+            self._write_stack_file(ready=True)
+            self.ready.set()
+
+    def _wait_metrics(self, timeout: float = 60.0) -> None:
+        """Until every metrics endpoint the stack file will list answers (children load first)."""
+        deadline = time.monotonic() + timeout
+        pending = dict(self.metrics_urls)
+        while pending and time.monotonic() < deadline and not self._stopping.is_set():
+            for name, url in list(pending.items()):
+                try:
+                    with urllib.request.urlopen(url.replace("/metrics", "/healthz"), timeout=1):
+                        pending.pop(name)
+                except urllib.error.HTTPError:
+                    pending.pop(name)  # it answers (503 while loading its engine is an answer)
+                except OSError:
+                    pass
+            if pending:
+                time.sleep(0.1)
+        if pending:
+            logger.warning("metrics endpoints not answering yet: %s", ", ".join(sorted(pending)))
 
     # -- Supervision ----------------------------------------------------------------------------
     def _supervise_loop(self) -> None:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -429,28 +430,49 @@ def test_two_stacks_run_side_by_side_and_a_second_on_the_same_directory_is_refus
         one.stop()
 
 
-def test_stack_json_appears_only_once_everything_it_lists_answers(tmp_path: Path) -> None:
+def test_everything_stack_json_lists_answers_the_moment_it_appears(tmp_path: Path) -> None:
     up = Up(tmp_path / "data")
     path = up.data_dir / "stack.json"
-    seen: dict[str, Any] = {}
+    checked: list[dict[str, Any]] = []
+
+    def answers(url: str) -> int:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code  # an answer (a consumer loading its engine says 503)
 
     def watch() -> None:
-        # Read the file the moment it appears and call what it lists at once.
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not path.exists():
-            time.sleep(0.005)
-        info = json.loads(path.read_text())
-        with urllib.request.urlopen(f"{info['gateway_url']}/healthz", timeout=5) as resp:
-            seen["gateway"] = resp.status
-        with urllib.request.urlopen(f"{info['query_url']}/health", timeout=5) as resp:
-            seen["query"] = resp.status
-        seen["ready"] = info.get("ready")
+        # Read each version of the file the moment it appears and call what it lists at once.
+        seen = ""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                text = path.read_text()
+            except FileNotFoundError:
+                time.sleep(0.002)
+                continue
+            if text != seen:
+                seen = text
+                info = json.loads(text)
+                calls = {"query": answers(f"{info['query_url']}/health")}
+                if "gateway_url" in info:
+                    calls["gateway"] = answers(f"{info['gateway_url']}/healthz")
+                for name, url in info.get("metrics_urls", {}).items():
+                    calls[name] = answers(url.replace("/metrics", "/healthz"))
+                checked.append({"ready": info["ready"], **calls})
+                if info["ready"]:
+                    return
+            time.sleep(0.002)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
         up.start()
-        watcher.join(30)
-        assert seen == {"gateway": 200, "query": 200, "ready": True}
+        watcher.join(60)
+        assert checked and checked[-1]["ready"] is True and checked[-1]["gateway"] == 200
+        assert all(v != 0 for c in checked for v in c.values() if not isinstance(v, bool))
+        assert all(c["query"] == 200 for c in checked)
+        assert all("gateway" not in c for c in checked[:-1])  # listed only once it answers
     finally:
         up.close()

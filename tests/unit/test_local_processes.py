@@ -57,7 +57,8 @@ def test_leftover_pids_ignores_a_recycled_pid_of_another_program(tmp_path: Path)
 
 
 def test_a_process_that_exits_before_ready_says_so(tmp_path: Path) -> None:
-    p = ManagedProcess("quitter", [sys.executable, "-c", "print('bye'); raise SystemExit(3)"], log_path=tmp_path / "q.log")
+    cmd = [sys.executable, "-c", "print('bye'); raise SystemExit(3)"]
+    p = ManagedProcess("quitter", cmd, log_path=tmp_path / "q.log")
     with pytest.raises(SluiceError, match=r"quitter exited with 3 before listening:\nbye"):
         p.spawn().wait_ready(lambda: False, 10, "listening")
 
@@ -93,7 +94,8 @@ def test_a_secured_three_node_cluster_configuration(tmp_path: Path) -> None:
         node.ports = cluster._ports(node)
     props = [_props(cluster._write_config(n)) for n in cluster.nodes]
     voters = props[0]["controller.quorum.voters"].split(",")
-    assert len(voters) == 3 and all(p["controller.quorum.voters"] == props[0]["controller.quorum.voters"] for p in props)
+    assert len(voters) == 3
+    assert all(p["controller.quorum.voters"] == props[0]["controller.quorum.voters"] for p in props)
     assert [p["node.id"] for p in props] == ["1", "2", "3"]
     assert all(p["default.replication.factor"] == "3" and p["min.insync.replicas"] == "2" for p in props)
     p = props[0]
@@ -156,6 +158,6 @@ def test_kafka_jars_are_found_in_an_install_a_tarball_or_not_at_all(
 
 def test_local_broker_setting_is_validated() -> None:
     assert Settings(local={"broker": "KAFKA"}).local.broker == "kafka"
-    with pytest.raises(ValueError, match="local.broker"):
+    with pytest.raises(ValueError, match=r"local\.broker"):
         Settings(local={"broker": "redpanda"})
 
