@@ -17,12 +17,14 @@ from typing import IO, Annotated, Any
 from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from analytics.query import Query
 from analytics.results import chat_completion, error_code
 from gateway.batches import BatchError, BatchNotFound, BatchService, Publisher, QuotaExceeded
 from gateway.files import FileMeta, FileStore
 from gateway.keys import KeyStore
+from gateway.limits import BodyRefused, check_metadata, parse_json_body
 from gateway.openai_format import LineError, request_from_body, unix
 from gateway.webhooks import TargetRefused, check_target
 from schemas import BatchState, BatchStatus, InferenceResult, Priority, ResultStatus
@@ -147,6 +149,30 @@ def create_api(services: Services) -> FastAPI:
             400,
         )
 
+    @app.exception_handler(BodyRefused)
+    async def _refused(request: Request, exc: BodyRefused) -> JSONResponse:
+        return JSONResponse(
+            {"error": {"message": str(exc), "type": "invalid_request_error", "param": None, "code": exc.code}},
+            exc.status,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (a malformed multipart body, an unknown route) in OpenAI's shape.
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(
+            {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}},
+            exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse(
+            {"error": {"message": "internal error", "type": "server_error", "param": None, "code": None}}, 500
+        )
+
     @app.exception_handler(SluiceError)
     async def _sluice_error(request: Request, exc: SluiceError) -> JSONResponse:
         status = 404 if isinstance(exc, BatchNotFound) else 429 if isinstance(exc, QuotaExceeded) else 400
@@ -207,9 +233,9 @@ def create_api(services: Services) -> FastAPI:
         return {"id": file_id, "object": "file", "deleted": s.files.delete(file_id)}
 
     # -- batches ----------------------------------------------------------------------------
-    @app.post("/v1/batches")
+    @app.post("/v1/batches", openapi_extra={"requestBody": _body_schema(BATCH_BODY)})
     async def create_batch(tenant: Tenant, request: Request) -> Any:
-        body = await _json(request)
+        body = await _json(request, s.settings.gateway.max_body_bytes)
         known = {"input_file_id", "endpoint", "completion_window", "metadata", "priority", "webhook_url"}
         unknown = sorted(set(body) - known)
         if unknown:
@@ -219,6 +245,8 @@ def create_api(services: Services) -> FastAPI:
         webhook = body.get("webhook_url")
         if webhook is not None:
             check_target(str(webhook), s.settings.webhooks.allow_private)
+        if body.get("metadata") is not None:
+            check_metadata(body["metadata"])
         batch = s.batches.create(
             tenant,
             body["input_file_id"],
@@ -251,13 +279,22 @@ def create_api(services: Services) -> FastAPI:
         }
 
     # -- one request at a time, asynchronously ---------------------------------------------
-    @app.post("/v1/async/chat/completions", status_code=202)
+    @app.post(
+        "/v1/async/chat/completions", status_code=202, openapi_extra={"requestBody": _body_schema(CHAT_BODY)}
+    )
     async def submit(tenant: Tenant, request: Request) -> Any:
-        body = await _json(request)
+        body = await _json(request, s.settings.gateway.max_body_bytes)
+        if body.get("metadata") is not None:
+            check_metadata(body["metadata"])
         try:
             req = request_from_body(body, tenant=tenant, allow_sluice_fields=True)
         except LineError as exc:
             raise ApiError(400, str(exc), exc.code) from exc
+        limit = s.settings.processor.max_prompt_chars
+        if req.prompt_chars() > limit:
+            # Refused now, as OpenAI does, not after a trip through the pipeline.
+            message = f"the messages have {req.prompt_chars()} characters; the limit is {limit}"
+            raise ApiError(400, message, "context_length_exceeded")
         if req.webhook_url:
             check_target(req.webhook_url, s.settings.webhooks.allow_private)
         queued = s.batches.outstanding(tenant)
@@ -318,11 +355,69 @@ def create_api(services: Services) -> FastAPI:
     return app
 
 
-async def _json(request: Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError as exc:
-        raise ApiError(400, f"the body is not JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    return body
+async def _json(request: Request, max_bytes: int) -> dict[str, Any]:
+    """The JSON object of the body, read no further than ``max_bytes`` (413 past it)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise BodyRefused(413, f"the request body is larger than {max_bytes} bytes", "request_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise BodyRefused(413, f"the request body is larger than {max_bytes} bytes", "request_too_large")
+        chunks.append(chunk)
+    return parse_json_body(b"".join(chunks), max_bytes)
+
+
+def _body_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+_MESSAGE = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+    },
+}
+_METADATA = {"type": "object", "maxProperties": 16, "additionalProperties": {"type": "string", "maxLength": 512}}
+# What the endpoints accept (OpenAI's chat-completions body as in batch lines, and Sluice's
+# async fields); the handlers validate the same rules and answer 400 in OpenAI's shape.
+CHAT_BODY: dict[str, Any] = {
+    "type": "object",
+    "required": ["messages"],
+    "additionalProperties": False,
+    "properties": {
+        "model": {"type": "string"},
+        "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
+        "max_tokens": {"type": "integer", "minimum": 1, "maximum": 32768},
+        "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": 32768},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "seed": {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
+        "n": {"type": "integer", "enum": [1]},
+        "stop": {"oneOf": [{"type": "string"}, {"type": "array", "maxItems": 4, "items": {"type": "string"}}]},
+        "response_format": {"type": "object"},
+        "metadata": _METADATA,
+        "priority": {"type": "string", "enum": ["high", "normal", "low"]},
+        "webhook_url": {"type": "string", "maxLength": 2048},
+        "cache": {"type": "boolean"},
+        "reply_to": {"type": "string", "maxLength": 249},
+        "deadline": {"type": "string", "format": "date-time"},
+    },
+}
+BATCH_BODY: dict[str, Any] = {
+    "type": "object",
+    "required": ["input_file_id"],
+    "additionalProperties": False,
+    "properties": {
+        "input_file_id": {"type": "string"},
+        "endpoint": {"type": "string", "enum": ["/v1/chat/completions"]},
+        "completion_window": {"type": "string", "pattern": "^[0-9]+[smhd]$"},
+        "metadata": _METADATA,
+        "priority": {"type": "string", "enum": ["high", "normal", "low"]},
+        "webhook_url": {"type": "string", "maxLength": 2048},
+    },
+}

@@ -83,13 +83,18 @@ class Publisher(Protocol):
     def flush(self, timeout: float = ...) -> None: ...
 
 
+MAX_WINDOW = timedelta(days=30)
+
+
 def parse_window(text: str) -> timedelta:
     try:
         window = parse_age(text)
-    except ConfigError:
+    except (ConfigError, OverflowError, ValueError):
         window = timedelta(0)
     if window <= timedelta(0):
         raise BatchError(f"completion_window {text!r} must look like 24h, 90m or 7d")
+    if window > MAX_WINDOW:
+        raise BatchError(f"completion_window {text!r} is longer than {MAX_WINDOW.days} days")
     return window
 
 
@@ -160,8 +165,14 @@ class BatchService:
             expires_at=now + window,
             updated_at=now,
         )
-        self._save(batch)
-        self.publisher.flush()
+        try:
+            self._save(batch)
+            self.publisher.flush()
+        except SluiceError:
+            # Not on the broker: nothing of this batch may be left listed.
+            with self._lock:
+                self._batches.pop(batch.batch_id, None)
+            raise
         self._spawn(self._ingest, batch, meta)
         return batch
 

@@ -80,8 +80,12 @@ def iter_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
         yield rest.rstrip(b"\r")
 
 
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
+
 def _safe(file_id: str) -> str:
-    if not file_id or "/" in file_id or file_id.startswith("."):
+    # Ids are ours (file-<hex>): anything else names no file, and must never reach a path.
+    if not file_id or len(file_id) > 128 or not set(file_id) <= _ID_CHARS:
         raise SluiceError(f"invalid file id {file_id!r}")
     return file_id
 

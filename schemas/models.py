@@ -63,7 +63,8 @@ class InferenceRequest(AvroRecord):
     max_tokens: int = Field(default=256, gt=0, le=32768)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    # An Avro long on the wire.
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     created_at: datetime = Field(default_factory=utcnow)
     deadline: datetime | None = None
     correlation_id: str | None = None

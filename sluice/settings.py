@@ -297,6 +297,9 @@ class GatewaySettings(BaseModel):
     expiry_grace_s: float = Field(default=30.0, ge=0)
     # Lines published per Kafka flush while a batch is validated and queued.
     publish_chunk: int = Field(default=5000, gt=0)
+    # JSON bodies larger than this are refused with 413 while they are read: one request is one
+    # Kafka record, and Apache Kafka's default message.max.bytes is 1 MiB (raise both together).
+    max_body_bytes: int = Field(default=1_000_000, gt=0)
 
 
 class WebhookSettings(BaseModel):

@@ -62,8 +62,10 @@ def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False  # gone between the two looks
     except OSError:
-        return True
+        return True  # no /proc here: kill(0) said it exists
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float, name: str = "process") -> None:

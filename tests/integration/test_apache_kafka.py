@@ -81,6 +81,50 @@ def test_aborted_transactions_are_invisible_to_read_committed_readers(settings: 
     assert {k for k in uncommitted if k.startswith("aborted-")} == {f"aborted-{i}" for i in range(5)}
 
 
+def test_watermarks_and_latest_offset_reset_are_exact(settings: Settings) -> None:
+    """What tansu gets wrong (its high watermark is the last batch's base offset + 1): on Apache
+    Kafka the high watermark counts every record, and a new group with auto.offset.reset=latest
+    starts at the end and sees exactly what is produced after it joined."""
+    topic = f"{settings.topic_prefix}marks"
+    ensure_topics(settings.kafka, {topic: {}})
+    producer = clients.producer(settings.kafka, "test")
+    for i in range(30):
+        producer.produce(topic, key=f"before-{i}", value=b"x", partition=i % 3)
+    assert producer.flush(10) == 0
+    probe = clients.consumer(settings.kafka, "test", f"{topic}-probe")
+    try:
+        marks = [probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in range(3)]
+    finally:
+        probe.close()
+    assert marks == [(0, 10), (0, 10), (0, 10)]
+    latest = clients.consumer(settings.kafka, "test", f"{topic}-latest", **{"auto.offset.reset": "latest"})
+    try:
+        latest.subscribe([topic])
+        seen: list[str] = []
+
+        def poll_some() -> list[str]:
+            msg = latest.poll(0.2)
+            if msg is not None and msg.error() is None:
+                seen.append((msg.key() or b"").decode())
+            return seen
+
+        # A sentinel on every partition until the reader sees one: it is then positioned.
+        def sentinel() -> list[str]:
+            for p in range(3):
+                producer.produce(topic, key="sentinel", value=b"s", partition=p)
+            producer.flush(10)
+            return [k for k in poll_some() if k == "sentinel"]
+
+        wait_until(sentinel, timeout=60, what="the reader to start at the end")
+        for i in range(6):
+            producer.produce(topic, key=f"after-{i}", value=b"y", partition=i % 3)
+        assert producer.flush(10) == 0
+        wait_until(poll_some, lambda keys: sum(k.startswith("after-") for k in keys) == 6, timeout=30)
+        assert not [k for k in seen if k.startswith("before-")]  # nothing from before it joined
+    finally:
+        latest.close()
+
+
 def test_transactional_consumer_killed_mid_traffic_gives_no_duplicate_and_loses_nothing(
     settings: Settings, clickhouse_store: Store
 ) -> None:

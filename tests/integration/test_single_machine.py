@@ -28,6 +28,7 @@ from producers import SluiceClient
 from sluice.catalog import Catalog, write_catalog
 from sluice.errors import SluiceError
 from sluice.local.kafka import java_binary, kafka_libs
+from sluice.local.process import pid_alive
 from sluice.settings import Settings
 from tests.integration.helpers import topic_keys
 from tests.support import model_entry, run_cli, unavailable, wait_until
@@ -151,11 +152,7 @@ class Up:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return pid_alive(pid)
 
 
 def _results_on_topic(settings: Settings, ids: list[str]) -> Counter[str]:
