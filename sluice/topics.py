@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import time
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, KafkaException, Message
@@ -175,6 +176,17 @@ def ensure_topics(kafka: KafkaSettings, topics: dict[str, dict[str, str]], timeo
             if exc.args and exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
                 continue
             raise BrokerError(f"cannot create topic {name}: {exc}") from exc
+    # Created is not yet visible: Apache Kafka's brokers learn new topics from the controller a
+    # moment later, and a client that reads metadata at once would not find them.
+    deadline = time.monotonic() + timeout
+    waiting = {t.topic for t in new}
+    while waiting and time.monotonic() < deadline:
+        meta = admin.list_topics(timeout=timeout).topics
+        waiting = {t for t in waiting if t not in meta or meta[t].error is not None or not meta[t].partitions}
+        if waiting:
+            time.sleep(0.05)
+    if waiting:
+        raise BrokerError(f"topics created but not visible after {timeout:.0f}s: {', '.join(sorted(waiting))}")
 
 
 def reply_to_allowed(tenancy: TenantSettings, tenant: str, reply_to: str) -> bool:

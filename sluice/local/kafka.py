@@ -319,6 +319,10 @@ class KafkaCluster:
             "share.coordinator.state.topic.num.partitions": "10",
             # A local broker for development and tests: the first group join starts at once.
             "group.initial.rebalance.delay.ms": "0",
+            # A node restarted after a crash cannot register again until the controller has
+            # expired its previous registration (9 s by default): on loopback, expire it in 2.5 s.
+            "broker.heartbeat.interval.ms": "500",
+            "broker.session.timeout.ms": "2500",
             # Transactions of a consumer that was killed are aborted within a minute, not 15.
             "transaction.max.timeout.ms": "900000",
             "log.retention.hours": "168",

@@ -5,6 +5,8 @@ The real-engine version of this journey is in test_vllm_engine.py.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -219,3 +221,22 @@ def test_sql_and_stats_from_another_process_while_the_stack_runs(stack: LocalSta
     html = report.read_text()
     assert html.count("<svg") == 3 and "tiny / low" in html and "<script" not in html
     assert rows[0]["p95_ms"] >= rows[0]["p50_ms"] > 0
+
+
+def test_stats_right_after_the_last_result_include_it(
+    make_stack: Callable[..., LocalStack], clickhouse_store: Store
+) -> None:
+    # A rollup refreshed once at start and then not for an hour: stats must still be current.
+    stack = make_stack(lambda s: setattr(s.clickhouse, "rollup_interval_s", 3600.0))
+    settings = stack.settings
+    with SluiceClient(settings) as client:
+        ids = [client.submit(f"fresh stats {i}", tenant="fresh-tenant", cache=False) for i in range(4)]
+    wait_until(lambda: len(result_counts(clickhouse_store, ids)) == 4, timeout=90, what="results")
+    proc = run_cli(settings, "stats", "--view", "latency", "--tenant", "fresh-tenant", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sum(r["requests"] for r in rows) == 4  # at once: no waiting for the rollup
+    (stated,) = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith('{"complete_up_to"')]
+    assert set(stated) == {"complete_up_to", "rollup_refreshed_at"}
+    table = run_cli(settings, "stats", "--tenant", "fresh-tenant")
+    assert "complete up to" in table.stdout
