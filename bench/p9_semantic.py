@@ -1,5 +1,9 @@
 """P9: precision and recall of the semantic cache on a labelled set of prompt pairs.
 
+The figures come from the test part of the systematic set in ``bench/semantic_pairs.py`` (1,055
+pairs, split once by base prompt); the older hand-written ``bench/data/semantic_pairs.tsv``
+(described below) is kept for reference: the rules were written looking at it.
+
 ``bench/data/semantic_pairs.tsv``: for each base prompt (chat questions and the classifier's task
 types: summarization, translation, extraction/classification, code, reasoning), one paraphrase
 that deserves the same answer and one near miss that does not (another entity, number, language,
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.harness import BenchEnv, ScenarioResult
+from bench.semantic_pairs import build_pairs, split
 from schemas import ChatMessage, InferenceRequest, InferenceResult, ResultStatus, Route, Serde, utcnow
 from sluice.catalog import Catalog, ModelEntry
 from sluice.settings import ProcessorSettings
@@ -100,7 +105,9 @@ def precision_recall(pairs: list[Pair], sims: list[float | None], threshold: flo
 
 
 def run_p9(env: BenchEnv, quick: bool) -> ScenarioResult:
-    pairs = load_pairs()
+    # The test part of the systematic set only: the rules and the threshold were tuned on its
+    # other part (bench/semantic_pairs.py), never on this one.
+    pairs = [Pair(p.task, p.cached, p.asked, p.same_answer) for p in split(build_pairs(), "test")]
     sims = similarities(pairs, MiniLMEmbedder(threads=2))
     default = ProcessorSettings().semantic.threshold
     table = {t: precision_recall(pairs, sims, t) for t in sorted({*THRESHOLDS, default})}
@@ -118,6 +125,7 @@ def run_p9(env: BenchEnv, quick: bool) -> ScenarioResult:
         counts[1] += hit and pair.same_answer
         counts[2] += hit and not pair.same_answer
     notes = (
+        f"test part of the systematic set ({len(pairs)} pairs); "
         f"default threshold {default:.2f}: precision {precision:.3f}, recall {recall:.3f}; lowest threshold with "
         f"precision >= 0.98: {lowest_ok:.2f}. Per task (paraphrases, hits, false hits): "
         + ", ".join(f"{k} {v[0]}/{v[1]}/{v[2]}" for k, v in sorted(by_task.items()))
@@ -127,8 +135,8 @@ def run_p9(env: BenchEnv, quick: bool) -> ScenarioResult:
         "semantic cache precision/recall",
         measured,
         precision,
-        "precision >= 0.98 at the default threshold",
-        precision >= 0.98,
+        "precision >= 0.99 and recall >= 0.5 at the default threshold, test part",
+        precision >= 0.99 and recall >= 0.5,
         notes=notes,
         extra={"similarities": sims},
     )

@@ -5,7 +5,8 @@ lexical checks that veto an embedding match (:func:`lexical_veto`). A sentence e
 "Translate to French" and "Translate to German", or a review and its opposite, as close as two
 real paraphrases (all-MiniLM-L6-v2: 0.88-0.90 against 0.90 for "What is the capital of France?" /
 "Tell me France's capital city."), so similarity alone cannot keep precision high; these checks
-catch the differences an embedding blurs: a changed number, a negation, a swapped word order, a
+catch the differences an embedding blurs: a changed number, a negation, a relation or direction
+word swapped ("log in"/"log out", "before"/"after", "to"/"from"), a swapped word order, a
 substituted content word, or an added word that contrasts with one already there.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -45,8 +47,18 @@ label return find pull out rate assign get compute calculate solve work review r
 convert use using step steps
 """
 _NEGATION_WORDS = "not no never nor none neither without cannot can't don't doesn't isn't won't"
+# Short words that carry a relation or a direction: "log in"/"log out", "turn on"/"turn off",
+# "before"/"after", "to"/"from". An embedding barely sees them; a swap changes the question.
+_RELATION_WORDS = """
+in out on off up down before after to from over under above below inside outside upper lower
+more less most least min max minimum maximum first last top bottom left right forward backward
+since until ago later earlier past next previous north south east west
+"""
+# Spellings of one relation: "Translate to French" / "Translate into French".
+_SAME_RELATION = {"into": "to", "onto": "on", "within": "in", "till": "until"}
 _FRAMING = frozenset(_FRAMING_WORDS.split())
 _NEGATIONS = frozenset(_NEGATION_WORDS.split())
+_RELATIONS = frozenset(_RELATION_WORDS.split()) | frozenset(_SAME_RELATION)
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'\-]*(?:[.,:][0-9]+)*")
 
 
@@ -66,13 +78,19 @@ def _words(text: str) -> list[str]:
 
 
 @lru_cache(maxsize=65_536)
-def _analysed(text: str) -> tuple[frozenset[str], tuple[str, ...], frozenset[str]]:
-    """(negations, content words in order, words with digits) of a text; cached: indexed texts
-    are compared often."""
-    words = _words(text)
-    content = tuple(w for w in words if w not in _FRAMING)
+def _analysed(text: str) -> tuple[frozenset[str], tuple[str, ...], frozenset[str], tuple[str, ...]]:
+    """(negations, content words in order, words with digits, content and relation words in
+    order) of a text; cached: indexed texts are compared often."""
+    raw = [w.lower().replace("\u2019", "'") for w in _WORD.findall(text.replace("\u2019", "'"))]
+    sequence = tuple(
+        _SAME_RELATION.get(w, w) if w in _RELATIONS else _norm(w)
+        for w in raw
+        if w in _RELATIONS or _norm(w) not in _FRAMING
+    )
+    words = [_norm(w) for w in raw]
+    content = tuple(w for w in words if w not in _FRAMING and w not in _RELATIONS)
     digits = frozenset(w for w in content if any(c.isdigit() for c in w))
-    return frozenset(w for w in words if w in _NEGATIONS), content, digits
+    return frozenset(w for w in words if w in _NEGATIONS), content, digits, sequence
 
 
 def numbers(text: str) -> frozenset[str]:
@@ -97,18 +115,28 @@ class Difference:
 
 def difference(a: str, b: str) -> Difference:
     """The lexical comparison of two prompts; ``veto`` names why they cannot share an answer."""
-    (na, ca, da), (nb, cb, db) = _analysed(a), _analysed(b)
+    (na, ca, da, qa), (nb, cb, db, qb) = _analysed(a), _analysed(b)
     if na != nb:
         return Difference("negation differs")
     if da != db:
         return Difference("numbers differ")
+    ra, rb = sorted(w for w in qa if w in _RELATIONS), sorted(w for w in qb if w in _RELATIONS)
+    if ra != rb:
+        return Difference("relation words differ")
     sa, sb = set(ca), set(cb)
     only_a, only_b = sa - sb, sb - sa
     if only_a and only_b:
         return Difference("content words substituted")
+    # Counted, not only present: "Extract the order number … order 5521" / "Extract the invoice
+    # number … order 5521" keeps the word "order" on both sides, once instead of twice.
+    more_a, more_b = Counter(ca) - Counter(cb), Counter(cb) - Counter(ca)
+    if more_a and more_b:
+        return Difference("content words substituted")
     if not only_a and not only_b:
-        # The same words in another order: "10 km to miles" / "10 miles to km".
-        return Difference("word order differs" if ca != cb and len(ca) == len(cb) else None)
+        # The same words in another order: "10 km to miles" / "10 miles to km", "from Paris to
+        # Rome" / "to Paris from Rome".
+        reordered = (ca != cb and len(ca) == len(cb)) or (qa != qb and sorted(qa) == sorted(qb))
+        return Difference("word order differs" if reordered else None)
     added = only_a or only_b
     if len(added) > 1:
         return Difference("more than one content word added")

@@ -26,6 +26,20 @@ REVIEW = "Is this review positive? The food was amazing and the staff were frien
 REVIEW_REVERSED = "Is this review positive? The food was awful and the staff were rude."
 FRENCH = "Translate to French: Where is the train station?"
 GERMAN = "Translate to German: Where is the train station?"
+# One near miss of each family that must never be answered from its original: (original, near miss).
+NEAR_MISSES = [
+    (  # function-word swap: the reported defect
+        "Summarize this ticket: the customer cannot log in after the update.",
+        "Summarize this ticket: the customer cannot log out after the update.",
+    ),
+    ("Is it safe to store passwords in a spreadsheet?", "Is it not safe to store passwords in a spreadsheet?"),
+    ("How do I turn on two-factor authentication?", "How do I turn off two-factor authentication?"),
+    ("Should I water the plants before sunrise?", "Should I water the plants after sunrise?"),
+    ("What is the population of Canada?", "What is the population of Mexico?"),  # entity
+    ("Summarize invoice 1182 in one line.", "Summarize invoice 1183 in one line."),  # number
+    ("Convert 12 kilograms to grams.", "Convert 12 pounds to grams."),  # unit
+    ("Convert 5 kilometers to miles.", "Convert 5 miles to kilometers."),  # direction
+]
 
 
 def _semantic_on(s: Settings) -> None:
@@ -48,11 +62,12 @@ def test_paraphrases_hit_near_misses_and_other_tenants_run(
 ) -> None:
     stack = make_stack(_semantic_on)
     client = SluiceClient(stack.settings)
-    originals = [client.submit(text, tenant="acme", max_tokens=8) for text in (FRANCE, REVIEW, FRENCH)]
+    texts = [FRANCE, REVIEW, FRENCH, *(original for original, _ in NEAR_MISSES)]
+    originals = [client.submit(text, tenant="acme", max_tokens=8) for text in texts]
     client.flush()
     wait_until(
         lambda: results(clickhouse_store, originals),
-        lambda r: len(r) == 3,
+        lambda r: len(r) == len(originals),
         timeout=180,
         what="the originals' results",
     )
@@ -62,11 +77,12 @@ def test_paraphrases_hit_near_misses_and_other_tenants_run(
     reversed_review = client.submit(REVIEW_REVERSED, tenant="acme", max_tokens=8)
     german = client.submit(GERMAN, tenant="acme", max_tokens=8)
     other_tenant = client.submit(FRANCE_PARAPHRASE, tenant="globex", max_tokens=8)
+    misses = [client.submit(near, tenant="acme", max_tokens=8) for _, near in NEAR_MISSES]
     client.flush()
-    later = [hit, reversed_review, german, other_tenant]
+    later = [hit, reversed_review, german, other_tenant, *misses]
     rows = wait_until(
         lambda: results(clickhouse_store, later),
-        lambda r: len(r) == 4,
+        lambda r: len(r) == len(later),
         timeout=120,
         what="results of the second round",
     )
@@ -75,13 +91,13 @@ def test_paraphrases_hit_near_misses_and_other_tenants_run(
     assert 0.8 <= rows[hit]["similarity"] < 1.0
     first = results(clickhouse_store, originals)
     assert rows[hit]["output_text"] == first[originals[0]]["output_text"]
-    for rid in (reversed_review, german, other_tenant):
+    for rid in (reversed_review, german, other_tenant, *misses):
         assert rows[rid]["cache_kind"] is None and rows[rid]["deduplicated_from"] is None, rid
 
     # What a subscriber of the model topics sees: every request but the hit.
     model_topics = [t for m in stack.catalog for t in stack.topics.model_topics(m.name)]
     ran = topic_keys(stack.settings, model_topics)
-    assert sorted(ran) == sorted([*originals, reversed_review, german, other_tenant])
+    assert sorted(ran) == sorted([*originals, reversed_review, german, other_tenant, *misses])
 
     history = clickhouse_store.query(
         "SELECT state, detail FROM sluice.request_status WHERE request_id = {r:String} ORDER BY at",

@@ -186,7 +186,18 @@ def result_in(out: list[Forward]) -> InferenceResult | None:
         ("Convert 10 kilometers to miles.", "Convert 10 miles to kilometers.", "word order differs"),
         ("Is it safe to store passwords?", "Is it not safe to store passwords?", "negation differs"),
         ("Translate to French: hello", "Translate into French: hello", None),
-        ("What is a leap year?", "What is a leap year on Mars and Venus?", "more than one content word added"),
+        ("What is a leap year?", "What is a leap year on Mars and Venus?", "relation words differ"),
+        ("What is a leap year?", "What is a leap year for Mars and Venus?", "more than one content word added"),
+        (
+            "Summarize this ticket: the customer cannot log in after the update.",
+            "Summarize this ticket: the customer cannot log out after the update.",
+            "relation words differ",
+        ),
+        ("How do I turn on dark mode?", "How do I turn off dark mode?", "relation words differ"),
+        ("Wash hands before eating.", "Wash hands after eating.", "relation words differ"),
+        ("Flights from Paris to Rome", "Flights to Paris from Rome", "word order differs"),
+        ("Transfer money to savings", "Transfer money from savings", "relation words differ"),
+        ("Coffee with sugar", "Coffee without sugar", "negation differs"),
     ],
 )
 def test_lexical_rules_veto_what_an_embedding_blurs(a: str, b: str, veto: str | None) -> None:
@@ -317,7 +328,8 @@ def test_opt_outs() -> None:
 
 def test_a_lexical_veto_or_a_contrasting_word_is_a_miss_even_when_similar() -> None:
     near = "Which is heavier, a kilogram of feathers or a pound of steel?"
-    base = "Which is heavier, a kilogram of feathers or a kilogram of steel?"
+    # One word added ("pound"); a second "kilogram" replaced by it would be a substitution.
+    base = "Which is heavier, a kilogram of feathers or steel?"
     angles = {base: 0.0, near: angle_for(0.99), "What is the capital of Germany?": angle_for(0.99)}
     stage, _, _ = make(angles | {ORIGINAL: 0.0})
     answered(stage, req(ORIGINAL, "r1"))
