@@ -311,3 +311,26 @@ def test_sluice_batch_cli(gw: LocalStack, tmp_path: Path, clickhouse_store: Stor
     assert made.returncode == 0 and key.startswith("sk-sluice-")
     listed_z = httpx.get(f"{gw.gateway_url}/v1/batches", headers={"Authorization": f"Bearer {key}"})
     assert listed_z.status_code == 200 and listed_z.json()["data"] == []
+
+
+def test_hostile_bodies_are_refused_before_publishing_and_the_stack_keeps_serving(gw: LocalStack) -> None:
+    with _client(gw, "hostile") as c:
+        huge = json.dumps({"messages": [{"role": "user", "content": "x" * (10 * 1024 * 1024)}]})
+        deep = "[" * 100_000 + "]" * 100_000
+        for url in ("/async/chat/completions", "/batches"):
+            big = c.post(url, content=huge, headers={"Content-Type": "application/json"})
+            assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large", big.text[:300]
+            nested = c.post(url, content=deep, headers={"Content-Type": "application/json"})
+            assert nested.status_code == 400 and "deeper than" in nested.json()["error"]["message"]
+        long_prompt = c.post(
+            "/async/chat/completions", json={"messages": [{"role": "user", "content": "y" * 300_000}], "max_tokens": 3}
+        )
+        assert long_prompt.status_code == 400 and long_prompt.json()["error"]["code"] == "context_length_exceeded"
+        assert c.get("/batches").json()["data"] == []  # nothing was created
+        ok = c.post("/async/chat/completions", json={"messages": [{"role": "user", "content": "still here?"}]})
+        assert ok.status_code == 202, ok.text
+        rid = ok.json()["id"]
+        done = wait_until(
+            lambda: c.get(f"/requests/{rid}").json(), lambda b: b.get("status") == "succeeded", timeout=90
+        )
+        assert done["id"] == rid
