@@ -51,8 +51,10 @@ def test_every_process_serves_metrics_and_health(settings: Settings, clickhouse_
     try:
         urls = stack.metrics_urls
         assert set(urls) == {"stack", "sink", "processor", "gpu-tiny", "gpu-big", "gateway"}
+        # stack.json lists the endpoints once they answer (written again with ready=true).
+        assert stack.ready.wait(90)
         info = json.loads((stack.settings.data_dir / "stack.json").read_text())
-        assert info["metrics_urls"] == urls
+        assert info["metrics_urls"] == urls and info["ready"] is True
         for name, url in urls.items():
             # A child serves its endpoint once it has started (a consumer says 503 while loading).
             answer = wait_until(
