@@ -401,7 +401,7 @@ class LocalStack:
                     pass
             if pending:
                 time.sleep(0.1)
-        if pending:
+        if pending and not self._stopping.is_set():
             logger.warning("metrics endpoints not answering yet: %s", ", ".join(sorted(pending)))
 
     # -- Supervision ----------------------------------------------------------------------------
