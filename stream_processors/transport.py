@@ -34,14 +34,18 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):  # type: ignore[mi
         return consumer
 
     async def seek_to_committed(self) -> Mapping[Any, int]:
-        result: Mapping[Any, int] = await self.call_thread(_seek_every_partition, self._ensure_consumer())
+        # Table changelogs are positioned by Faust's recovery itself (and never committed).
+        changelogs = frozenset(getattr(self.app.tables, "changelog_topics", ()))
+        result: Mapping[Any, int] = await self.call_thread(_seek_every_partition, self._ensure_consumer(), changelogs)
         return result
 
 
-async def _seek_every_partition(consumer: Any) -> Mapping[Any, int]:
+async def _seek_every_partition(consumer: Any, changelogs: frozenset[str]) -> Mapping[Any, int]:
     committed: Mapping[Any, int] = await consumer.seek_to_committed()
     fresh = []
     for tp, offset in committed.items():
+        if tp.topic in changelogs:
+            continue
         if offset is None or offset < 0:
             fresh.append(tp)
         elif offset == 0:
