@@ -12,10 +12,9 @@ import os
 import socket
 import stat
 from pathlib import Path
-from types import TracebackType
 
 from sluice.errors import BrokerError, SluiceError
-from sluice.local.process import ManagedProcess, free_port, stop_process
+from sluice.local.process import ManagedProcess, StartStop, free_port, stop_process
 
 __all__ = ["EmbeddedBroker", "free_port", "stop_process", "tansu_binary"]
 
@@ -39,7 +38,7 @@ def tansu_binary() -> Path:
     return path
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(StartStop):
     """A tansu broker process bound to 127.0.0.1: in memory (``storage_env`` unset; gone when it
     stops), or keeping its log in S3-compatible storage (``storage_env``: the AWS_* variables of
     an :class:`~sluice.local.storage.ObjectStore`), which survives any crash."""
@@ -116,13 +115,3 @@ class EmbeddedBroker:
             self._proc.stop()
         self._proc = None
 
-    def __enter__(self) -> EmbeddedBroker:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

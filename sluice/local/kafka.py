@@ -30,14 +30,13 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
 from sluice import clients
 from sluice.errors import BrokerError, SluiceError
-from sluice.local.process import ManagedProcess, free_port
+from sluice.local.process import ManagedProcess, StartStop, free_port
 from sluice.settings import KafkaSettings
 
 __all__ = [
@@ -172,7 +171,7 @@ class _Node:
         return self.directory / f"kafka-{self.node_id}.log"
 
 
-class KafkaCluster:
+class KafkaCluster(StartStop):
     """``nodes`` combined KRaft nodes on loopback under ``directory`` (one is a single broker).
 
     ``start()`` formats storage where it is new and returns once every broker serves metadata;
@@ -478,16 +477,6 @@ class KafkaCluster:
             if node.proc is not None:
                 node.proc.stop()
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _admin(servers: str) -> AdminClient:

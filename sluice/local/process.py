@@ -29,6 +29,7 @@ from sluice.errors import SluiceError
 
 __all__ = [
     "ManagedProcess",
+    "StartStop",
     "free_port",
     "leftover_pids",
     "pid_alive",
@@ -86,6 +87,27 @@ def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+class StartStop:
+    """``with part:`` for the stack's parts: ``start()`` on entry, ``stop()`` on exit."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 class ManagedProcess:

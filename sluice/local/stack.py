@@ -18,7 +18,6 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 
 from analytics.query_server import QueryServer, token_path
 from analytics.sink import ClickHouseSink
@@ -29,7 +28,7 @@ from sluice.errors import SluiceError
 from sluice.lifecycle import PARENT_PID_ENV
 from sluice.local.broker import EmbeddedBroker
 from sluice.local.kafka import KafkaCluster, java_binary, kafka_libs
-from sluice.local.process import ManagedProcess, free_port, leftover_pids, pid_alive
+from sluice.local.process import ManagedProcess, StartStop, free_port, leftover_pids, pid_alive
 from sluice.local.storage import ObjectStore
 from sluice.metrics import CHILD_RESTARTS, MetricsServer
 from sluice.settings import Settings
@@ -113,7 +112,7 @@ def resolve_broker(kind: str, *, durable: bool, settings: Settings) -> str:
     return "kafka"
 
 
-class LocalStack:
+class LocalStack(StartStop):
     """Broker, storage, ClickHouse sink and query endpoint, the router and the GPU consumers.
 
     ``durable=True`` (what ``sluice up`` runs) keeps the broker's log in a local S3-compatible
@@ -524,13 +523,3 @@ class LocalStack:
         out.update({c.name: c.pid for c in self.children if c.pid is not None})
         return out
 
-    def __enter__(self) -> LocalStack:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -14,10 +14,9 @@ import sysconfig
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 
 from sluice.errors import BrokerError, SluiceError
-from sluice.local.process import ManagedProcess, free_port
+from sluice.local.process import ManagedProcess, StartStop, free_port
 
 __all__ = ["ObjectStore", "weed_binary"]
 
@@ -43,7 +42,7 @@ def weed_binary() -> Path:
     return path
 
 
-class ObjectStore:
+class ObjectStore(StartStop):
     """A ``weed mini`` process on loopback, its data in ``directory``; ports are picked free at
     each start (the data does not depend on them)."""
 
@@ -122,13 +121,3 @@ class ObjectStore:
             self._proc.stop(timeout)
         self._proc = None
 
-    def __enter__(self) -> ObjectStore:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
