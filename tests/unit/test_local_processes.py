@@ -47,6 +47,13 @@ def test_a_binary_child_dies_with_its_parent(tmp_path: Path) -> None:
 def test_leftover_pids_ignores_a_recycled_pid_of_another_program(tmp_path: Path) -> None:
     other = subprocess.Popen(["sleep", "30"])
     try:
+        # Between fork and exec the child's command line is still ours: wait for `sleep`.
+        wait_until(
+            lambda: Path(f"/proc/{other.pid}/cmdline").read_bytes(),
+            lambda cmd: cmd.startswith(b"sleep"),
+            timeout=10,
+            what="the child to exec sleep",
+        )
         (tmp_path / "tansu.pid").write_text(f"{other.pid}\ntansu\n")
         assert leftover_pids(tmp_path) == {}
         (tmp_path / "tansu.pid").write_text(f"{other.pid}\nsleep\n")
