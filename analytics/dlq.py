@@ -25,8 +25,8 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from analytics.query import Query
+from core.errors import ConfigError, SluiceError
 from schemas import InferenceRequest, ResultStatus, Serde, utcnow
-from sluice.errors import ConfigError, SluiceError
 
 __all__ = [
     "DlqFilter",

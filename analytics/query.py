@@ -15,9 +15,9 @@ from typing import Any
 
 from analytics.query_server import token_path
 from analytics.store import QueryResult, Store
-from sluice.errors import StoreError
-from sluice.settings import Settings
-from sluice.stackfile import read_stack_file
+from core.errors import StoreError
+from core.settings import Settings
+from core.stackfile import read_stack_file
 
 __all__ = ["STATE_ORDER", "Query", "open_query", "savings_sql", "stats_sql", "status_sql"]
 

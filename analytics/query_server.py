@@ -23,7 +23,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from analytics.store import Store
-from sluice.errors import SluiceError
+from core.errors import SluiceError
 
 __all__ = ["QueryServer", "to_jsonable", "token_path", "write_token"]
 

@@ -11,11 +11,11 @@ from typing import Any
 
 from confluent_kafka import KafkaError
 
+from core import clients
+from core.errors import SluiceError
+from core.settings import Settings
+from core.topics import Topics
 from schemas import DeadLetterReason, InferenceResult, ResultStatus, Serde
-from sluice import clients
-from sluice.errors import SluiceError
-from sluice.settings import Settings
-from sluice.topics import Topics
 
 __all__ = ["chat_completion", "error_code", "error_line", "follow_results", "openai_batch_line", "output_line"]
 

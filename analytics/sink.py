@@ -23,6 +23,11 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Kafka
 
 from analytics.rollup import refresh_rollup
 from analytics.store import Store
+from core import clients
+from core.errors import SluiceError, StoreError
+from core.metrics import SINK_ERRORS, SINK_ROWS, observe_records
+from core.settings import Settings
+from core.topics import Topics, message_coords
 from schemas import (
     AvroRecord,
     BatchStatus,
@@ -34,11 +39,6 @@ from schemas import (
     Serde,
     Stage,
 )
-from sluice import clients
-from sluice.errors import SluiceError, StoreError
-from sluice.metrics import SINK_ERRORS, SINK_ROWS, observe_records
-from sluice.settings import Settings
-from sluice.topics import Topics, message_coords
 
 __all__ = ["ClickHouseSink", "Pending", "row_for"]
 

@@ -26,8 +26,8 @@ from analytics.ddl import (
     ttl_statements,
     view_statements,
 )
-from sluice.errors import StoreError
-from sluice.settings import Settings
+from core.errors import StoreError
+from core.settings import Settings
 
 __all__ = ["QueryResult", "ReadOnlyViolation", "Store", "check_read_only"]
 

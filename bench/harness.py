@@ -20,11 +20,11 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from analytics.store import Store
+from core import clients
+from core.catalog import Catalog, ModelEntry, write_catalog
+from core.settings import Settings
 from schemas import InferenceResult
-from sluice import clients
-from sluice.catalog import Catalog, ModelEntry, write_catalog
 from sluice.local.stack import LocalStack
-from sluice.settings import Settings
 
 __all__ = [
     "BenchEnv",
@@ -207,7 +207,7 @@ class BenchEnv:
 
 def kafka_unavailable() -> str | None:
     """Why Apache Kafka cannot run here (no Java, no jars), or None when it can."""
-    from sluice.errors import SluiceError
+    from core.errors import SluiceError
     from sluice.local.kafka import java_binary, kafka_libs
 
     try:

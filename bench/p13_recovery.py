@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 from bench.harness import BenchEnv, Observer, ScenarioResult
+from core.catalog import Catalog, ModelEntry, write_catalog
+from core.errors import SluiceError
+from core.settings import Settings
 from producers import SluiceClient
-from sluice.catalog import Catalog, ModelEntry, write_catalog
-from sluice.errors import SluiceError
 from sluice.local.kafka import java_binary, kafka_libs
-from sluice.settings import Settings
 
 __all__ = ["run_p13"]
 

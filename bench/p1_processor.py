@@ -18,9 +18,9 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.harness import BenchEnv, Observer, ScenarioResult, instant_catalog, kafka_unavailable, produce_all
+from core.settings import Settings
+from core.topics import ensure_topics
 from schemas import ChatMessage, InferenceRequest, InferenceResult, ResultStatus, Serde, utcnow
-from sluice.settings import Settings
-from sluice.topics import ensure_topics
 from stream_processors.dedupe import dedupe_key
 
 __all__ = ["run_p1", "run_p1s"]
@@ -127,7 +127,7 @@ def _warm_index(settings: Settings, in_topic: str, results_topic: str, warm_n: i
 
 
 def _model_topics(settings: Settings) -> list[str]:
-    from sluice.topics import Topics
+    from core.topics import Topics
 
     return Topics(settings.topic_prefix).model_topics("bench")
 

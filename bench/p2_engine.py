@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 from bench.harness import BenchEnv, Observer, ScenarioResult
+from core.catalog import Catalog, ModelEntry
+from core.settings import EngineSettings
 from producers import SluiceClient
 from schemas import ResultStatus
-from sluice.catalog import Catalog, ModelEntry
-from sluice.settings import EngineSettings
 
 __all__ = ["BATCH_AT_A_TIME", "PROMPTS", "mixed_workload", "run_p2_p3"]
 

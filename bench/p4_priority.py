@@ -13,8 +13,8 @@ from typing import Any
 from bench.harness import BenchEnv, Observer, ScenarioResult, percentile
 from bench.p2_engine import PROMPTS, mixed_workload
 from bench.p5_latency import steady_latencies
+from core.catalog import Catalog
 from producers import SluiceClient
-from sluice.catalog import Catalog
 
 __all__ = ["run_p4"]
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from bench.harness import BenchEnv, ScenarioResult
 from bench.semantic_pairs import build_pairs, split
+from core.catalog import Catalog, ModelEntry
+from core.settings import ProcessorSettings
+from core.topics import Topics
 from schemas import ChatMessage, InferenceRequest, InferenceResult, ResultStatus, Route, Serde, utcnow
-from sluice.catalog import Catalog, ModelEntry
-from sluice.settings import ProcessorSettings
-from sluice.topics import Topics
 from stream_processors.embedding import Embedder, MiniLMEmbedder
 from stream_processors.emit import Emitter
 from stream_processors.semantic import SemanticStage

@@ -10,8 +10,8 @@ import signal
 import sys
 import threading
 
-from sluice import clients
-from sluice.settings import KafkaSettings
+from core import clients
+from core.settings import KafkaSettings
 
 
 def main(argv: list[str]) -> None:

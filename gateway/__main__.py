@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from sluice.lifecycle import die_with_parent
-from sluice.logs import setup_logging
-from sluice.metrics import serve_metrics
-from sluice.settings import Settings
+from core.lifecycle import die_with_parent
+from core.logs import setup_logging
+from core.metrics import serve_metrics
+from core.settings import Settings
 
 
 def main() -> None:

@@ -21,6 +21,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from analytics.query import Query
 from analytics.results import chat_completion, error_code
+from core.errors import SluiceError
+from core.headers import valid_traceparent
+from core.metrics import HTTP_REQUESTS, HTTP_SECONDS
+from core.settings import Settings
 from gateway.batches import BatchError, BatchNotFound, BatchService, Publisher, QuotaExceeded
 from gateway.files import FileMeta, FileStore
 from gateway.keys import KeyStore
@@ -28,10 +32,6 @@ from gateway.limits import BodyRefused, check_metadata, parse_json_body
 from gateway.openai_format import LineError, request_from_body, unix
 from gateway.webhooks import TargetRefused, check_target
 from schemas import BatchState, BatchStatus, InferenceResult, Priority, ResultStatus
-from sluice.errors import SluiceError
-from sluice.headers import valid_traceparent
-from sluice.metrics import HTTP_REQUESTS, HTTP_SECONDS
-from sluice.settings import Settings
 
 __all__ = ["ApiError", "Services", "batch_object", "create_api"]
 
@@ -279,9 +279,7 @@ def create_api(services: Services) -> FastAPI:
         }
 
     # -- one request at a time, asynchronously ---------------------------------------------
-    @app.post(
-        "/v1/async/chat/completions", status_code=202, openapi_extra={"requestBody": _body_schema(CHAT_BODY)}
-    )
+    @app.post("/v1/async/chat/completions", status_code=202, openapi_extra={"requestBody": _body_schema(CHAT_BODY)})
     async def submit(tenant: Tenant, request: Request) -> Any:
         body = await _json(request, s.settings.gateway.max_body_bytes)
         if body.get("metadata") is not None:

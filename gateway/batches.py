@@ -26,6 +26,9 @@ from typing import IO, Any, Protocol
 from analytics.dlq import parse_age
 from analytics.query import Query
 from analytics.results import error_line, output_line
+from core.errors import ConfigError, SluiceError
+from core.settings import Settings
+from core.topics import Topics
 from gateway.files import FileMeta, FileStore, iter_lines
 from gateway.openai_format import CHAT_ENDPOINT, LineError, parse_batch_line
 from schemas import (
@@ -40,9 +43,6 @@ from schemas import (
     new_id,
     utcnow,
 )
-from sluice.errors import ConfigError, SluiceError
-from sluice.settings import Settings
-from sluice.topics import Topics
 
 __all__ = [
     "BatchError",

@@ -16,11 +16,11 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
+from core import clients
+from core.errors import SluiceError
+from core.settings import Settings
+from core.topics import Topics, message_coords
 from schemas import DeadLetter, DeadLetterReason, InferenceResult, Serde, Stage
-from sluice import clients
-from sluice.errors import SluiceError
-from sluice.settings import Settings
-from sluice.topics import Topics, message_coords
 
 __all__ = ["ResultFanout"]
 

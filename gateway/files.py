@@ -17,9 +17,9 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, Field
 
+from core.errors import ConfigError, SluiceError
+from core.settings import Settings
 from schemas import new_id, utcnow
-from sluice.errors import ConfigError, SluiceError
-from sluice.settings import Settings
 
 __all__ = ["FileMeta", "FileStore", "LocalFileStore", "S3FileStore", "iter_lines", "open_file_store"]
 

@@ -10,9 +10,9 @@ import secrets
 import threading
 from pathlib import Path
 
+from core.errors import ConfigError
+from core.settings import Settings
 from schemas import utcnow
-from sluice.errors import ConfigError
-from sluice.settings import Settings
 
 __all__ = ["KeyStore", "hash_key", "keys_path"]
 

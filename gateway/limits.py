@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sluice.errors import SluiceError
+from core.errors import SluiceError
 
 __all__ = [
     "MAX_DEPTH",

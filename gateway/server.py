@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 
 from analytics.query import open_query
+from core.settings import Settings
 from gateway.api import Services, create_api
 from gateway.batches import BatchService
 from gateway.fanout import ResultFanout
@@ -16,7 +17,6 @@ from gateway.files import open_file_store
 from gateway.keys import KeyStore, keys_path
 from gateway.webhooks import WebhookWorker, new_secret
 from producers import SluiceClient
-from sluice.settings import Settings
 
 __all__ = ["Gateway", "webhook_secrets"]
 

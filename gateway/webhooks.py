@@ -31,6 +31,10 @@ import httpx
 from confluent_kafka import KafkaError, TopicPartition
 
 from analytics.results import chat_completion, error_code
+from core import clients
+from core.errors import SluiceError
+from core.settings import Settings, WebhookSettings
+from core.topics import Topics, message_coords
 from gpu_consumers.offsets import OffsetTracker
 from schemas import (
     AvroRecord,
@@ -45,10 +49,6 @@ from schemas import (
     Stage,
     utcnow,
 )
-from sluice import clients
-from sluice.errors import SluiceError
-from sluice.settings import Settings, WebhookSettings
-from sluice.topics import Topics, message_coords
 
 __all__ = [
     "TargetRefused",

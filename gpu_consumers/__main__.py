@@ -9,14 +9,14 @@ from collections.abc import Iterator
 
 from prometheus_client.core import GaugeMetricFamily
 
+from core.catalog import load_catalog
+from core.lifecycle import die_with_parent
+from core.logs import setup_logging
+from core.metrics import gauge_family, register_collector, serve_metrics
+from core.settings import Settings
 from gpu_consumers.engine import create_engine
 from gpu_consumers.worker import GpuWorker
 from schemas import Priority
-from sluice.catalog import load_catalog
-from sluice.lifecycle import die_with_parent
-from sluice.logs import setup_logging
-from sluice.metrics import gauge_family, register_collector, serve_metrics
-from sluice.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> None:

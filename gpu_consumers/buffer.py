@@ -12,8 +12,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from core.headers import Headers
 from schemas import InferenceRequest, Priority
-from sluice.headers import Headers
 
 __all__ = ["Buffered", "PriorityBuffer"]
 

@@ -14,11 +14,11 @@ from collections import OrderedDict
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
+from core import clients
+from core.errors import BrokerError, SluiceError
+from core.settings import Settings
+from core.topics import Topics
 from schemas import RequestStatus, Serde
-from sluice import clients
-from sluice.errors import BrokerError, SluiceError
-from sluice.settings import Settings
-from sluice.topics import Topics
 
 __all__ = ["CancelWatch"]
 

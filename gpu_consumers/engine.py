@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from core.catalog import ModelEntry
+from core.engines import engine_factory
+from core.errors import EngineError
+from core.settings import EngineSettings
 from schemas import DeadLetterReason
-from sluice.catalog import ModelEntry
-from sluice.engines import engine_factory
-from sluice.errors import EngineError
-from sluice.settings import EngineSettings
 
 __all__ = ["Engine", "EngineDied", "EngineOutput", "EngineRequest", "create_engine"]
 
@@ -93,6 +93,6 @@ class Engine(Protocol):
 
 
 def create_engine(settings: EngineSettings, model: ModelEntry, data_dir: Path) -> Engine:
-    """The engine ``settings.kind`` names in the engine registry (``sluice.engines``)."""
+    """The engine ``settings.kind`` names in the engine registry (``core.engines``)."""
     engine: Engine = engine_factory(settings.kind)(settings, model, data_dir)
     return engine

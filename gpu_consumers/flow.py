@@ -14,9 +14,9 @@ from typing import Protocol
 
 from confluent_kafka import KafkaException, TopicPartition
 
+from core.topics import PRIORITIES
 from gpu_consumers.buffer import PriorityBuffer
 from schemas import Priority
-from sluice.topics import PRIORITIES
 
 __all__ = ["FlowConsumer", "PartitionFlow"]
 

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.catalog import ModelEntry
+from core.settings import EngineSettings
 from gpu_consumers.engine import EngineDied, EngineOutput, EngineRequest
 from schemas import DeadLetterReason
-from sluice.catalog import ModelEntry
-from sluice.settings import EngineSettings
 
 __all__ = ["FLAKY", "POISON_PILL", "InstantTestEngine", "create"]
 

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from sluice.errors import ConfigError, EngineError
+from core.errors import ConfigError, EngineError
 
 __all__ = ["SMOLLM2", "convert_smollm2", "dir_lock", "resolve_model_source"]
 

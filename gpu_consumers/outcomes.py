@@ -9,6 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from core.catalog import ModelEntry
+from core.headers import Headers
+from core.settings import RetrySettings
+from core.topics import Topics
 from gpu_consumers.buffer import Buffered
 from gpu_consumers.engine import EngineOutput
 from gpu_consumers.flow import priority_of
@@ -26,10 +30,6 @@ from schemas import (
     ResultStatus,
     Stage,
 )
-from sluice.catalog import ModelEntry
-from sluice.headers import Headers
-from sluice.settings import RetrySettings
-from sluice.topics import Topics
 
 __all__ = ["Out", "Outcomes"]
 

@@ -15,9 +15,9 @@ from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, Message
 
+from core.errors import BrokerError
 from gpu_consumers.outcomes import Out
 from schemas import Serde
-from sluice.errors import BrokerError
 
 __all__ = ["Producer", "Publisher"]
 

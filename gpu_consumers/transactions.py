@@ -17,11 +17,11 @@ from typing import Any, cast
 
 from confluent_kafka import KafkaException, TopicPartition
 
+from core.errors import BrokerError
 from gpu_consumers.offsets import OffsetTracker
 from gpu_consumers.outcomes import Out
 from gpu_consumers.publisher import Producer, Publisher
 from schemas import Serde
-from sluice.errors import BrokerError
 
 __all__ = ["TransactionalPublisher"]
 

@@ -21,12 +21,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from core.catalog import ModelEngineArgs, ModelEntry
+from core.errors import EngineError
+from core.settings import EngineSettings
 from gpu_consumers.engine import EngineDied, EngineOutput, EngineRequest
 from gpu_consumers.model_source import resolve_model_source
 from schemas import DeadLetterReason
-from sluice.catalog import ModelEngineArgs, ModelEntry
-from sluice.errors import EngineError
-from sluice.settings import EngineSettings
 
 __all__ = ["CPU_MAX_NUM_SEQS", "VLLMEngine", "configure_cpu_env", "create", "on_cpu_host"]
 

@@ -35,6 +35,12 @@ from typing import cast
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from core import clients
+from core.catalog import Catalog, ModelEntry
+from core.headers import carried
+from core.metrics import ENGINE_INFLIGHT, ENGINE_SECONDS, REQUESTS, observe_records
+from core.settings import Settings
+from core.topics import Topics, message_coords
 from gpu_consumers.buffer import Buffered, PriorityBuffer
 from gpu_consumers.cancellations import CancelWatch
 from gpu_consumers.engine import Engine, EngineDied, EngineOutput, EngineRequest
@@ -45,12 +51,6 @@ from gpu_consumers.outcomes import Out, Outcomes
 from gpu_consumers.publisher import Producer, Publisher
 from gpu_consumers.transactions import TransactionalPublisher
 from schemas import DeadLetterReason, InferenceRequest, PipelineRejection, RequestState, Serde, utcnow
-from sluice import clients
-from sluice.catalog import Catalog, ModelEntry
-from sluice.headers import carried
-from sluice.metrics import ENGINE_INFLIGHT, ENGINE_SECONDS, REQUESTS, observe_records
-from sluice.settings import Settings
-from sluice.topics import Topics, message_coords
 
 __all__ = ["GpuWorker"]
 

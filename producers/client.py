@@ -17,12 +17,12 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from core import clients
+from core.errors import BrokerError, ConfigError
+from core.headers import new_traceparent, valid_traceparent
+from core.settings import Settings
+from core.topics import Topics
 from schemas import AvroRecord, ChatMessage, InferenceRequest, Priority, RequestState, RequestStatus, Serde
-from sluice import clients
-from sluice.errors import BrokerError, ConfigError
-from sluice.headers import new_traceparent, valid_traceparent
-from sluice.settings import Settings
-from sluice.topics import Topics
 
 __all__ = ["SluiceClient"]
 

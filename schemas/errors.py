@@ -1,7 +1,7 @@
 """The root of Sluice's one error hierarchy, and the errors the contracts themselves raise.
 
 The root lives here, in the lowest layer, so that every package (this one included) can raise
-``SluiceError`` subclasses without importing anything above it; ``sluice.errors`` re-exports
+``SluiceError`` subclasses without importing anything above it; ``core.errors`` re-exports
 these and adds the runtime errors (broker, store, engine, catalog).
 """
 

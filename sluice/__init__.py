@@ -1,9 +1,9 @@
 """Sluice: asynchronous LLM inference on Kafka.
 
 Data flow: ``schemas`` -> ``producers`` -> ``stream_processors`` -> ``gpu_consumers`` ->
-``analytics``. This package is the foundation the stages share (settings, errors, topics, the
-catalog, the Kafka client factory, the engine registry, logs, metrics); ``sluice.local`` holds
-the embedded single-machine stack and ``sluice.cli`` the command line.
+``analytics``, on the foundation in ``core``, with ``gateway`` (HTTP) above them. This package is
+the composition root on top: ``sluice.local`` runs the embedded single-machine stack and
+``sluice.cli`` the command line (``sluice`` / ``python -m sluice``).
 """
 
 __all__ = ["__version__"]

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import faust
 from prometheus_client.core import GaugeMetricFamily
 
-from sluice.lifecycle import die_with_parent
-from sluice.logs import setup_logging
-from sluice.metrics import gauge_family, register_collector, serve_metrics
-from sluice.settings import Settings
+from core.lifecycle import die_with_parent
+from core.logs import setup_logging
+from core.metrics import gauge_family, register_collector, serve_metrics
+from core.settings import Settings
 from stream_processors.app import create_app
 
 

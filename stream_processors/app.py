@@ -24,14 +24,14 @@ from typing import Any
 
 import faust
 
+from core import clients
+from core.catalog import Catalog, load_catalog
+from core.errors import SluiceError
+from core.headers import carried
+from core.metrics import ROUTED, observe_records
+from core.settings import Settings
+from core.topics import Topics
 from schemas import CacheKind, InferenceRequest, InferenceResult, ResultStatus, Serde
-from sluice import clients
-from sluice.catalog import Catalog, load_catalog
-from sluice.errors import SluiceError
-from sluice.headers import carried
-from sluice.metrics import ROUTED, observe_records
-from sluice.settings import Settings
-from sluice.topics import Topics
 from stream_processors.classifier import Classifier
 from stream_processors.dedupe import DedupeStage
 from stream_processors.embedding import MiniLMEmbedder

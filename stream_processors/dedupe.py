@@ -30,9 +30,9 @@ from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
+from core.headers import Headers, carried
+from core.settings import ProcessorSettings
 from schemas import CacheKind, InferenceRequest, InferenceResult, RequestState, ResultStatus, utcnow
-from sluice.headers import Headers, carried
-from sluice.settings import ProcessorSettings
 from stream_processors.emit import Emitter, Forward
 from stream_processors.router import Backlog
 from stream_processors.semantic import SemanticStage

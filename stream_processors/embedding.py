@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from sluice.errors import ConfigError
+from core.errors import ConfigError
 
 __all__ = ["Embedder", "MiniLMEmbedder", "Vectors", "default_model_path"]
 

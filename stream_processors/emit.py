@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from core.catalog import Catalog
+from core.headers import Headers
+from core.topics import Topics
 from schemas import AvroRecord, CacheKind, CostMetric, InferenceResult, RequestState, RequestStatus, ResultStatus, Serde
-from sluice.catalog import Catalog
-from sluice.headers import Headers
-from sluice.topics import Topics
 
 __all__ = ["Emitter", "Forward"]
 

@@ -10,6 +10,11 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
+from core.catalog import Catalog
+from core.errors import DeadLetterReason, PipelineRejection
+from core.headers import Headers, carried
+from core.settings import ProcessorSettings, TenantSettings
+from core.topics import Topics, reply_to_allowed
 from schemas import (
     DeadLetter,
     InferenceRequest,
@@ -21,11 +26,6 @@ from schemas import (
     Stage,
     utcnow,
 )
-from sluice.catalog import Catalog
-from sluice.errors import DeadLetterReason, PipelineRejection
-from sluice.headers import Headers, carried
-from sluice.settings import ProcessorSettings, TenantSettings
-from sluice.topics import Topics, reply_to_allowed
 from stream_processors.classifier import Classifier, RuleClassifier
 from stream_processors.dedupe import dedupe_key
 from stream_processors.emit import Emitter, Forward

@@ -22,9 +22,9 @@ import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
+from core.catalog import Catalog, ModelEntry
+from core.errors import DeadLetterReason, PipelineRejection
 from schemas import InferenceRequest, Route, utcnow
-from sluice.catalog import Catalog, ModelEntry
-from sluice.errors import DeadLetterReason, PipelineRejection
 from stream_processors.classifier import Classification, Classifier, RuleClassifier
 
 __all__ = ["Backlog", "Router", "expected_cost"]

@@ -13,8 +13,8 @@ from typing import Any
 from aiokafka.conn import AbstractTokenProvider
 from faust.auth import OAuthCredentials, SASLCredentials, SSLCredentials
 
-from sluice.errors import ConfigError
-from sluice.settings import KafkaSettings
+from core.errors import ConfigError
+from core.settings import KafkaSettings
 
 __all__ = ["OidcTokenProvider", "faust_credentials", "ssl_context"]
 

@@ -36,10 +36,10 @@ from typing import Any
 
 import numpy as np
 
+from core.catalog import Catalog
+from core.headers import Headers, carried
+from core.settings import ProcessorSettings
 from schemas import CacheKind, InferenceRequest, InferenceResult, RequestState, ResultStatus, utcnow
-from sluice.catalog import Catalog
-from sluice.headers import Headers, carried
-from sluice.settings import ProcessorSettings
 from stream_processors.embedding import Embedder, Vectors
 from stream_processors.emit import Emitter, Forward
 from stream_processors.router import Backlog

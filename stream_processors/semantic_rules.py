@@ -19,8 +19,8 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
+from core.catalog import ModelEntry
 from schemas import InferenceRequest
-from sluice.catalog import ModelEntry
 
 __all__ = [
     "Difference",

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sluice.catalog import ModelEntry
+from core.catalog import ModelEntry
 from tests.support import model_entry
 
 

@@ -13,8 +13,8 @@ from typing import Any, NoReturn, TypeVar
 
 import pytest
 
-from sluice.catalog import ModelEntry
-from sluice.settings import Settings
+from core.catalog import ModelEntry
+from core.settings import Settings
 
 __all__ = ["cli_json", "model_entry", "run_cli", "unavailable", "wait_until"]
 

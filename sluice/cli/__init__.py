@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from core.errors import SluiceError
+from core.logs import setup_logging
 from schemas.errors import validation_summary
 from sluice.cli import admin, batch, dlq, query, requests, run
-from sluice.errors import SluiceError
-from sluice.logs import setup_logging
 
 __all__ = ["build_parser", "main"]
 

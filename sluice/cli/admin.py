@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import signal
+import subprocess
+import sys
 import threading
 
+from core.errors import ConfigError
 from sluice.cli.common import add_command, settings_from
-from sluice.errors import ConfigError
 
 __all__ = ["register"]
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from sluice.catalog import load_catalog
-    from sluice.topics import Topics, ensure_topics
+    from core.catalog import load_catalog
+    from core.topics import Topics, ensure_topics
 
     settings = settings_from(args)
     topics = Topics(settings.topic_prefix).pipeline(
@@ -29,7 +32,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
 def cmd_sink(args: argparse.Namespace) -> int:
     from analytics.sink import ClickHouseSink
     from analytics.store import Store
-    from sluice.metrics import serve_metrics
+    from core.metrics import serve_metrics
 
     settings = settings_from(args)
     store = Store.from_settings(settings)
@@ -43,12 +46,11 @@ def cmd_sink(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    try:
-        from bench.cli import main as bench_main
-    except ImportError as exc:
-        # The benchmarks live in the source tree, not in the installed package.
-        raise ConfigError("the benchmarks run from a source checkout: `python -m bench` in its root") from exc
-    return bench_main(args.bench_args)
+    # The benchmarks sit above the CLI (they start stacks): run them as their own process.
+    if importlib.util.find_spec("bench") is None:
+        # They live in the source tree, not in the installed package.
+        raise ConfigError("the benchmarks run from a source checkout: `python -m bench` in its root")
+    return subprocess.call([sys.executable, "-m", "bench", *args.bench_args])
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.errors import ConfigError, SluiceError
+from core.settings import Settings
+from core.stackfile import read_stack_file
 from sluice.cli.common import add_command, console, print_rows, settings_from
-from sluice.errors import ConfigError, SluiceError
-from sluice.settings import Settings
-from sluice.stackfile import read_stack_file
 
 __all__ = ["register"]
 
@@ -201,8 +201,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
+    from core.metrics import serve_metrics
     from gateway.server import Gateway
-    from sluice.metrics import serve_metrics
 
     settings = settings_from(args)
     serve_metrics(settings.metrics)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.table import Table
 
-from sluice.settings import Settings
+from core.settings import Settings
 
 __all__ = ["Command", "add_command", "console", "print_rows", "settings_from"]
 

@@ -42,7 +42,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from analytics.dlq import show_dead_letter
     from analytics.query import open_query
-    from sluice import clients
+    from core import clients
 
     settings = settings_from(args)
     row = show_dead_letter(
@@ -58,8 +58,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from analytics.dlq import replay
     from analytics.query import open_query
+    from core import clients
     from producers import SluiceClient
-    from sluice import clients
 
     settings = settings_from(args)
     where = _filter(args)

@@ -32,7 +32,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     params = {"tenant": args.tenant} if args.tenant else {}
     # The hourly rollup the sink keeps (refreshed every SLUICE_CLICKHOUSE__ROLLUP_INTERVAL_S), with
     # the hours it has not caught up on read from the raw tables: complete up to now.
-    (complete, rollup_at), = query(complete_up_to_sql(db), None).rows
+    ((complete, rollup_at),) = query(complete_up_to_sql(db), None).rows
     if args.format == "table":
         console.print(
             f"[dim]complete up to {complete} UTC (every result stored by then; hourly rollup refreshed "

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import signal
 
+from core.engines import engine_names
 from sluice.cli.common import add_command, console, settings_from
-from sluice.engines import engine_names
 
 __all__ = ["register"]
 

@@ -13,7 +13,7 @@ import socket
 import stat
 from pathlib import Path
 
-from sluice.errors import BrokerError, SluiceError
+from core.errors import BrokerError, SluiceError
 from sluice.local.process import ManagedProcess, StartStop, free_port, stop_process
 
 __all__ = ["EmbeddedBroker", "free_port", "stop_process", "tansu_binary"]
@@ -114,4 +114,3 @@ class EmbeddedBroker(StartStop):
         if self._proc is not None:
             self._proc.stop()
         self._proc = None
-

@@ -22,13 +22,13 @@ from rich.table import Table
 
 from analytics.query import savings_sql, stats_sql
 from analytics.results import follow_results
+from core.catalog import load_catalog
+from core.errors import SluiceError
+from core.settings import Settings
 from gpu_consumers.model_source import resolve_model_source
 from producers import SluiceClient
 from schemas import InferenceResult, Priority, ResultStatus
-from sluice.catalog import load_catalog
-from sluice.errors import SluiceError
 from sluice.local.stack import LocalStack
-from sluice.settings import Settings
 
 __all__ = ["DEMO_PROMPTS", "run_demo"]
 

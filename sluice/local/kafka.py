@@ -34,10 +34,10 @@ from typing import Self
 
 from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
-from sluice import clients
-from sluice.errors import BrokerError, SluiceError
+from core import clients
+from core.errors import BrokerError, SluiceError
+from core.settings import KafkaSettings
 from sluice.local.process import ManagedProcess, StartStop, free_port
-from sluice.settings import KafkaSettings
 
 __all__ = [
     "KafkaCluster",
@@ -476,7 +476,6 @@ class KafkaCluster(StartStop):
         for node in self.nodes:
             if node.proc is not None:
                 node.proc.stop()
-
 
 
 def _admin(servers: str) -> AdminClient:

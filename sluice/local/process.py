@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-from sluice.errors import SluiceError
+from core.errors import SluiceError
 
 __all__ = [
     "ManagedProcess",

@@ -22,18 +22,18 @@ from pathlib import Path
 from analytics.query_server import QueryServer, token_path
 from analytics.sink import ClickHouseSink
 from analytics.store import Store
+from core.catalog import Catalog, load_catalog
+from core.errors import SluiceError
+from core.lifecycle import PARENT_PID_ENV
+from core.metrics import CHILD_RESTARTS, MetricsServer
+from core.settings import Settings
+from core.stackfile import write_stack_file
+from core.topics import Topics, ensure_topics
 from gateway.keys import KeyStore, keys_path
-from sluice.catalog import Catalog, load_catalog
-from sluice.errors import SluiceError
-from sluice.lifecycle import PARENT_PID_ENV
 from sluice.local.broker import EmbeddedBroker
 from sluice.local.kafka import KafkaCluster, java_binary, kafka_libs
 from sluice.local.process import ManagedProcess, StartStop, free_port, leftover_pids, pid_alive
 from sluice.local.storage import ObjectStore
-from sluice.metrics import CHILD_RESTARTS, MetricsServer
-from sluice.settings import Settings
-from sluice.stackfile import write_stack_file
-from sluice.topics import Topics, ensure_topics
 
 __all__ = ["Child", "LocalStack", "child_env", "ensure_operator_key", "free_port", "operator_key_path"]
 
@@ -522,4 +522,3 @@ class LocalStack(StartStop):
             out.update({f"kafka-{i + 1}": pid for i, pid in enumerate(self.kafka.pids())})
         out.update({c.name: c.pid for c in self.children if c.pid is not None})
         return out
-

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from sluice.errors import BrokerError, SluiceError
+from core.errors import BrokerError, SluiceError
 from sluice.local.process import ManagedProcess, StartStop, free_port
 
 __all__ = ["ObjectStore", "weed_binary"]
@@ -120,4 +120,3 @@ class ObjectStore(StartStop):
         if self._proc is not None:
             self._proc.stop(timeout)
         self._proc = None
-

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from analytics.store import Store
+from core.catalog import Catalog, ModelEntry, write_catalog
+from core.settings import Settings
 from schemas import Serde
-from sluice.catalog import Catalog, ModelEntry, write_catalog
 from sluice.local.kafka import KafkaCluster, KafkaTls, ScramUser
 from sluice.local.stack import LocalStack
-from sluice.settings import Settings
 from tests.support import unavailable
 from tests.tls_certs import Certs, make_certs
 
@@ -51,7 +51,7 @@ def kafka_cluster(tmp_path_factory: pytest.TempPathFactory, kafka_certs: Certs) 
     that requires client certificates and a SASL_SSL listener with a SCRAM-SHA-512 user."""
     if TEST_BROKER != "kafka":
         pytest.skip(f"SLUICE_TEST_BROKER={TEST_BROKER}: the Apache Kafka tests need SLUICE_TEST_BROKER=kafka")
-    from sluice.errors import SluiceError
+    from core.errors import SluiceError
 
     certs = kafka_certs
     cluster = KafkaCluster(
@@ -83,7 +83,7 @@ def kafka_bootstrap(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
         with KafkaContainer("confluentinc/cp-kafka:7.7.1").with_kraft() as kafka:
             yield kafka.get_bootstrap_server()
         return
-    from sluice.errors import BrokerError
+    from core.errors import BrokerError
     from sluice.local.broker import EmbeddedBroker
 
     try:

@@ -10,9 +10,9 @@ from typing import Any, TypeVar
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from analytics.store import Store
+from core import clients
+from core.settings import Settings
 from schemas import AvroRecord, Serde
-from sluice import clients
-from sluice.settings import Settings
 
 R = TypeVar("R", bound=AvroRecord)
 

@@ -22,12 +22,12 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from analytics.store import Store
+from core import clients
+from core.settings import Settings
+from core.topics import ensure_topics
 from producers import SluiceClient
-from sluice import clients
 from sluice.local.kafka import KafkaCluster, kafka_tool
 from sluice.local.stack import Child, LocalStack, child_env
-from sluice.settings import Settings
-from sluice.topics import ensure_topics
 from tests.integration.helpers import topic_keys
 from tests.support import wait_until
 
@@ -274,4 +274,3 @@ def test_kafkas_own_tools_read_the_results_and_the_groups_offsets(settings: Sett
         assert sum(int(r[3]) for r in rows if r[3] != "-") == len(ids)
     finally:
         stack.stop()
-

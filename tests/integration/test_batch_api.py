@@ -13,10 +13,10 @@ import pytest
 from openai import OpenAI
 
 from analytics.store import Store
+from core.catalog import Catalog, ModelEntry
+from core.settings import Settings
 from gateway.keys import KeyStore, keys_path
-from sluice.catalog import Catalog, ModelEntry
 from sluice.local.stack import LocalStack
-from sluice.settings import Settings
 from tests.support import wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.engine, pytest.mark.slow]
@@ -80,9 +80,7 @@ def test_openai_batch_flow_gives_one_line_per_input_line(gateway_stack: LocalSta
 
     client = OpenAI(base_url=f"{gateway_stack.gateway_url}/v1", api_key=key, max_retries=0)
     uploaded = client.files.create(file=path.open("rb"), purpose="batch")
-    batch = client.batches.create(
-        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
     batch = wait_until(
         lambda: client.batches.retrieve(batch.id),
         lambda b: b.status in ("completed", "failed", "expired", "cancelled"),

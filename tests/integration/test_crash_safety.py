@@ -19,10 +19,10 @@ from collections import Counter
 import pytest
 
 from analytics.store import Store
+from core.settings import Settings
 from producers import SluiceClient
 from schemas import RequestState, RequestStatus, Serde
 from sluice.local.stack import Child, LocalStack, child_env
-from sluice.settings import Settings
 from tests.integration.helpers import TopicCounter, topic_keys, topic_records
 from tests.support import wait_until
 

@@ -16,10 +16,10 @@ import pytest
 from confluent_kafka import TopicPartition
 
 from analytics.store import Store
+from core import clients
+from core.settings import Settings
 from producers import SluiceClient
-from sluice import clients
 from sluice.local.stack import Child, LocalStack, child_env
-from sluice.settings import Settings
 from tests.integration.helpers import topic_keys
 from tests.support import wait_until
 

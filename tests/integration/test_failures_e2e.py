@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from analytics.store import Store
+from core.settings import Settings
 from gpu_consumers.instant_engine import FLAKY, POISON_PILL
 from producers import SluiceClient
 from sluice.local.stack import LocalStack
-from sluice.settings import Settings
 from tests.integration.helpers import results
 from tests.support import cli_json, run_cli, wait_until
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import Settings
 from gateway.batches import BatchService
 from gateway.files import FileMeta, S3FileStore, iter_lines
 from schemas import BatchState
 from sluice.local.storage import ObjectStore
-from sluice.settings import Settings
 from tests.gateway_doubles import MemoryPublisher, MemoryResults
 from tests.support import unavailable
 

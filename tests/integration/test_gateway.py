@@ -16,13 +16,13 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from analytics.store import Store
+from core.settings import Settings
+from core.topics import ensure_topics
 from gateway.keys import KeyStore, keys_path
 from gateway.webhooks import new_secret
 from producers import SluiceClient
 from schemas import InferenceResult, Serde
 from sluice.local.stack import LocalStack
-from sluice.settings import Settings
-from sluice.topics import ensure_topics
 from tests.integration.helpers import topic_records
 from tests.support import run_cli, wait_until
 
@@ -298,9 +298,11 @@ def test_sluice_batch_cli(gw: LocalStack, tmp_path: Path, clickhouse_store: Stor
     actions = [json.loads(x) for x in replayed.stdout.splitlines()]
     assert [a["action"] for a in actions] == ["replayed"]
     wait_until(
-        lambda: clickhouse_store.query(
-            f"SELECT status FROM {db}.results FINAL WHERE replay_of = {{r:String}}", {"r": f"{batch_id}-000005"}
-        ).rows,
+        lambda: (
+            clickhouse_store.query(
+                f"SELECT status FROM {db}.results FINAL WHERE replay_of = {{r:String}}", {"r": f"{batch_id}-000005"}
+            ).rows
+        ),
         lambda rows: [tuple(r) for r in rows] == [("succeeded",)],
         what="the replayed request's result",
     )

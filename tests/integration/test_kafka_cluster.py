@@ -16,12 +16,12 @@ import pytest
 from confluent_kafka import KafkaException
 
 from analytics.store import Store
+from core import clients
+from core.errors import SluiceError
+from core.settings import Settings
 from producers import SluiceClient
-from sluice import clients
-from sluice.errors import SluiceError
 from sluice.local.kafka import KafkaCluster
 from sluice.local.stack import LocalStack
-from sluice.settings import Settings
 from tests.integration.conftest import TEST_BROKER
 from tests.integration.helpers import TopicCounter
 from tests.support import unavailable, wait_until

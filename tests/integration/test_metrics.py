@@ -12,9 +12,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from analytics.store import Store
+from core.settings import Settings
 from producers import SluiceClient
 from sluice.local.stack import LocalStack
-from sluice.settings import Settings
 from tests.integration.helpers import results
 from tests.support import wait_until
 

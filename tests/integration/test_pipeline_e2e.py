@@ -88,7 +88,7 @@ def test_every_request_gets_exactly_one_result_row_and_bad_events_dead_letter(
 
 def test_results_topic_carries_avro_results_and_metrics(stack: LocalStack, serde: Serde) -> None:
 
-    from sluice import clients
+    from core import clients
 
     settings = stack.settings
     client = SluiceClient(settings)

@@ -13,8 +13,8 @@ import urllib.request
 import pytest
 
 from analytics.store import Store
+from core.errors import StoreError
 from producers import SluiceClient
-from sluice.errors import StoreError
 from sluice.local.stack import LocalStack
 from tests.integration.helpers import result_counts
 from tests.support import run_cli, wait_until
@@ -74,6 +74,7 @@ def test_a_dropped_table_is_recreated_by_the_sink_and_ingestion_resumes(
     clickhouse_store.command(f"DROP TABLE IF EXISTS {db}.results")
     with SluiceClient(stack.settings) as client:
         ids = [client.submit(f"after the drop {i}", max_tokens=2) for i in range(5)]
+
     def counts() -> dict[str, int]:
         try:
             return result_counts(clickhouse_store, ids)

@@ -12,9 +12,9 @@ from collections.abc import Callable
 import pytest
 
 from analytics.store import Store
+from core.settings import Settings
 from producers import SluiceClient
 from sluice.local.stack import LocalStack
-from sluice.settings import Settings
 from tests.integration.helpers import results, topic_keys
 from tests.support import cli_json, run_cli, wait_until
 

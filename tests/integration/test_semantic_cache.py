@@ -12,9 +12,9 @@ import pytest
 
 from analytics.query import savings_sql
 from analytics.store import Store
+from core.settings import Settings
 from producers import SluiceClient
 from sluice.local.stack import LocalStack
-from sluice.settings import Settings
 from tests.integration.helpers import results, topic_keys
 from tests.support import wait_until
 

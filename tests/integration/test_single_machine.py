@@ -24,12 +24,12 @@ from typing import Any
 
 import pytest
 
+from core.catalog import Catalog, write_catalog
+from core.errors import SluiceError
+from core.settings import Settings
 from producers import SluiceClient
-from sluice.catalog import Catalog, write_catalog
-from sluice.errors import SluiceError
 from sluice.local.kafka import java_binary, kafka_libs
 from sluice.local.process import pid_alive
-from sluice.settings import Settings
 from tests.integration.helpers import topic_keys
 from tests.support import model_entry, run_cli, unavailable, wait_until
 

@@ -14,12 +14,12 @@ import pytest
 
 from analytics.sink import ClickHouseSink
 from analytics.store import Store
+from core.catalog import Catalog
+from core.errors import StoreError
+from core.settings import Settings
+from core.topics import Topics, ensure_topics
 from producers import SluiceClient
 from schemas import DeadLetter, DeadLetterReason, RequestState, RequestStatus, Serde
-from sluice.catalog import Catalog
-from sluice.errors import StoreError
-from sluice.settings import Settings
-from sluice.topics import Topics, ensure_topics
 from tests.integration.helpers import topic_records
 from tests.support import wait_until
 

@@ -17,14 +17,14 @@ import pytest
 from confluent_kafka import KafkaException
 
 from analytics.store import Store
+from core import clients
+from core.errors import BrokerError
+from core.settings import Settings
+from core.topics import ensure_topics
 from gateway.keys import KeyStore, keys_path
 from producers import SluiceClient
-from sluice import clients
-from sluice.errors import BrokerError
 from sluice.local.kafka import KafkaCluster
 from sluice.local.stack import LocalStack
-from sluice.settings import Settings
-from sluice.topics import ensure_topics
 from tests.integration.conftest import SCRAM_USER, TEST_BROKER
 from tests.integration.helpers import result_counts
 from tests.support import wait_until

@@ -9,11 +9,11 @@ import uuid
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
+from core import clients
+from core.headers import header
+from core.settings import Settings
 from producers import SluiceClient
-from sluice import clients
-from sluice.headers import header
 from sluice.local.stack import LocalStack
-from sluice.settings import Settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 

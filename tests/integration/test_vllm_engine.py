@@ -12,11 +12,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from analytics.store import Store
+from core.catalog import Catalog, ModelEntry
+from core.settings import Settings
 from producers import SluiceClient
 from schemas import utcnow
-from sluice.catalog import Catalog, ModelEntry
 from sluice.local.stack import LocalStack
-from sluice.settings import Settings
 from tests.integration.helpers import dead_letters, result_counts
 from tests.support import wait_until
 

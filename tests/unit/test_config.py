@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 
 from analytics.results import openai_batch_line
+from core.catalog import load_catalog
+from core.errors import CatalogError
+from core.kafka_config import consumer_config, producer_config
+from core.settings import Settings
 from schemas import InferenceResult, utcnow
-from sluice.catalog import load_catalog
-from sluice.errors import CatalogError
-from sluice.kafka_config import consumer_config, producer_config
 from sluice.local.stack import child_env
-from sluice.settings import Settings
 
 
 def test_settings_from_env_and_librdkafka_mapping(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,7 +84,7 @@ def test_openai_batch_jsonl_lines() -> None:
 
 
 def test_a_written_catalog_loads_back(tmp_path: Path) -> None:
-    from sluice.catalog import Catalog, ModelEntry, load_catalog, write_catalog
+    from core.catalog import Catalog, ModelEntry, load_catalog, write_catalog
 
     catalog = Catalog(
         models=[
@@ -112,8 +112,8 @@ def test_a_written_catalog_loads_back(tmp_path: Path) -> None:
 
 
 def test_every_kafka_client_gets_a_client_id_and_an_error_callback(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sluice import clients
-    from sluice.settings import KafkaSettings
+    from core import clients
+    from core.settings import KafkaSettings
 
     built: list[dict[str, object]] = []
     for name in ("Producer", "Consumer", "AdminClient"):
@@ -130,13 +130,13 @@ def test_every_kafka_client_gets_a_client_id_and_an_error_callback(monkeypatch: 
 def test_client_errors_are_classified_and_repeats_are_not_logged_again(caplog: pytest.LogCaptureFixture) -> None:
     from confluent_kafka import KafkaError
 
-    from sluice.clients import ClientErrorClass, classify, error_callback
+    from core.clients import ClientErrorClass, classify, error_callback
 
     assert classify(KafkaError(KafkaError._TRANSPORT, "down")) is ClientErrorClass.TRANSIENT
     assert classify(KafkaError(KafkaError._AUTHENTICATION, "bad")) is ClientErrorClass.CONFIGURATION
     assert classify(KafkaError(KafkaError._FATAL, "fenced", fatal=True)) is ClientErrorClass.FATAL
     on_error = error_callback("test-component", repeat_after_s=3600)
-    with caplog.at_level("WARNING", logger="sluice.clients"):
+    with caplog.at_level("WARNING", logger="core.clients"):
         for _ in range(50):
             on_error(KafkaError(KafkaError._TRANSPORT, "connection refused"))
         on_error(KafkaError(KafkaError._AUTHENTICATION, "bad credentials"))
@@ -149,10 +149,10 @@ def test_client_errors_are_classified_and_repeats_are_not_logged_again(caplog: p
 def test_engines_come_from_one_registry_that_settings_validate_against(tmp_path: Path) -> None:
     from pydantic import ValidationError
 
+    from core.engines import engine_names
+    from core.settings import EngineSettings
     from gpu_consumers.engine import create_engine
     from gpu_consumers.instant_engine import InstantTestEngine
-    from sluice.engines import engine_names
-    from sluice.settings import EngineSettings
     from tests.support import model_entry
 
     assert {"vllm", "instant"} <= set(engine_names())
@@ -174,7 +174,7 @@ def test_the_router_app_takes_a_classifier(tmp_path: Path) -> None:
                 task_type="custom", estimated_input_tokens=1, required_tier=1, required_context=10, reason="fixed"
             )
 
-    from sluice.catalog import Catalog
+    from core.catalog import Catalog
 
     classifier = Fixed()
     app = create_app(Settings(data_dir=tmp_path), Catalog(models=[model_entry("m")]), classifier=classifier)

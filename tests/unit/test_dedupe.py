@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from core.catalog import Catalog
+from core.settings import ProcessorSettings
+from core.topics import Topics
 from schemas import ChatMessage, CostMetric, InferenceRequest, InferenceResult, RequestStatus, Route, Serde, utcnow
-from sluice.catalog import Catalog
-from sluice.settings import ProcessorSettings
-from sluice.topics import Topics
 from stream_processors.dedupe import DedupeStage, dedupe_key
 from stream_processors.emit import Emitter, Forward
 from tests.support import model_entry

@@ -12,6 +12,9 @@ from typing import Any
 import pytest
 from confluent_kafka import TopicPartition
 
+from core.catalog import Catalog
+from core.settings import Settings
+from core.topics import Topics
 from gpu_consumers.engine import EngineOutput, EngineRequest
 from gpu_consumers.instant_engine import POISON_PILL, InstantTestEngine
 from gpu_consumers.worker import GpuWorker
@@ -27,9 +30,6 @@ from schemas import (
     Serde,
     utcnow,
 )
-from sluice.catalog import Catalog
-from sluice.settings import Settings
-from sluice.topics import Topics
 from tests.support import model_entry
 
 SERDE = Serde()

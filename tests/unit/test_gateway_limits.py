@@ -17,12 +17,12 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 
+from core.errors import BrokerError
+from core.settings import Settings
 from gateway.api import Services, create_api
 from gateway.batches import BatchService
 from gateway.files import FileMeta, LocalFileStore
 from gateway.keys import KeyStore
-from sluice.errors import BrokerError
-from sluice.settings import Settings
 from tests.gateway_doubles import MemoryPublisher
 
 MB10 = 10 * 1024 * 1024
@@ -74,6 +74,7 @@ def test_ten_megabytes_are_refused_with_413_on_every_write_endpoint(tmp_path: Pa
     ):
         err = _openai_error(client.post(url, headers={**auth, "Content-Type": "application/json"}, content=body), 413)
         assert err["code"] == "request_too_large"
+
     # Without a Content-Length (chunked): refused while reading, all the same.
     def chunks() -> Any:
         for _ in range(11):

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from standardwebhooks.webhooks import Webhook
 
 from analytics.results import output_line
+from core.settings import Settings
 from gateway.api import Services, create_api
 from gateway.batches import BatchService, QuotaExceeded, request_id_for
 from gateway.files import FileMeta, LocalFileStore, iter_lines
@@ -28,7 +29,6 @@ from schemas import (
     ResultStatus,
     utcnow,
 )
-from sluice.settings import Settings
 from tests.gateway_doubles import MemoryPublisher, MemoryResults
 
 # -- OpenAI bodies ---------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import pytest
 from faust.auth import OAuthCredentials, SASLCredentials, SSLCredentials
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
-from sluice.kafka_config import admin_config, consumer_config, producer_config
-from sluice.settings import KafkaSettings, Settings
+from core.kafka_config import admin_config, consumer_config, producer_config
+from core.settings import KafkaSettings, Settings
 from stream_processors.security import OidcTokenProvider, faust_credentials
 from tests.tls_certs import Certs, make_certs
 

@@ -1,6 +1,6 @@
 """The layout the README describes is the one the code has: imports run one way, down the data
-flow (schemas < sluice foundation < stages < sluice.local < sluice.cli), one factory builds every
-Kafka client, and a production install does not pull the embedded services."""
+flow (schemas < core < stages < gateway < sluice < bench), one top-level folder per layer, one
+factory builds every Kafka client, and a production install does not pull the embedded services."""
 
 from __future__ import annotations
 
@@ -15,7 +15,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ["schemas", "sluice", "producers", "stream_processors", "gpu_consumers", "analytics", "gateway"]
+PACKAGES = ["schemas", "core", "producers", "stream_processors", "gpu_consumers", "analytics", "gateway", "sluice"]
+# Top-level folders from the bottom up; a folder may import those at its own rank or below (the
+# four stages share a rank and must not import each other).
+RANKS = {
+    "schemas": 0,
+    "core": 1,
+    "producers": 2,
+    "stream_processors": 2,
+    "gpu_consumers": 2,
+    "analytics": 2,
+    "gateway": 3,
+    "sluice": 4,
+    "bench": 5,
+}
 PROJECT_ROOTS = {*PACKAGES, "bench", "tests"}
 
 
@@ -45,12 +58,32 @@ def _contract() -> dict[str, object]:
     return contract
 
 
-def test_every_foundation_module_is_in_the_layers_contract() -> None:
-    layers = _contract()["layers"]
-    assert isinstance(layers, list)
-    foundation = {m.strip() for m in layers[-2].split(":")}
-    on_disk = {f"sluice.{p.stem}" for p in (ROOT / "sluice").glob("*.py") if p.stem not in ("__init__", "__main__")}
-    assert foundation == on_disk
+def _every_import(path: Path) -> list[tuple[int, str]]:
+    """Every absolute import in a module, those inside functions and ``TYPE_CHECKING`` blocks too,
+    and module paths named in ``import_module``/entry-point strings of the project's own code."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.lineno, node.module))
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+            "import_module",
+            "__import__",
+        ):
+            found += [(node.lineno, a.value) for a in node.args[:1] if isinstance(a, ast.Constant)]
+    return found
+
+
+def test_no_top_level_folder_imports_one_above_it() -> None:
+    upward = []
+    for folder, rank in RANKS.items():
+        for path in _modules(folder):
+            for line, module in _every_import(path):
+                root = str(module).split(".")[0]
+                if root in RANKS and root != folder and RANKS[root] >= rank:
+                    upward.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+    assert upward == []
 
 
 def _lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
@@ -74,14 +107,14 @@ def test_the_contract_holds_and_a_wrong_way_import_breaks_it(tmp_path: Path) -> 
     copy = tmp_path / "tree"
     copy.mkdir()
     shutil.copy(ROOT / "pyproject.toml", copy)
-    for package in PACKAGES:
+    for package in RANKS:
         shutil.copytree(ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
     # A stage reaching up into the local-development stack: the kind of import the layers forbid.
-    target = copy / "gpu_consumers" / "offsets.py"
+    target = copy / "gpu_consumers" / "buffer.py"
     target.write_text(target.read_text() + "\nfrom sluice.local import stack  # noqa\n")
     broken = _lint_imports(copy)
     assert broken.returncode != 0
-    assert "gpu_consumers.offsets -> sluice.local.stack" in broken.stdout
+    assert "gpu_consumers.buffer -> sluice.local.stack" in broken.stdout
 
 
 def test_only_the_client_factory_constructs_kafka_clients() -> None:
@@ -89,7 +122,7 @@ def test_only_the_client_factory_constructs_kafka_clients() -> None:
     offenders = []
     for package in [*PACKAGES, "bench"]:
         for path in _modules(package):
-            if path == ROOT / "sluice" / "clients.py":
+            if path == ROOT / "core" / "clients.py":
                 continue
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in constructors:

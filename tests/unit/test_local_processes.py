@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from sluice.errors import BrokerError, SluiceError
+from core.errors import BrokerError, SluiceError
+from core.settings import Settings
+from core.stackfile import read_stack_file, write_stack_file
 from sluice.local.kafka import KafkaCluster, KafkaTls, ScramUser, kafka_libs, kafka_tool
 from sluice.local.process import ManagedProcess, free_port, leftover_pids, pid_alive
-from sluice.settings import Settings
-from sluice.stackfile import read_stack_file, write_stack_file
 from tests.support import wait_until
 
 
@@ -167,4 +167,3 @@ def test_local_broker_setting_is_validated() -> None:
     assert Settings(local={"broker": "KAFKA"}).local.broker == "kafka"
     with pytest.raises(ValueError, match=r"local\.broker"):
         Settings(local={"broker": "redpanda"})
-

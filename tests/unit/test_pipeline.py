@@ -6,11 +6,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.catalog import Catalog
+from core.errors import DeadLetterReason
+from core.settings import ProcessorSettings
+from core.topics import Topics
 from schemas import ChatMessage, DeadLetter, InferenceRequest, InferenceResult, RequestStatus, Serde
-from sluice.catalog import Catalog
-from sluice.errors import DeadLetterReason
-from sluice.settings import ProcessorSettings
-from sluice.topics import Topics
 from stream_processors.pipeline import RequestPipeline
 from tests.avro_frames import frame_request_dict
 from tests.support import model_entry

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from core.catalog import Catalog, ModelEntry
+from core.errors import DeadLetterReason, PipelineRejection
 from schemas import ChatMessage, InferenceRequest
-from sluice.catalog import Catalog, ModelEntry
-from sluice.errors import DeadLetterReason, PipelineRejection
 from stream_processors.classifier import RuleClassifier
 from stream_processors.router import Backlog, Router
 

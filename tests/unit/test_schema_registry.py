@@ -13,6 +13,8 @@ from confluent_kafka.schema_registry import Schema, record_subject_name_strategy
 from confluent_kafka.schema_registry.avro import AvroSerializer as ConfluentAvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
+from core import clients
+from core.settings import Settings
 from schemas import (
     ChatMessage,
     DeadLetterReason,
@@ -22,8 +24,6 @@ from schemas import (
     SerializationError,
 )
 from schemas.registry import ConfluentSchemaRegistry, schema_text
-from sluice import clients
-from sluice.settings import Settings
 from tests.records import one_of_each
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)

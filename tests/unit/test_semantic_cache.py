@@ -12,6 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from core.catalog import Catalog
+from core.settings import ProcessorSettings
+from core.topics import Topics
 from schemas import (
     CacheKind,
     ChatMessage,
@@ -23,9 +26,6 @@ from schemas import (
     Serde,
     utcnow,
 )
-from sluice.catalog import Catalog
-from sluice.settings import ProcessorSettings
-from sluice.topics import Topics
 from stream_processors.dedupe import DedupeStage, dedupe_key
 from stream_processors.embedding import Vectors
 from stream_processors.emit import Emitter, Forward

@@ -11,6 +11,7 @@ from fastavro import parse_schema, schemaless_reader
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.errors import DeadLetterReason, SerializationError
 from schemas import (
     BatchStatus,
     CostMetric,
@@ -23,7 +24,6 @@ from schemas import (
 )
 from schemas.registry import load_schema
 from schemas.serde import AvroDeserializer, AvroSerializer
-from sluice.errors import DeadLetterReason, SerializationError
 from tests.records import one_of_each, request
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)

@@ -8,9 +8,9 @@ import threading
 from typing import Any
 
 from analytics.sink import ClickHouseSink, Pending
+from core.errors import StoreError
+from core.settings import Settings
 from schemas import DeadLetter, DeadLetterReason, Serde, Stage
-from sluice.errors import StoreError
-from sluice.settings import Settings
 
 
 def _fail(message: str, cause: BaseException) -> StoreError:

@@ -8,16 +8,16 @@ from typing import Any
 
 import pytest
 
+from core.catalog import Catalog
+from core.errors import ConfigError
+from core.headers import carried, header, valid_traceparent
+from core.settings import ProcessorSettings, RetrySettings, Settings
+from core.topics import Topics
 from gpu_consumers.buffer import Buffered
 from gpu_consumers.engine import EngineOutput
 from gpu_consumers.outcomes import Outcomes, Usage
 from producers import SluiceClient
 from schemas import ChatMessage, InferenceRequest, InferenceResult, ResultStatus, Route, Serde, utcnow
-from sluice.catalog import Catalog
-from sluice.errors import ConfigError
-from sluice.headers import carried, header, valid_traceparent
-from sluice.settings import ProcessorSettings, RetrySettings, Settings
-from sluice.topics import Topics
 from stream_processors.dedupe import DedupeStage, dedupe_key
 from stream_processors.emit import Emitter
 from stream_processors.pipeline import RequestPipeline

@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sluice.stackfile import read_stack_file
+from core.stackfile import read_stack_file
 
 __all__ = [
     "ClickHouseSettings",
@@ -36,7 +36,7 @@ def default_data_dir() -> Path:
 
 
 class KafkaSettings(BaseModel):
-    """Connection settings; ``sluice.kafka_config`` turns these into librdkafka dicts and
+    """Connection settings; ``core.kafka_config`` turns these into librdkafka dicts and
     ``stream_processors.security`` into the router's (Faust/aiokafka) credentials, so every
     component connects the same way from this one set of settings."""
 
@@ -151,7 +151,7 @@ class EngineSettings(BaseModel):
     max_num_seqs, dtype, quantization, tensor_parallel_size, enable_prefix_caching) overrides these
     per model."""
 
-    # A name from the engine registry (``sluice.engines``): "vllm", or "instant" (a test double).
+    # A name from the engine registry (``core.engines``): "vllm", or "instant" (a test double).
     kind: str = "vllm"
     # vLLM's engine metrics (vllm:*) on the consumer's /metrics.
     engine_metrics: bool = True
@@ -175,7 +175,7 @@ class EngineSettings(BaseModel):
     @field_validator("kind")
     @classmethod
     def _registered(cls, kind: str) -> str:
-        from sluice.engines import engine_names
+        from core.engines import engine_names
 
         if kind not in engine_names():
             raise ValueError(f"unknown engine {kind!r}; known engines: {', '.join(engine_names())}")

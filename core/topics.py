@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from confluent_kafka import KafkaError, KafkaException, Message
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
+from core import clients
+from core.catalog import Catalog
+from core.errors import BrokerError
+from core.settings import KafkaSettings, TenantSettings
 from schemas import Priority
-from sluice import clients
-from sluice.catalog import Catalog
-from sluice.errors import BrokerError
-from sluice.settings import KafkaSettings, TenantSettings
 
 __all__ = ["PRIORITIES", "Topics", "ensure_topics", "message_coords", "reply_to_allowed"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sluice.errors import CatalogError
+from core.errors import CatalogError
 
 __all__ = ["Catalog", "ModelEngineArgs", "ModelEntry", "load_catalog", "write_catalog"]
 
@@ -80,7 +80,7 @@ def load_catalog(path: Path | None = None) -> Catalog:
     """Load a TOML catalog; ``None`` means the packaged default catalog."""
     try:
         if path is None:
-            text = resources.files("sluice").joinpath("data/catalog.toml").read_text()
+            text = resources.files("core").joinpath("data/catalog.toml").read_text()
             where = "<packaged catalog>"
         else:
             text = Path(path).read_text()

@@ -1,6 +1,6 @@
 """The one Kafka client factory: every producer, consumer and admin client Sluice builds.
 
-Configuration dicts come from ``sluice.kafka_config``; this module adds what every client needs
+Configuration dicts come from ``core.kafka_config``; this module adds what every client needs
 on top: a ``client.id`` naming its component (so broker logs, quotas and ACLs can tell Sluice's
 clients apart) and an ``error_cb`` that classifies client errors and logs them without flooding
 (librdkafka reports a lost connection once per broker per retry).
@@ -18,10 +18,10 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, Producer
 from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
+from core.kafka_config import admin_config, consumer_config, producer_config
+from core.metrics import KAFKA_CLIENT_ERRORS
+from core.settings import KafkaSettings, Settings
 from schemas import Serde
-from sluice.kafka_config import admin_config, consumer_config, producer_config
-from sluice.metrics import KAFKA_CLIENT_ERRORS
-from sluice.settings import KafkaSettings, Settings
 
 __all__ = ["ClientErrorClass", "admin", "classify", "client_id", "consumer", "error_callback", "producer", "serde"]
 
@@ -114,9 +114,7 @@ def consumer(kafka: KafkaSettings, component: str, group_id: str, **overrides: A
     return Consumer({**consumer_config(kafka, group_id, **overrides), **_common(component)})
 
 
-def admin(
-    kafka: KafkaSettings, component: str, *, on_error: Callable[[KafkaError], None] | None = None
-) -> AdminClient:
+def admin(kafka: KafkaSettings, component: str, *, on_error: Callable[[KafkaError], None] | None = None) -> AdminClient:
     """``on_error`` also sees every client error (to name a refused login in an exception)."""
     return AdminClient({**admin_config(kafka), **_common(component, on_error)})
 

@@ -190,7 +190,7 @@ class MetricsServer:
 
 
 def serve_metrics(settings: Any, health: Callable[[], str | None] | None = None) -> MetricsServer | None:
-    """Start the endpoint ``settings`` (a :class:`sluice.settings.MetricsSettings`) asks for."""
+    """Start the endpoint ``settings`` (a :class:`core.settings.MetricsSettings`) asks for."""
     if not settings.enabled:
         return None
     return MetricsServer(settings.host, settings.port, health).start()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sluice.settings import KafkaSettings
+from core.settings import KafkaSettings
 
 __all__ = ["admin_config", "common_config", "consumer_config", "producer_config", "security_config"]
 
