@@ -4,20 +4,24 @@ and batch output and error lines (error codes mapped from the typed dead-letter 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import KafkaError
+from confluent_kafka import Message
 
 from core import clients
 from core.errors import SluiceError
+from core.kafka import TP, ConsumeLoop, Handler, message_coords
 from core.settings import Settings
 from core.topics import Topics
 from schemas import DeadLetterReason, InferenceResult, ResultStatus, Serde
 
 __all__ = ["chat_completion", "error_code", "error_line", "follow_results", "openai_batch_line", "output_line"]
+
+logger = logging.getLogger(__name__)
 
 
 # Typed dead-letter reasons -> the error codes callers of OpenAI's Batch API know.
@@ -97,6 +101,27 @@ def openai_batch_line(r: InferenceResult) -> str:
     return json.dumps(output_line(r, r.custom_id or r.request_id))
 
 
+class _Follower(Handler):
+    def __init__(self, serde: Serde, on_result: Callable[[InferenceResult], None], on_ready: Callable[[], None] | None):
+        self.serde = serde
+        self.on_result = on_result
+        self.on_ready = on_ready
+
+    def on_assign(self, loop: ConsumeLoop, tps: list[TP]) -> None:
+        if self.on_ready is not None:
+            self.on_ready()
+
+    def on_message(self, loop: ConsumeLoop, msg: Message) -> None:
+        topic, partition, offset = message_coords(msg)
+        try:
+            result = self.serde.decode(InferenceResult, msg.value())
+        except SluiceError as exc:
+            logger.error("skipped an undecodable result at %s[%d]@%d: %s", topic, partition, offset, exc)
+        else:
+            self.on_result(result)
+        loop.done((topic, partition), offset)
+
+
 def follow_results(
     settings: Settings,
     on_result: Callable[[InferenceResult], None],
@@ -105,31 +130,18 @@ def follow_results(
     group_id: str | None = None,
     serde: Serde | None = None,
     on_ready: Callable[[], None] | None = None,
+    consumer: Any | None = None,
 ) -> None:
     """Deliver each result to ``on_result`` until ``stop`` is set.
 
-    With a ``group_id`` the position is committed (a later follow resumes); without one a
-    private group reads from the beginning of the topic.
+    With a ``group_id`` the position is committed once each result was handled (a later follow
+    resumes there); without one a private group reads from the beginning of the topic.
+    ``consumer``: the stub broker's in tests.
     """
     serde = serde or clients.serde(settings)
-    gid = group_id or f"{settings.topic_prefix}follow-{uuid.uuid4().hex[:8]}"
-    consumer = clients.consumer(settings.kafka, "results", gid, **{"enable.auto.commit": group_id is not None})
-    consumer.subscribe(
-        [Topics(settings.topic_prefix).results],
-        on_assign=lambda c, p: on_ready() if on_ready else None,
-    )
-    try:
-        while not stop.is_set():
-            msg = consumer.poll(0.1)
-            if msg is None:
-                continue
-            err = msg.error()
-            if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    raise SluiceError(f"results consumer: {err}")
-                continue
-            on_result(serde.decode(InferenceResult, msg.value()))
-            if group_id is not None:
-                consumer.store_offsets(msg)
-    finally:
-        consumer.close()
+    if consumer is None:
+        gid = group_id or f"{settings.topic_prefix}follow-{uuid.uuid4().hex[:8]}"
+        consumer = clients.consumer(settings.kafka, "results", gid)
+    follower = _Follower(serde, on_result, on_ready)
+    topics = [Topics(settings.topic_prefix).results]
+    ConsumeLoop(follower, consumer, topics, commit=group_id is not None, commit_interval_s=1.0).run(stop)

@@ -1,7 +1,9 @@
 """The ClickHouse sink: results, dead letters, cost metrics and status changes, written in batches.
 
-Offsets are committed only after the insert returned, so a crash re-inserts at most one batch,
-and the ReplacingMergeTree tables collapse the repeats. Undecodable events are counted and
+It runs on the runtime's committing loop (``core.kafka.ConsumeLoop``): an event is done once its
+row is inserted (or its dead letter acknowledged), and offsets are committed only up to done
+events, so a crash re-inserts at most the batch in flight, and the ReplacingMergeTree tables
+collapse the repeats. Undecodable events are counted and
 skipped (they cannot be rows), never retried forever. While ClickHouse is unavailable the sink
 holds its offsets and retries with backoff, and still stops when asked; a row ClickHouse refuses
 for good becomes a ``store_refused`` dead letter and the others go in.
@@ -17,17 +19,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
 from analytics.rollup import refresh_rollup
 from analytics.store import Store
 from core import clients
 from core.errors import SluiceError, StoreError
+from core.kafka import ConsumeLoop, Handler, Out, Producer, TrackedPublisher, message_coords
 from core.metrics import SINK_ERRORS, SINK_ROWS, observe_records
 from core.settings import Settings
-from core.topics import Topics, message_coords
+from core.topics import Topics
 from schemas import (
     AvroRecord,
     BatchStatus,
@@ -105,7 +108,7 @@ def row_for(record: AvroRecord) -> tuple[str, dict[str, Any]]:
     return table, fn(record)
 
 
-class ClickHouseSink:
+class ClickHouseSink(Handler):
     # First wait after a failed insert; doubles up to 30 s.
     retry_initial_s = 0.5
 
@@ -116,61 +119,110 @@ class ClickHouseSink:
         *,
         serde: Serde | None = None,
         on_rows: Callable[[str, list[dict[str, Any]]], None] | None = None,
+        producer: Producer | None = None,
     ) -> None:
+        """``producer`` (for refused rows' dead letters): the stub broker's in tests."""
         self.settings = settings
         self.store = store
         self.serde = serde or clients.serde(settings)
-        topics = Topics(settings.topic_prefix)
+        self.topics = Topics(settings.topic_prefix)
         self._types: dict[str, type[AvroRecord]] = {
-            topics.results: InferenceResult,
-            topics.dead_letter: DeadLetter,
-            topics.cost_metrics: CostMetric,
-            topics.status: RequestStatus,
-            topics.batches: BatchStatus,
+            self.topics.results: InferenceResult,
+            self.topics.dead_letter: DeadLetter,
+            self.topics.cost_metrics: CostMetric,
+            self.topics.status: RequestStatus,
+            self.topics.batches: BatchStatus,
         }
         self.group_id = f"{settings.topic_prefix}clickhouse-sink"
         self.on_rows = on_rows
         self.rows_written = 0
         self.skipped = 0
         self.refused = 0
-        self._producer: Any = None
+        self._producer = producer
+        self.publisher: TrackedPublisher | None = None
+        self._pending: dict[str, list[Pending]] = {}
+        self._count = 0
+        self._first_at: float | None = None
+        self._stop = threading.Event()
         # The first refresh recomputes every hour (rows may have arrived while no sink ran).
         self._rollup_at = float("-inf")
         self._rollup_since: datetime | None = None
 
-    def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
+    def loop(self, consumer: Any | None = None, *, stop: threading.Event | None = None) -> ConsumeLoop:
+        """The committing loop over the output topics (``consumer``: the stub broker's in tests;
+        ``stop`` ends an insert's retries while ClickHouse is away)."""
+        if stop is not None:
+            self._stop = stop
         ch = self.settings.clickhouse
-        # Rows wait up to sink_flush_ms anyway: a fetch may wait as long, which spares the broker
-        # (and the host's CPU) a poll every few milliseconds while the pipeline is idle.
-        consumer = clients.consumer(
-            self.settings.kafka, "sink", self.group_id, **{"fetch.wait.max.ms": max(ch.sink_flush_ms, 10)}
+        if consumer is None:
+            # Rows wait up to sink_flush_ms anyway: a fetch may wait as long, which spares the
+            # broker (and the host's CPU) a poll every few milliseconds while the pipeline is idle.
+            consumer = clients.consumer(
+                self.settings.kafka, "sink", self.group_id, **{"fetch.wait.max.ms": max(ch.sink_flush_ms, 10)}
+            )
+        if self._producer is None:
+            self._producer = cast(Producer, clients.producer(self.settings.kafka, "sink"))
+        self.publisher = TrackedPublisher(self._producer, self.serde)
+        return ConsumeLoop(
+            self, consumer, list(self._types), publisher=self.publisher, batch=1000, max_batches=10, idle_wait_s=0.1
         )
-        consumer.subscribe(
-            list(self._types),
-            on_assign=lambda c, p: ready.set() if ready is not None else None,
-        )
-        pending: dict[str, list[Pending]] = {}
-        offsets: dict[tuple[str, int], int] = {}
-        count = 0
-        first_at: float | None = None
+
+    def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
+        self.loop(stop=stop).run(stop, ready)
+
+    # -- the loop's handler ---------------------------------------------------------------------
+    def on_message(self, loop: ConsumeLoop, msg: Message) -> None:
+        topic, partition, offset = message_coords(msg)
+        value = msg.value() or b""
         try:
-            while not stop.is_set():
-                for msg in consumer.consume(num_messages=1000, timeout=0.1):
-                    if not self._accept(msg, pending, offsets):
-                        continue
-                    count += 1
-                    first_at = first_at or time.monotonic()
-                due = first_at is not None and (
-                    count >= ch.sink_batch_size or time.monotonic() - first_at >= ch.sink_flush_ms / 1000
-                )
-                if due or (offsets and not count):
-                    self._flush(consumer, pending, offsets, stop)
-                    count, first_at = 0, None
-                self._maybe_refresh_rollup()
-            if offsets:
-                self._flush(consumer, pending, offsets, stop)
-        finally:
-            consumer.close()
+            record = self.serde.decode(self._types[topic], value)
+        except SluiceError as exc:
+            self.skipped += 1
+            logger.error("sink skipped %s[%d]@%d: %s", topic, partition, offset, exc)
+            loop.done((topic, partition), offset)
+            return
+        table, row = row_for(record)
+        kind, ts = msg.timestamp()
+        self._pending.setdefault(table, []).append(
+            Pending(row, topic, partition, offset, value, ts if kind != TIMESTAMP_NOT_AVAILABLE else None)
+        )
+        self._count += 1
+        self._first_at = self._first_at or time.monotonic()
+
+    def on_cycle(self, loop: ConsumeLoop) -> bool:
+        ch = self.settings.clickhouse
+        due = self._first_at is not None and (
+            self._count >= ch.sink_batch_size or time.monotonic() - self._first_at >= ch.sink_flush_ms / 1000
+        )
+        if due:
+            self.flush(loop)
+        self._maybe_refresh_rollup()
+        return False
+
+    def on_revoke(self, loop: ConsumeLoop, tps: set[tuple[str, int]]) -> None:
+        self.flush(loop)
+
+    def on_stop(self, loop: ConsumeLoop) -> None:
+        self.flush(loop)
+
+    def flush(self, loop: ConsumeLoop) -> None:
+        """Insert every pending row; each event is done once its row is in (or its dead letter is
+        acknowledged). Stopping while ClickHouse is away leaves the rest not done: uncommitted, the
+        next sink inserts them."""
+        pending, self._pending = self._pending, {}
+        self._count, self._first_at = 0, None
+        try:
+            for table, items in pending.items():
+                refused = self._insert(table, items, self._stop)
+                refused_ids = {id(item) for item, _ in refused}
+                for item, error in refused:
+                    self._refuse(table, item, error)
+                for item in items:
+                    if id(item) not in refused_ids:
+                        loop.done((item.topic, item.partition), item.offset)
+        except _Stopped:
+            left = sum(len(v) for v in pending.values())
+            logger.warning("sink stopped with up to %d rows not inserted; they stay on their topics", left)
 
     def _maybe_refresh_rollup(self) -> None:
         now = time.monotonic()
@@ -183,71 +235,11 @@ class ClickHouseSink:
             # The raw tables are complete; the rollup catches up on the next refresh.
             logger.warning("hourly rollup not refreshed: %s", exc)
 
-    def _accept(
-        self,
-        msg: Message,
-        pending: dict[str, list[Pending]],
-        offsets: dict[tuple[str, int], int],
-    ) -> bool:
-        err = msg.error()
-        if err is not None:
-            if err.code() != KafkaError._PARTITION_EOF:
-                logger.warning("sink consume error: %s", err)
-            return False
-        topic, partition, offset = message_coords(msg)
-        tp = (topic, partition)
-        offsets[tp] = offset + 1
-        value = msg.value() or b""
-        try:
-            record = self.serde.decode(self._types[topic], value)
-        except SluiceError as exc:
-            self.skipped += 1
-            logger.error("sink skipped %s[%d]@%d: %s", topic, partition, offset, exc)
-            return True
-        table, row = row_for(record)
-        kind, ts = msg.timestamp()
-        pending.setdefault(table, []).append(
-            Pending(row, topic, partition, offset, value, ts if kind != TIMESTAMP_NOT_AVAILABLE else None)
-        )
-        return True
-
-    def _flush(
-        self,
-        consumer: Consumer,
-        pending: dict[str, list[Pending]],
-        offsets: dict[tuple[str, int], int],
-        stop: threading.Event | None = None,
-    ) -> None:
-        stop = stop or threading.Event()
-        try:
-            for table, items in list(pending.items()):
-                if items:
-                    self._insert(table, items, stop)
-                    pending[table] = []
-        except _Stopped:
-            # Stopping while ClickHouse is away: nothing committed, the next sink inserts these.
-            logger.warning("sink stopped with %d rows not inserted; they stay on their topics", self._count(pending))
-            pending.clear()
-            offsets.clear()
-            return
-        pending.clear()
-        if self._producer is not None:
-            self._producer.flush(30)  # the dead letters of refused rows, before their offsets move
-        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-        try:
-            consumer.commit(offsets=tps, asynchronous=False)
-        except KafkaException as exc:
-            logger.warning("sink commit failed (%s); rows may be re-inserted (deduped)", exc)
-        offsets.clear()
-
-    @staticmethod
-    def _count(pending: dict[str, list[Pending]]) -> int:
-        return sum(len(v) for v in pending.values())
-
-    def _insert(self, table: str, items: list[Pending], stop: threading.Event) -> None:
+    def _insert(self, table: str, items: list[Pending], stop: threading.Event) -> list[tuple[Pending, str]]:
         """Insert ``items``: transient failures (ClickHouse away, overloaded) wait with backoff
         while shutdown is honoured; a missing table is re-created; rows ClickHouse refuses for
-        good are found by halving the batch and become dead letters, and the rest go in."""
+        good are found by halving the batch and returned (they become dead letters), and the
+        rest go in."""
         delay = self.retry_initial_s
         while True:
             try:
@@ -268,14 +260,12 @@ class ClickHouseSink:
                     raise _Stopped from exc
                 delay = min(delay * 2, 30.0)
                 continue
-            for item, error in refused:
-                self._refuse(table, item, error)
             inserted = len(items) - len(refused)
             SINK_ROWS.labels(table).inc(inserted)
             self.rows_written += inserted
             if self.on_rows:
                 self.on_rows(table, [i.row for i in items if all(i is not r for r, _ in refused)])
-            return
+            return refused
 
     def _insert_or_split(self, table: str, items: list[Pending]) -> list[tuple[Pending, str]]:
         """The rows refused for good (bad data); raises StoreError for anything else."""
@@ -297,8 +287,12 @@ class ClickHouseSink:
         logger.error(
             "ClickHouse refused a %s row from %s[%d]@%d: %s", table, item.topic, item.partition, item.offset, error
         )
+        unit = ((item.topic, item.partition), item.offset)
+        assert self.publisher is not None
         if table == "dead_letters":
-            return  # a dead letter of a dead letter would loop; the event stays on its topic
+            # A dead letter of a dead letter would loop; the event stays on its topic.
+            self.publisher.publish(unit, [])
+            return
         row = item.row
         dl = DeadLetter.from_event(
             DeadLetterReason.STORE_REFUSED,
@@ -312,10 +306,5 @@ class ClickHouseSink:
         )
         dl.request_id, dl.tenant = row.get("request_id"), row.get("tenant")
         observe_records((dl,), source="sink")
-        if self._producer is None:
-            self._producer = clients.producer(self.settings.kafka, "sink")
-        self._producer.produce(
-            Topics(self.settings.topic_prefix).dead_letter,
-            key=(dl.request_id or dl.dead_letter_id).encode(),
-            value=self.serde.encode(dl),
-        )
+        # The event is done once its dead letter is acknowledged.
+        self.publisher.publish(unit, [Out(self.topics.dead_letter, dl.request_id or dl.dead_letter_id, dl)])

@@ -28,7 +28,7 @@ def steady_latencies(
         t = time.perf_counter()
         fields: dict[str, object] = {"tenant": "bench", "max_tokens": 8, "cache": False, **submit}
         rid = client.submit(f"{tag} request {i}", **fields)  # type: ignore[arg-type]
-        client.producer.flush(5)
+        client.flush(5)
         sent[rid] = t
     observer.wait_keys(list(sent), timeout=timeout)
     return [(observer.arrivals[rid] - t) * 1000 for rid, t in sent.items()]

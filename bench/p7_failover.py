@@ -77,7 +77,7 @@ def run_p7(env: BenchEnv, quick: bool) -> ScenarioResult:
                 rid = client.submit(f"p7 request {i}", tenant="bench", max_tokens=8, cache=False)
                 submitted_at[rid] = time.perf_counter()
                 ids.append(rid)
-                client.producer.poll(0)
+                client.poll()
             client.flush()
             results.wait_keys(ids, timeout=120 + session_s)
             routed.wait_keys(ids, timeout=30)

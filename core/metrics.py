@@ -95,7 +95,7 @@ HTTP_SECONDS = Histogram(
 SINK_ERRORS = Counter("sluice_sink_errors_total", "Failed ClickHouse inserts", ["table", "kind"])
 
 
-def observe_records(records: Iterable[AvroRecord | None], *, source: str) -> None:
+def observe_records(records: Iterable[AvroRecord | bytes | None], *, source: str) -> None:
     """Count what a stage is about to publish: results (latency; tokens for engine results),
     cost metrics and dead letters. ``source``: ``engine`` or ``router``."""
     for record in records:

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Any, cast
 
-from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Message
 
 from core import clients
 from core.errors import SluiceError
+from core.kafka import ConsumeLoop, Handler, Out, Producer, TrackedPublisher, message_coords
 from core.settings import Settings
-from core.topics import Topics, message_coords
+from core.topics import Topics
 from schemas import DeadLetter, DeadLetterReason, InferenceResult, Serde, Stage
 
 __all__ = ["ResultFanout"]
@@ -27,12 +28,14 @@ __all__ = ["ResultFanout"]
 logger = logging.getLogger(__name__)
 
 
-class ResultFanout:
-    def __init__(self, settings: Settings, *, serde: Serde | None = None) -> None:
+class ResultFanout(Handler):
+    def __init__(self, settings: Settings, *, serde: Serde | None = None, producer: Producer | None = None) -> None:
+        """``producer``: the stub broker's in tests."""
         self.settings = settings
         self.serde = serde or clients.serde(settings)
         self.topics = Topics(settings.topic_prefix)
         self.group_id = f"{settings.topic_prefix}fanout"
+        self._producer = producer
         self.copied = 0
         self.failed = 0
 
@@ -41,74 +44,48 @@ class ResultFanout:
         t = self.settings.tenants
         return bool(t.results_topics or t.reply_to_patterns)
 
+    def loop(self, consumer: Any | None = None) -> ConsumeLoop:
+        """The committing loop over the results topic (``consumer``: the stub broker's in tests)."""
+        if consumer is None:
+            consumer = clients.consumer(self.settings.kafka, "fanout", self.group_id)
+        if self._producer is None:
+            self._producer = cast(Producer, clients.producer(self.settings.kafka, "fanout"))
+        publisher = TrackedPublisher(self._producer, self.serde)
+        return ConsumeLoop(self, consumer, [self.topics.results], publisher=publisher, idle_wait_s=0.2)
+
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
-        consumer = clients.consumer(self.settings.kafka, "fanout", self.group_id, **{"enable.auto.commit": False})
-        producer = clients.producer(self.settings.kafka, "fanout")
-        consumer.subscribe([self.topics.results], on_assign=lambda c, p: ready.set() if ready else None)
-        try:
-            while not stop.is_set():
-                msgs = [m for m in consumer.consume(500, 0.2) if self._ok(m)]
-                if not msgs:
-                    continue
-                errors: list[tuple[Message, InferenceResult, str, str]] = []
-                for msg in msgs:
-                    self._copy(producer, msg, errors)
-                producer.flush(30)
-                for msg, result, topic, error in errors:
-                    self._dead_letter(producer, msg, result, topic, error)
-                producer.flush(30)
-                self._commit(consumer, msgs)
-        finally:
-            consumer.close()
+        self.loop().run(stop, ready)
 
-    @staticmethod
-    def _commit(consumer: Any, msgs: list[Message]) -> None:
-        """Commit past ``msgs`` (every copy of them is acknowledged by now)."""
-        positions: dict[tuple[str, int], int] = {}
-        for msg in msgs:
-            topic, partition, offset = message_coords(msg)
-            positions[(topic, partition)] = max(positions.get((topic, partition), 0), offset + 1)
-        try:
-            consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()], asynchronous=False)
-        except KafkaException as exc:  # a rebalance: the next owner copies again (keyed, at least once)
-            logger.warning("fanout commit failed: %s", exc)
-
-    @staticmethod
-    def _ok(msg: Message) -> bool:
-        err = msg.error()
-        if err is not None and err.code() != KafkaError._PARTITION_EOF:
-            logger.warning("fanout consumer: %s", err)
-        return err is None
-
-    def _copy(self, producer: Any, msg: Message, errors: list[tuple[Message, InferenceResult, str, str]]) -> None:
+    def on_message(self, loop: ConsumeLoop, msg: Message) -> None:
+        """Copy one result; it is done once every copy (or the dead letter of a refused one) is
+        acknowledged."""
+        topic, partition, offset = message_coords(msg)
+        unit = ((topic, partition), offset)
+        assert loop.publisher is not None
         try:
             result = self.serde.decode(InferenceResult, msg.value())
         except SluiceError as exc:
             logger.error("fanout skipped an undecodable result: %s", exc)
+            loop.publisher.publish(unit, [])
             return
-        for topic in self.topics.result_topics(self.settings.tenants, result.tenant, result.reply_to)[1:]:
+        targets = self.topics.result_topics(self.settings.tenants, result.tenant, result.reply_to)[1:]
+        headers = msg.headers()
+        copies = [Out(t, msg.key(), msg.value() or b"", headers if isinstance(headers, list) else []) for t in targets]
 
-            def delivered(
-                err: KafkaError | None, _m: Message, topic: str = topic, result: InferenceResult = result
-            ) -> None:
-                if err is None:
-                    self.copied += 1
-                else:
-                    errors.append((msg, result, topic, str(err)))
+        def refused(error: str) -> list[Out]:
+            return [self._dead_letter(msg, result, error)]
 
-            try:
-                producer.produce(topic, key=msg.key(), value=msg.value(), headers=msg.headers(), on_delivery=delivered)
-            except KafkaException as exc:
-                errors.append((msg, result, topic, str(exc)))
-            producer.poll(0)
+        loop.publisher.publish(unit, copies, on_failed=refused)
+        self.copied += len(copies)
 
-    def _dead_letter(self, producer: Any, msg: Message, result: InferenceResult, topic: str, error: str) -> None:
+    def _dead_letter(self, msg: Message, result: InferenceResult, error: str) -> Out:
         self.failed += 1
+        self.copied -= 1
         src, partition, offset = message_coords(msg)
-        logger.warning("result %s not copied to %s: %s", result.request_id, topic, error)
+        logger.warning("result %s not copied: %s", result.request_id, error)
         dl = DeadLetter.from_event(
             DeadLetterReason.REPLY_TO_REFUSED,
-            f"result not delivered to {topic}: {error}",
+            f"result not delivered to {error}",
             stage=Stage.DELIVERY,
             topic=src,
             partition=partition,
@@ -116,4 +93,4 @@ class ResultFanout:
             original=msg.value() or b"",
         )
         dl.request_id, dl.tenant = result.request_id, result.tenant
-        producer.produce(self.topics.dead_letter, key=result.request_id.encode(), value=self.serde.encode(dl))
+        return Out(self.topics.dead_letter, result.request_id, dl)

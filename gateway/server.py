@@ -54,7 +54,7 @@ class Gateway:
             query=query,
         )
         self.app = create_api(self.services)
-        self.webhooks = WebhookWorker(settings, self.publisher)
+        self.webhooks = WebhookWorker(settings)
         self.fanout = ResultFanout(settings)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

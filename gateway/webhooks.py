@@ -6,8 +6,11 @@ final state with one. Each delivery is retried with exponential backoff for a bo
 given up: the request's status becomes ``webhook_failed`` and a dead letter records the event. A
 failed delivery never loses a result: it stays on the results topic and in ClickHouse.
 
-Offsets are committed only past events that were delivered or given up, so a crash re-delivers
-(at least once; the ``webhook-id`` of a redelivery is the same, so receivers can drop repeats).
+It runs on the runtime's committing loop (``core.kafka.ConsumeLoop``): posts run on a thread
+pool, everything Kafka stays on the loop's thread, and an event is done once it was delivered or
+its give-up records (dead letter, status) are acknowledged. Offsets are committed only past done
+events, so a crash re-delivers (at least once; the ``webhook-id`` of a redelivery is the same, so
+receivers can drop repeats).
 """
 
 from __future__ import annotations
@@ -24,20 +27,19 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import httpx
-from confluent_kafka import KafkaError, TopicPartition
+from confluent_kafka import Message
 
 from analytics.results import chat_completion, error_code
 from core import clients
 from core.errors import SluiceError
+from core.kafka import TP, ConsumeLoop, Handler, Out, Producer, TrackedPublisher, message_coords
 from core.settings import Settings, WebhookSettings
-from core.topics import Topics, message_coords
-from gpu_consumers.offsets import OffsetTracker
+from core.topics import Topics
 from schemas import (
-    AvroRecord,
     BatchStatus,
     DeadLetter,
     DeadLetterReason,
@@ -170,28 +172,41 @@ def batch_event(b: BatchStatus) -> WebhookEvent | None:
     return WebhookEvent(b.webhook_url, _msg_id(b.batch_id, kind), kind, batch_object(b), None, b.tenant)
 
 
-class WebhookWorker:
+@dataclass(frozen=True)
+class _Delivery:
+    """One event being posted, and where it came from."""
+
+    event: WebhookEvent
+    tp: TP
+    offset: int
+    raw: bytes
+
+
+class WebhookWorker(Handler):
     def __init__(
         self,
         settings: Settings,
-        publisher: Any,
         *,
         serde: Serde | None = None,
         http: httpx.Client | None = None,
+        producer: Producer | None = None,
     ) -> None:
+        """``producer`` (give-up records): the stub broker's in tests."""
         self.settings = settings
         self.cfg: WebhookSettings = settings.webhooks
         if not self.cfg.secrets:
             raise SluiceError("webhooks need a signing secret: set SLUICE_WEBHOOKS__SECRETS")
-        self.publisher = publisher
         self.serde = serde or clients.serde(settings)
         self.topics = Topics(settings.topic_prefix)
         self.http = http or httpx.Client(timeout=self.cfg.timeout_s, follow_redirects=False)
         self.group_id = f"{settings.topic_prefix}webhooks"
+        self._producer = producer
         self.delivered = 0
         self.given_up = 0
-        # The tracker is shared with the delivery threads.
-        self._tlock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._running: dict[Future[str | None], _Delivery] = {}
+        self._paused = False
+        self._stop = threading.Event()
 
     def deliver(self, event: WebhookEvent, stop: threading.Event) -> str | None:
         """Post ``event`` until a 2xx answer or the retry window ends; the last error, or None."""
@@ -226,109 +241,102 @@ class WebhookWorker:
                 return last
             delay = min(delay * 2, self.cfg.max_retry_s)
 
-    def _give_up(self, event: WebhookEvent, error: str, coords: tuple[str, int, int], raw: bytes) -> None:
+    def _give_up(self, d: _Delivery, error: str) -> list[Out]:
+        event = d.event
         self.given_up += 1
         logger.warning("webhook %s for %s given up: %s", event.type, event.request_id or event.url, error)
-        topic, partition, offset = coords
         detail = f"{event.type} to {event.url}: {error}"
         dl = DeadLetter.from_event(
             DeadLetterReason.WEBHOOK_FAILED,
             detail,
             stage=Stage.DELIVERY,
-            topic=topic,
-            partition=partition,
-            offset=offset,
-            original=raw,
+            topic=d.tp[0],
+            partition=d.tp[1],
+            offset=d.offset,
+            original=d.raw,
         )
         dl.request_id, dl.tenant = event.request_id, event.tenant
-        records: list[tuple[str, str, AvroRecord]] = [(self.topics.dead_letter, event.request_id or event.msg_id, dl)]
+        outs = [Out(self.topics.dead_letter, event.request_id or event.msg_id, dl)]
         if event.request_id is not None:
             status = RequestStatus.of(event.request_id, RequestState.WEBHOOK_FAILED, detail=detail)
-            records.append((self.topics.status, event.request_id, status))
-        for t, key, rec in records:
-            self.publisher.publish(t, key, rec)
-        self.publisher.flush()
+            outs.append(Out(self.topics.status, event.request_id, status))
+        return outs
 
     def _event(self, topic: str, value: bytes) -> WebhookEvent | None:
         if topic == self.topics.results:
             return result_event(self.serde.decode(InferenceResult, value))
         return batch_event(self.serde.decode(BatchStatus, value))
 
-    def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
-        consumer = clients.consumer(self.settings.kafka, "webhooks", self.group_id, **{"enable.auto.commit": False})
-        consumer.subscribe(
+    # -- the loop -------------------------------------------------------------------------------
+    def loop(self, consumer: Any | None = None, *, stop: threading.Event | None = None) -> ConsumeLoop:
+        """The committing loop over results and batch states (``consumer``: the stub broker's in
+        tests; ``stop`` cuts retries short on shutdown)."""
+        if stop is not None:
+            self._stop = stop
+        if consumer is None:
+            consumer = clients.consumer(self.settings.kafka, "webhooks", self.group_id)
+        if self._producer is None:
+            self._producer = cast(Producer, clients.producer(self.settings.kafka, "webhooks"))
+        self._pool = ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix="webhook")
+        return ConsumeLoop(
+            self,
+            consumer,
             [self.topics.results, self.topics.batches],
-            on_assign=lambda c, p: ready.set() if ready is not None else None,
+            publisher=TrackedPublisher(self._producer, self.serde),
+            batch=self.cfg.concurrency,
+            max_batches=1,
+            commit_interval_s=1.0,
+            idle_wait_s=0.2,
         )
-        tracker = OffsetTracker()
-        pool = ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix="webhook")
-        running: set[Future[None]] = set()
-        paused = False
-        last_commit = time.monotonic()
+
+    def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
+        self.loop(stop=stop).run(stop, ready)
+
+    def on_message(self, loop: ConsumeLoop, msg: Message) -> None:
+        topic, partition, offset = message_coords(msg)
+        raw = msg.value() or b""
         try:
-            while not stop.is_set():
-                running = {f for f in running if not f.done()}
-                # Bounded: deliveries that keep failing pause fetching instead of piling up.
-                full = len(running) >= self.cfg.concurrency * 4
-                if full != paused:
-                    (consumer.pause if full else consumer.resume)(consumer.assignment())
-                    paused = full
-                msg = consumer.poll(0.2)
-                if msg is not None:
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() != KafkaError._PARTITION_EOF:
-                            logger.warning("webhooks consumer: %s", err)
-                    else:
-                        coords = message_coords(msg)
-                        tp = (coords[0], coords[1])
-                        with self._tlock:
-                            tracker.fetched(tp, coords[2])
-                        raw = msg.value() or b""
-                        try:
-                            event = self._event(coords[0], raw)
-                        except SluiceError as exc:
-                            logger.error("webhooks skipped %s: %s", coords, exc)
-                            event = None
-                        if event is None:
-                            with self._tlock:
-                                tracker.done(tp, coords[2])
-                        else:
-                            running.add(pool.submit(self._run_one, event, coords, raw, tracker, stop))
-                if time.monotonic() - last_commit > 1.0:
-                    self._commit(consumer, tracker)
-                    last_commit = time.monotonic()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=False)
-            self._commit(consumer, tracker)
-            consumer.close()
-
-    def _run_one(
-        self,
-        event: WebhookEvent,
-        coords: tuple[str, int, int],
-        raw: bytes,
-        tracker: OffsetTracker,
-        stop: threading.Event,
-    ) -> None:
-        error = self.deliver(event, stop)
-        if error is None:
-            self.delivered += 1
-        elif stop.is_set():
-            return  # left uncommitted: the next worker delivers it
-        else:
-            self._give_up(event, error, coords, raw)
-        with self._tlock:
-            tracker.done((coords[0], coords[1]), coords[2])
-
-    def _commit(self, consumer: Any, tracker: OffsetTracker) -> None:
-        with self._tlock:
-            positions = tracker.committable()
-        if not positions:
+            event = self._event(topic, raw)
+        except SluiceError as exc:
+            logger.error("webhooks skipped %s[%d]@%d: %s", topic, partition, offset, exc)
+            event = None
+        if event is None:
+            loop.done((topic, partition), offset)
             return
-        try:
-            consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()], asynchronous=False)
-            with self._tlock:
-                tracker.mark_committed(positions)
-        except Exception as exc:  # a rebalance: the next owner re-delivers, receivers dedupe by id
-            logger.warning("webhooks commit failed: %s", exc)
+        assert self._pool is not None
+        d = _Delivery(event, (topic, partition), offset, raw)
+        self._running[self._pool.submit(self.deliver, event, self._stop)] = d
+
+    def on_cycle(self, loop: ConsumeLoop) -> bool:
+        self._settle(loop)
+        # Bounded: deliveries that keep failing pause fetching instead of piling up.
+        full = len(self._running) >= self.cfg.concurrency * 4
+        if full != self._paused:
+            (loop.pause if full else loop.resume)(loop.assigned)
+            self._paused = full
+        return False
+
+    def _settle(self, loop: ConsumeLoop) -> None:
+        assert loop.publisher is not None
+        for future in [f for f in self._running if f.done()]:
+            d = self._running.pop(future)
+            error = future.result()
+            if error is None:
+                self.delivered += 1
+                loop.done(d.tp, d.offset)
+            elif self._stop.is_set():
+                continue  # left not done: the next worker delivers it
+            else:
+                loop.publisher.publish((d.tp, d.offset), self._give_up(d, error))
+
+    def on_revoke(self, loop: ConsumeLoop, tps: set[TP]) -> None:
+        # Deliveries of these partitions finish (the next owner would repeat them otherwise).
+        for future, d in list(self._running.items()):
+            if d.tp in tps:
+                future.result()
+        self._settle(loop)
+
+    def on_stop(self, loop: ConsumeLoop) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._settle(loop)

@@ -10,29 +10,27 @@ dropped (fetched again on resume) instead of queueing ahead of newly fetched hig
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Protocol
 
-from confluent_kafka import KafkaException, TopicPartition
-
+from core.kafka import TP
 from core.topics import PRIORITIES
 from gpu_consumers.buffer import PriorityBuffer
 from schemas import Priority
 
-__all__ = ["FlowConsumer", "PartitionFlow"]
+__all__ = ["FlowControl", "PartitionFlow"]
 
 logger = logging.getLogger(__name__)
 
-TP = tuple[str, int]
 
+class FlowControl(Protocol):
+    """What flow control asks of the consume loop (``core.kafka.ConsumeLoop``)."""
 
-class FlowConsumer(Protocol):
-    """The part of ``confluent_kafka.Consumer`` flow control uses (tests pass a fake)."""
+    def pause(self, tps: Iterable[TP]) -> None: ...
 
-    def pause(self, partitions: list[TopicPartition]) -> None: ...
+    def resume(self, tps: Iterable[TP]) -> None: ...
 
-    def resume(self, partitions: list[TopicPartition]) -> None: ...
-
-    def seek(self, partition: TopicPartition) -> None: ...
+    def seek(self, tp: TP, offset: int) -> bool: ...
 
 
 def priority_of(topic: str) -> Priority:
@@ -66,13 +64,12 @@ class PartitionFlow:
         rewound = self._rewound.get(tp)
         return rewound is not None and offset >= rewound
 
-    def rewind(self, consumer: FlowConsumer, tp: TP, offset: int) -> bool:
+    def rewind(self, loop: FlowControl, tp: TP, offset: int) -> bool:
         """Hand a message back to the broker: pause its partition and seek to it."""
-        try:
-            consumer.pause([TopicPartition(*tp)])
-            consumer.seek(TopicPartition(tp[0], tp[1], offset))
-        except KafkaException as exc:
-            logger.debug("cannot rewind %s to %d (%s); buffering it instead", tp, offset, exc)
+        loop.pause([tp])
+        if not loop.seek(tp, offset):
+            loop.resume([tp])
+            logger.debug("cannot rewind %s to %d; buffering it instead", tp, offset)
             return False
         self._rewound[tp] = offset
         self.paused.add(priority_of(tp[0]))
@@ -81,25 +78,22 @@ class PartitionFlow:
     def full(self, tp: TP) -> bool:
         return self.buffer.full(priority_of(tp[0]).rank)
 
-    def apply(self, consumer: FlowConsumer) -> None:
+    def apply(self, loop: FlowControl) -> None:
         """Pause full priorities, resume those that drained below half (hysteresis)."""
         if self.draining:
             return
         for pr in PRIORITIES:
-            tps = [TopicPartition(t, p) for t, p in self.assigned[pr]]
+            tps = self.assigned[pr]
             if pr not in self.paused and self.buffer.full(pr.rank) and tps:
-                consumer.pause(tps)
+                loop.pause(tps)
                 self.paused.add(pr)
             elif pr in self.paused and self.buffer.has_room(pr.rank):
-                if tps:
-                    consumer.resume(tps)
-                for tp in self.assigned[pr]:
+                loop.resume(tps)
+                for tp in tps:
                     self._rewound.pop(tp, None)
                 self.paused.discard(pr)
 
-    def stop_fetching(self, consumer: FlowConsumer) -> None:
+    def stop_fetching(self, loop: FlowControl) -> None:
         """Draining: fetch nothing more (what is buffered stays uncommitted for the next owner)."""
         self.draining = True
-        tps = [TopicPartition(t, p) for pr in PRIORITIES for t, p in self.assigned[pr]]
-        if tps:
-            consumer.pause(tps)
+        loop.pause([tp for pr in PRIORITIES for tp in self.assigned[pr]])

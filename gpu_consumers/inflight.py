@@ -10,12 +10,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
+from core.kafka import TP
 from gpu_consumers.buffer import Buffered
 from gpu_consumers.outcomes import Usage
 
 __all__ = ["InFlight", "Running"]
-
-TP = tuple[str, int]
 
 
 @dataclass

@@ -5,19 +5,18 @@ records the same way), so they are unit-tested without a broker."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 from core.catalog import ModelEntry
 from core.headers import Headers
+from core.kafka import Out
 from core.settings import RetrySettings
 from core.topics import Topics
 from gpu_consumers.buffer import Buffered
 from gpu_consumers.engine import EngineOutput
 from gpu_consumers.flow import priority_of
 from schemas import (
-    AvroRecord,
     CostMetric,
     DeadLetter,
     DeadLetterReason,
@@ -31,21 +30,7 @@ from schemas import (
     Stage,
 )
 
-__all__ = ["Out", "Outcomes"]
-
-OutHeaders = Sequence[tuple[str, str | bytes | None]]
-
-
-@dataclass(frozen=True)
-class Out:
-    """One record to publish."""
-
-    topic: str
-    key: str | None
-    record: AvroRecord
-    headers: OutHeaders = field(default_factory=list)
-    # Unset: the producer's partitioner picks one.
-    partition: int | None = None
+__all__ = ["Outcomes", "Usage"]
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,10 @@ The loop, on one thread:
 4. step the engine; each finished request's result, cost metric and status are produced at once;
 5. commit each partition up to its lowest request whose records are not all acknowledged.
 
+It is a :class:`core.kafka.Handler`: the runtime's committing loop (``core.kafka.ConsumeLoop``)
+does the fetching, the rebalance callbacks and the commits; this module decides what to take and
+what each request becomes.
+
 Guarantees: records are produced with ``acks=all`` and idempotence, and an offset moves only past
 requests whose records the broker acknowledged. A crash re-runs at most the requests that were
 in the engine or not yet acknowledged (the in-flight window); a graceful stop (SIGTERM) lets them
@@ -31,35 +35,31 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
-from typing import cast
+from typing import Any, cast
 
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
 from core import clients
 from core.catalog import Catalog, ModelEntry
 from core.headers import carried
+from core.kafka import TP, ConsumeLoop, Handler, Out, Producer, TrackedPublisher, TransactionalPublisher, message_coords
 from core.metrics import ENGINE_INFLIGHT, ENGINE_SECONDS, REQUESTS, observe_records
 from core.settings import Settings
-from core.topics import Topics, message_coords
+from core.topics import Topics
 from gpu_consumers.buffer import Buffered, PriorityBuffer
 from gpu_consumers.cancellations import CancelWatch
 from gpu_consumers.engine import Engine, EngineDied, EngineOutput, EngineRequest
 from gpu_consumers.flow import PartitionFlow
 from gpu_consumers.inflight import InFlight, Running
-from gpu_consumers.offsets import OffsetTracker
-from gpu_consumers.outcomes import Out, Outcomes
-from gpu_consumers.publisher import Producer, Publisher
-from gpu_consumers.transactions import TransactionalPublisher
+from gpu_consumers.outcomes import Outcomes
 from schemas import DeadLetterReason, InferenceRequest, PipelineRejection, RequestState, Serde, utcnow
 
 __all__ = ["GpuWorker"]
 
 logger = logging.getLogger(__name__)
 
-TP = tuple[str, int]
 
-
-class GpuWorker:
+class GpuWorker(Handler):
     def __init__(
         self,
         settings: Settings,
@@ -89,7 +89,6 @@ class GpuWorker:
         capacity = es.buffer_per_priority or max(64, 2 * self.max_inflight)
         self.buffer = PriorityBuffer(capacity_per_priority=capacity, aging_s=aging_s)
         self.flow = PartitionFlow(self.buffer)
-        self.tracker = OffsetTracker()
         self.inflight = InFlight()
         self.run_id = uuid.uuid4().hex[:16]
         self.outcomes = Outcomes(
@@ -105,52 +104,48 @@ class GpuWorker:
         extra: dict[str, object] = {"linger.ms": 2}
         if settings.kafka.transactional:
             extra["transactional.id"] = f"{self.group_id}-{self.run_id}"
-        kafka_producer = producer or cast(Producer, clients.producer(settings.kafka, self.component, **extra))
-        self.publisher: Publisher
+        kafka_producer = (
+            producer
+            if producer is not None
+            else cast(Producer, clients.producer(settings.kafka, self.component, **extra))
+        )
+        self.publisher: TrackedPublisher
         if settings.kafka.transactional:
-            self.publisher = TransactionalPublisher(kafka_producer, self.serde, self.tracker.done)
+            self.publisher = TransactionalPublisher(kafka_producer, self.serde)
         else:
-            self.publisher = Publisher(kafka_producer, self.serde, self.tracker.done)
+            self.publisher = TrackedPublisher(kafka_producer, self.serde)
         self.on_finished = on_finished
         self.watch_cancellations = watch_cancellations
         self.cancels: CancelWatch | None = None
         # Engine-failure isolation: groups of suspects, run alone, halved on each failure.
         self._suspects: deque[list[Buffered]] = deque()
         self._isolating = False
-        self._last_commit = 0.0
         self.finished = 0
 
-    # -- Kafka callbacks ----------------------------------------------------------------------
-    def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
-        self.flow.assign([(p.topic, p.partition) for p in parts])
-        logger.info("assigned %s", [(p.topic, p.partition) for p in parts])
+    # -- Rebalances ----------------------------------------------------------------------------
+    def on_assign(self, loop: ConsumeLoop, tps: list[TP]) -> None:
+        self.flow.assign(tps)
 
-    def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
-        tps = {(p.topic, p.partition) for p in parts}
+    def on_revoke(self, loop: ConsumeLoop, tps: set[TP]) -> None:
         # The new owner refetches from the committed offset: hand back what is running from these
-        # partitions (nothing was produced for it, so nothing is doubled), release what is
-        # buffered, and commit what is acknowledged.
+        # partitions (nothing was produced for it, so nothing is doubled) and release what is
+        # buffered; the loop then commits what is acknowledged.
         aborted = self._hand_back(self.inflight.on(tps), "its partition moved to another consumer")
         dropped = self.buffer.drop(tps)
         self._suspects = deque([it for it in g if (it.topic, it.partition) not in tps] for g in self._suspects)
         self._suspects = deque(g for g in self._suspects if g)
-        try:
-            self.publisher.flush(30)
-        finally:
-            self._commit(consumer, only=tps, asynchronous=False)
-            self.tracker.forget(list(tps))
-            self.flow.revoke(tps)
-        logger.info("revoked %s (aborted %d running, released %d buffered)", sorted(tps), len(aborted), dropped)
+        self.flow.revoke(tps)
+        logger.info("giving up %s (aborted %d running, released %d buffered)", sorted(tps), len(aborted), dropped)
 
     # -- Intake ---------------------------------------------------------------------------------
-    def _take_in(self, consumer: Consumer, msg: Message) -> None:
+    def on_message(self, loop: ConsumeLoop, msg: Message) -> None:
         topic, partition, offset = message_coords(msg)
         tp = (topic, partition)
         if self.flow.draining or not self.flow.owns(tp) or self.flow.skip(tp, offset):
             return
-        if self.flow.full(tp) and self.flow.rewind(consumer, tp, offset):
+        if self.flow.full(tp) and self.flow.rewind(loop, tp, offset):
             return
-        self.tracker.fetched(tp, offset)
+        loop.take(msg)
         value = msg.value() or b""
         kind, ts = msg.timestamp()
         timestamp_ms = ts if kind != TIMESTAMP_NOT_AVAILABLE else None
@@ -158,8 +153,7 @@ class GpuWorker:
             request = self.serde.decode(InferenceRequest, value)
         except PipelineRejection as exc:
             self.publisher.publish(
-                tp,
-                offset,
+                (tp, offset),
                 self.outcomes.rejected(topic, partition, offset, value, timestamp_ms, exc, carried(msg.headers())),
             )
             return
@@ -167,25 +161,9 @@ class GpuWorker:
             Buffered(topic, partition, offset, value, request, time.monotonic(), timestamp_ms, carried(msg.headers()))
         )
 
-    def _drain_client(self, consumer: Consumer, timeout: float, chunk: int = 500, max_chunks: int = 20) -> None:
-        """Take in everything the client has prefetched (a full buffer rewinds its partitions, so
-        this mostly discards prefetched backlog, quickly)."""
-        msgs = consumer.consume(num_messages=chunk, timeout=timeout)
-        for _ in range(max_chunks):
-            for msg in msgs:
-                err = msg.error()
-                if err is not None:
-                    if err.code() != KafkaError._PARTITION_EOF:
-                        logger.warning("consume error: %s", err)
-                    continue
-                self._take_in(consumer, msg)
-            if len(msgs) < chunk:
-                return
-            msgs = consumer.consume(num_messages=chunk, timeout=0)
-
     # -- Outcomes -------------------------------------------------------------------------------
     def _finish(self, item: Buffered, outs: list[Out], status: str) -> None:
-        self.publisher.publish((item.topic, item.partition), item.offset, outs)
+        self.publisher.publish(((item.topic, item.partition), item.offset), outs)
         REQUESTS.labels(self.entry.name, status).inc()
         observe_records((o.record for o in outs), source="engine")
         self.finished += 1
@@ -271,7 +249,7 @@ class GpuWorker:
             running = self.inflight.pop(rid)
             if running is not None:
                 item = running.item
-                self.publisher.publish((item.topic, item.partition), item.offset, self.outcomes.handback(item, why))
+                self.publisher.publish(((item.topic, item.partition), item.offset), self.outcomes.handback(item, why))
                 handed.append(rid)
         return handed
 
@@ -328,9 +306,6 @@ class GpuWorker:
         for out in finished:
             self._completed(out)
 
-    def _cancel_reason(self, running: Running) -> str:
-        return self._cancelled(running.item.request.request_id) or "cancelled"
-
     def _watch(self) -> None:
         """Abort running requests that were cancelled or ran out of time."""
         if not len(self.inflight):
@@ -352,32 +327,8 @@ class GpuWorker:
                 lambda r: f"deadline {r.item.request.deadline} passed while it ran; aborted",
             )
 
-    # -- Commit ---------------------------------------------------------------------------------
-    def _commit(self, consumer: Consumer, only: set[TP] | None = None, *, asynchronous: bool = True) -> None:
-        if isinstance(self.publisher, TransactionalPublisher):
-            self.publisher.commit(consumer, self.tracker, only)
-            self._last_commit = time.monotonic()
-            return
-        positions = self.tracker.committable()
-        if only is not None:
-            positions = {tp: pos for tp, pos in positions.items() if tp in only}
-        if not positions:
-            return
-        offsets = [TopicPartition(t, p, pos) for (t, p), pos in positions.items()]
-        try:
-            if asynchronous:
-                consumer.commit(offsets=offsets, asynchronous=True)
-            else:
-                consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as exc:
-            # A commit lost to a rebalance only means re-delivery; results stay keyed by request id.
-            logger.warning("offset commit failed (%s); work may be re-delivered", exc)
-            return
-        self.tracker.mark_committed(positions)
-        self._last_commit = time.monotonic()
-
     # -- Loop -----------------------------------------------------------------------------------
-    def _consumer(self) -> Consumer:
+    def consumer(self) -> Any:
         # A small prefetch queue keeps memory flat however deep the backlog is (the buffer is the
         # real queue). The fetch sizes count compressed bytes: a backlog written in large zstd
         # batches of similar prompts inflates twenty-fold or more when a fetch is decompressed,
@@ -399,31 +350,30 @@ class GpuWorker:
             },
         )
 
+    def loop(self, consumer: Any | None = None) -> ConsumeLoop:
+        """The committing loop over this model's topics (``consumer``: the stub broker's in tests).
+        Messages are taken only once buffered (a full priority rewinds instead)."""
+        return ConsumeLoop(
+            self,
+            consumer if consumer is not None else self.consumer(),
+            self.topics.model_topics(self.entry.name),
+            publisher=self.publisher,
+            track=False,
+            idle_wait_s=0.05,
+        )
+
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
-        consumer = self._consumer()
         if self.watch_cancellations:
             self.cancels = CancelWatch(self.settings, self.serde)
-        consumer.subscribe(
-            self.topics.model_topics(self.entry.name),
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_revoke,
-        )
+        loop = self.loop()
         logger.info(
             "gpu worker for %s consuming as %s (max in flight %d)", self.entry.name, self.group_id, self.max_inflight
         )
         try:
-            while not stop.is_set():
-                self._cycle(consumer, idle_wait=0.05)
-                if ready is not None and any(self.flow.assigned.values()):
-                    ready.set()
-            self._drain(consumer)
+            loop.run(stop, ready)
         finally:
-            try:
-                consumer.close()
-            finally:
-                if self.cancels is not None:
-                    self.cancels.close()
+            if self.cancels is not None:
+                self.cancels.close()
             logger.info(
                 "gpu worker for %s stopped: %d finished, %.1fs engine time",
                 self.entry.name,
@@ -431,10 +381,13 @@ class GpuWorker:
                 self.inflight.engine_seconds,
             )
 
-    def _cycle(self, consumer: Consumer, idle_wait: float) -> None:
-        busy = bool(len(self.inflight))
-        self._drain_client(consumer, 0 if busy else idle_wait)
-        self.flow.apply(consumer)
+    @property
+    def idle(self) -> bool:
+        """Nothing buffered, running or being isolated."""
+        return not (len(self.buffer) or len(self.inflight) or self._suspects)
+
+    def on_cycle(self, loop: ConsumeLoop) -> bool:
+        self.flow.apply(loop)
         if self.cancels is not None and len(self.buffer):
             self.cancels.poll()
         self._watch()
@@ -443,21 +396,18 @@ class GpuWorker:
         if len(self.inflight):
             self._step()
         ENGINE_INFLIGHT.labels(self.entry.name).set(len(self.inflight))
-        self.publisher.poll()
-        if time.monotonic() - self._last_commit >= 0.2:
-            self._commit(consumer)
+        return bool(len(self.inflight))
 
-    def _drain(self, consumer: Consumer) -> None:
+    def on_stop(self, loop: ConsumeLoop) -> None:
         """Graceful stop: admit nothing more, let running requests finish within ``drain_s``, hand
-        the rest back to their partitions (the next owner runs them), commit what is acknowledged.
-        Buffered requests that never started stay uncommitted for the next owner."""
-        self.flow.stop_fetching(consumer)
+        the rest back to their partitions (the next owner runs them); the loop then commits what is
+        acknowledged. Buffered requests that never started stay uncommitted for the next owner."""
+        self.flow.stop_fetching(loop)
         grace = self.settings.engine.drain_s
         deadline = time.monotonic() + grace
         while len(self.inflight) and time.monotonic() < deadline:
-            self._cycle(consumer, idle_wait=0)
+            self.on_cycle(loop)
+            self.publisher.poll()
         left = self._hand_back(self.inflight.ids(), f"the consumer stopped; not finished within {grace:g}s")
         if left:
             logger.warning("drain: %d request(s) still running after %.0fs handed back", len(left), grace)
-        self.publisher.flush(30)
-        self._commit(consumer, asynchronous=False)

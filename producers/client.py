@@ -1,9 +1,10 @@
 """The producer client: ``submit(...) -> request_id``.
 
 Requests are keyed by request id (so a request's events stay ordered on one partition) and
-published with ``acks=all`` and idempotence on. Delivery is asynchronous, as with
-confluent-kafka; :meth:`SluiceClient.flush` waits for every acknowledgement and raises if any
-request was not acknowledged, so a caller never believes a lost request was queued.
+published with ``acks=all`` and idempotence on, through the runtime's tracked publisher
+(``core.kafka.TrackedPublisher``). Delivery is asynchronous, as with confluent-kafka;
+:meth:`SluiceClient.flush` waits for every acknowledgement and raises if any request was not
+acknowledged, so a caller never believes a lost request was queued.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import threading
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import KafkaException
 
 from core import clients
 from core.errors import BrokerError, ConfigError
 from core.headers import new_traceparent, valid_traceparent
+from core.kafka import Out, Producer, TrackedPublisher
 from core.settings import Settings
 from core.topics import Topics
 from schemas import AvroRecord, ChatMessage, InferenceRequest, Priority, RequestState, RequestStatus, Serde
@@ -30,27 +32,26 @@ logger = logging.getLogger(__name__)
 
 
 class SluiceClient:
-    def __init__(self, settings: Settings | None = None, *, serde: Serde | None = None) -> None:
+    def __init__(
+        self, settings: Settings | None = None, *, serde: Serde | None = None, producer: Producer | None = None
+    ) -> None:
+        """``producer``: the stub broker's in tests; otherwise built from ``settings`` on first use."""
         self.settings = settings or Settings()
         self.topics = Topics(self.settings.topic_prefix)
         self._serde = serde or clients.serde(self.settings)
-        self._producer: Producer | None = None
+        self._producer = producer
+        self._publisher: TrackedPublisher | None = None
         self._lock = threading.Lock()
-        self._failed: list[tuple[str, str]] = []
 
     @property
-    def producer(self) -> Producer:
+    def publisher(self) -> TrackedPublisher:
         # Lazy, like Quix Streams: constructing a client does not connect.
-        if self._producer is None:
-            self._producer = clients.producer(self.settings.kafka, "producer")
-        return self._producer
-
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            key = (msg.key() or b"?").decode(errors="replace")
-            logger.error("request %s not delivered to %s: %s", key, msg.topic(), err)
-            with self._lock:
-                self._failed.append((key, str(err)))
+        with self._lock:
+            if self._publisher is None:
+                if self._producer is None:
+                    self._producer = cast(Producer, clients.producer(self.settings.kafka, "producer"))
+                self._publisher = TrackedPublisher(self._producer, self._serde)
+            return self._publisher
 
     def submit(
         self,
@@ -126,20 +127,19 @@ class SluiceClient:
         if tracestate:
             headers.append(("tracestate", tracestate.encode()))
         topic = self.topics.requests(request.priority)
-        self._produce(topic, request.request_id, self._serde.encode(request), headers)
+        outs = [Out(topic, request.request_id, request, headers)]
         if self.settings.publish_status:
             status = RequestStatus.of(
                 request.request_id, RequestState.QUEUED, detail=f"on {topic}", tenant=request.tenant
             )
-            self._produce(self.topics.status, request.request_id, self._serde.encode(status), [])
-        self.producer.poll(0)
+            outs.append(Out(self.topics.status, request.request_id, status))
+        self._publish(request.request_id, outs)
         return request.request_id
 
     def publish(self, topic: str, key: str, record: AvroRecord) -> None:
         """Publish any Sluice record (a batch status, a failed result for an invalid batch line)
         under ``key``; acknowledged by :meth:`flush` like requests are."""
-        self._produce(topic, key, self._serde.encode(record), [])
-        self.producer.poll(0)
+        self._publish(key, [Out(topic, key, record)])
 
     def cancel(self, request_id: str, reason: str = "cancelled by the submitter") -> None:
         """Ask the GPU consumers to skip a request that has not started (compacted topic, keyed by id).
@@ -147,37 +147,39 @@ class SluiceClient:
         A request already running finishes normally; a skipped one gets a failed result, a
         ``cancelled`` dead letter and the status ``cancelled``."""
         record = RequestStatus.of(request_id, RequestState.CANCELLED, detail=reason)
-        self._produce(self.topics.cancellations, request_id, self._serde.encode(record), [])
-        self.producer.poll(0)
+        self._publish(request_id, [Out(self.topics.cancellations, request_id, record)])
 
-    def _produce(self, topic: str, key: str, value: bytes, headers: list[tuple[str, str | bytes | None]]) -> None:
-        while True:
-            try:
-                self.producer.produce(
-                    topic, key=key.encode(), value=value, headers=headers, on_delivery=self._on_delivery
-                )
-                return
-            except BufferError:
-                # Local queue full: serve delivery reports to make room, then retry.
-                self.producer.poll(0.1)
-            except KafkaException as exc:
-                raise BrokerError(f"cannot publish to {topic} for request {key}: {exc}") from exc
+    def _publish(self, key: str, outs: list[Out]) -> None:
+        publisher = self.publisher
+        try:
+            publisher.publish(key, outs)
+        except KafkaException as exc:
+            raise BrokerError(f"cannot publish to {outs[0].topic} for request {key}: {exc}") from exc
+        publisher.producer.poll(0)
+
+    def poll(self) -> None:
+        """Serve delivery reports (a long-running producer calls this now and then, as with
+        confluent-kafka; :meth:`submit` does it too)."""
+        if self._publisher is not None:
+            self._publisher.producer.poll(0)
 
     def flush(self, timeout: float = 30.0) -> None:
         """Wait for every queued request to be acknowledged; raise if any was not."""
-        if self._producer is None:
+        if self._publisher is None:
             return
-        remaining = self._producer.flush(timeout)
-        with self._lock:
-            failed, self._failed = self._failed, []
+        remaining = self._publisher.producer.flush(timeout)
+        failed = self._publisher.take_errors()
         if remaining:
             raise BrokerError(f"{remaining} request(s) still unacknowledged after {timeout}s")
         if failed:
-            ids = ", ".join(k for k, _ in failed[:5])
-            raise BrokerError(f"{len(failed)} request(s) were not delivered: {ids}: {failed[0][1]}")
+            for f in failed:
+                logger.error("request %s not delivered: %s", f.unit, f.error)
+            ids = ", ".join(str(f.unit) for f in failed[:5])
+            raise BrokerError(f"{len(failed)} request(s) were not delivered: {ids}: {failed[0].error}")
 
     def close(self) -> None:
         self.flush()
+        self._publisher = None
         self._producer = None
 
     def __enter__(self) -> SluiceClient:

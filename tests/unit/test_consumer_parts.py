@@ -5,7 +5,6 @@ from datetime import timedelta
 from gpu_consumers.buffer import Buffered, PriorityBuffer
 from gpu_consumers.engine import EngineRequest
 from gpu_consumers.instant_engine import InstantTestEngine
-from gpu_consumers.offsets import OffsetTracker
 from schemas import ChatMessage, DeadLetterReason, InferenceRequest, utcnow
 
 
@@ -50,19 +49,6 @@ def test_buffer_capacity_and_hysteresis() -> None:
     assert buf.full(2) and not buf.has_room(2) and not buf.full(0)
     buf.take(3, utcnow())
     assert buf.has_room(2)
-
-
-def test_offsets_commit_only_below_the_lowest_pending() -> None:
-    t = OffsetTracker()
-    for off in (5, 6, 7):
-        t.fetched(("a", 0), off)
-    t.done(("a", 0), 6)
-    t.done(("a", 0), 7)
-    assert t.committable() == {("a", 0): 5}
-    t.mark_committed({("a", 0): 5})
-    assert t.committable() == {}
-    t.done(("a", 0), 5)
-    assert t.committable() == {("a", 0): 8}
 
 
 def test_instant_engine_reports_context_overflow_per_request() -> None:

@@ -1,20 +1,23 @@
-"""The GPU consumer's engine loop, driven without a broker: a fake Kafka consumer feeds it, an
-in-memory producer acknowledges what it publishes, and the instant test engine (a named test
-double) stands in for vLLM with one token per running request per step."""
+"""The GPU consumer's engine loop, driven without a broker: the runtime's stub broker
+(``core.kafka.stub``) feeds it and acknowledges what it publishes, and the instant test engine (a
+named test double) stands in for vLLM with one token per running request per step. Only public
+interfaces: the worker's committing loop (``worker.loop``), its cycles and its graceful stop."""
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from confluent_kafka import TopicPartition
 
 from core.catalog import Catalog
+from core.kafka import ConsumeLoop
+from core.kafka.stub import StubBroker
 from core.settings import Settings
 from core.topics import Topics
+from gpu_consumers.cancellations import CancelWatch
 from gpu_consumers.engine import EngineOutput, EngineRequest
 from gpu_consumers.instant_engine import POISON_PILL, InstantTestEngine
 from gpu_consumers.worker import GpuWorker
@@ -25,6 +28,7 @@ from schemas import (
     InferenceRequest,
     InferenceResult,
     Priority,
+    RequestState,
     RequestStatus,
     Route,
     Serde,
@@ -35,101 +39,8 @@ from tests.support import model_entry
 SERDE = Serde()
 PREFIX = "u."
 TOPICS = Topics(PREFIX)
-
-
-class FakeMessage:
-    def __init__(self, topic: str, partition: int, offset: int, value: bytes | None = None) -> None:
-        self._coords = (topic, partition, offset)
-        self._value = value
-
-    def topic(self) -> str:
-        return self._coords[0]
-
-    def partition(self) -> int:
-        return self._coords[1]
-
-    def offset(self) -> int:
-        return self._coords[2]
-
-    def value(self) -> bytes | None:
-        return self._value
-
-    def error(self) -> None:
-        return None
-
-    def timestamp(self) -> tuple[int, int]:
-        return (1, 1_700_000_000_000 + self._coords[2])
-
-    def headers(self) -> list[tuple[str, bytes]] | None:
-        return [("traceparent", f"00-{'a' * 32}-{self._coords[2] + 1:016x}-01".encode())]
-
-
-class FakeConsumer:
-    """Hands out queued messages of unpaused partitions; records commits."""
-
-    def __init__(self) -> None:
-        self.queue: deque[FakeMessage] = deque()
-        self.paused: set[tuple[str, int]] = set()
-        self.committed: dict[tuple[str, int], int] = {}
-
-    def consume(self, num_messages: int = 1, timeout: float = 0) -> list[FakeMessage]:
-        out = []
-        for msg in list(self.queue):
-            if len(out) >= num_messages:
-                break
-            if (msg.topic(), msg.partition()) not in self.paused:
-                self.queue.remove(msg)
-                out.append(msg)
-        return out
-
-    def pause(self, tps: list[TopicPartition]) -> None:
-        self.paused |= {(tp.topic, tp.partition) for tp in tps}
-
-    def resume(self, tps: list[TopicPartition]) -> None:
-        self.paused -= {(tp.topic, tp.partition) for tp in tps}
-
-    def seek(self, tp: TopicPartition) -> None:
-        pass
-
-    def commit(self, offsets: list[TopicPartition], asynchronous: bool = True) -> None:
-        for tp in offsets:
-            self.committed[(tp.topic, tp.partition)] = tp.offset
-
-
-class MemoryProducer:
-    """Acknowledges every record on the next poll or flush, as a healthy broker would."""
-
-    def __init__(self) -> None:
-        self.records: list[tuple[str, str | None, Any]] = []
-        self._pending: list[tuple[Any, FakeMessage]] = []
-
-    def produce(
-        self,
-        topic: str,
-        value: bytes,
-        key: bytes | None = None,
-        headers: Any = None,
-        partition: int = -1,
-        on_delivery: Any = None,
-    ) -> None:
-        record = SERDE.decode(_TYPES[topic], value)
-        self.records.append((topic, key.decode() if key else None, record))
-        if on_delivery is not None:
-            self._pending.append((on_delivery, FakeMessage(topic, 0, len(self.records))))
-
-    def poll(self, timeout: float = 0) -> int:
-        pending, self._pending = self._pending, []
-        for callback, msg in pending:
-            callback(None, msg)
-        return len(pending)
-
-    def flush(self, timeout: float = 0) -> int:
-        self.poll()
-        return 0
-
-    def of(self, kind: type) -> list[Any]:
-        return [r for _, _, r in self.records if isinstance(r, kind)]
-
+GROUP = f"{PREFIX}gpu-m"
+LOW = (TOPICS.model("m", Priority.LOW), 0)
 
 _TYPES: dict[str, type] = {
     TOPICS.results: InferenceResult,
@@ -139,20 +50,6 @@ _TYPES: dict[str, type] = {
     **{TOPICS.retry(i): InferenceRequest for i in range(3)},
     **{TOPICS.model("m", p): InferenceRequest for p in Priority},
 }
-
-
-class FakeCancels:
-    def __init__(self) -> None:
-        self.ids: dict[str, str] = {}
-
-    def poll(self) -> int:
-        return 0
-
-    def reason(self, request_id: str) -> str | None:
-        return self.ids.get(request_id)
-
-    def close(self) -> None:
-        pass
 
 
 class RecordingEngine(InstantTestEngine):
@@ -165,19 +62,60 @@ class RecordingEngine(InstantTestEngine):
         return super().add(request)
 
 
-def _worker(max_inflight: int = 4, **engine_kw: Any) -> tuple[GpuWorker, RecordingEngine, FakeConsumer, MemoryProducer]:
-    settings = Settings(topic_prefix=PREFIX, publish_status=True)
-    settings.engine.kind = "instant"
-    settings.retry.backoff_ms = [100, 200]
+@dataclass
+class Rig:
+    broker: StubBroker
+    worker: GpuWorker
+    engine: RecordingEngine
+    loop: ConsumeLoop
+
+    def of(self, kind: type) -> list[Any]:
+        """Records of ``kind`` produced so far, in order (model-topic copies excluded unless asked)."""
+        out = []
+        for topic, record_type in _TYPES.items():
+            if record_type is kind and (kind is not InferenceRequest or topic not in self.fed):
+                out += [SERDE.decode(kind, m.value()) for m in self.broker.messages(topic)]
+        return out
+
+    @property
+    def fed(self) -> set[str]:
+        return set(TOPICS.model_topics("m"))
+
+    def committed(self, tp: tuple[str, int] = LOW) -> int:
+        return self.broker.committed.get(GROUP, {}).get(tp, 0)
+
+    def cycles(self, n: int) -> None:
+        for _ in range(n):
+            self.loop.run_once(wait=0)
+
+    def settle(self, cycles: int = 1000) -> int:
+        """Cycle until nothing is left to do, then flush and commit; returns the cycles taken."""
+        for n in range(cycles):
+            taken = self.loop.run_once(wait=0)
+            if not taken and self.worker.idle:
+                self.loop.publisher.flush()  # type: ignore[union-attr]
+                self.loop.commit(asynchronous=False)
+                return n
+        raise AssertionError("the loop did not settle")
+
+
+def _rig(max_inflight: int = 4, *, cancels: bool = False, **engine_kw: Any) -> Rig:
+    settings = Settings(
+        topic_prefix=PREFIX, publish_status=True, engine={"kind": "instant"}, retry={"backoff_ms": [100, 200]}
+    )
     catalog = Catalog(models=[model_entry("m", context_length=100_000)])
+    broker = StubBroker()
+    for topic in [*_TYPES, TOPICS.cancellations]:
+        broker.create_topic(topic)
     engine = RecordingEngine("m", max_model_len=100_000, max_inflight=max_inflight, **engine_kw)
-    producer = MemoryProducer()
-    worker = GpuWorker(settings, catalog, "m", engine, serde=SERDE, producer=producer, watch_cancellations=False)
-    worker.cancels = FakeCancels()  # type: ignore[assignment]
-    consumer = FakeConsumer()
-    tps = [(TOPICS.model("m", p), 0) for p in Priority]
-    worker._on_assign(consumer, [TopicPartition(t, p) for t, p in tps])  # type: ignore[arg-type]
-    return worker, engine, consumer, producer
+    worker = GpuWorker(
+        settings, catalog, "m", engine, serde=SERDE, producer=broker.producer(), watch_cancellations=False
+    )
+    if cancels:
+        worker.cancels = CancelWatch(settings, SERDE, consumer=broker.consumer("cancel-watch"))
+    loop = worker.loop(broker.consumer(GROUP))
+    loop.run_once(wait=0)  # joins: every partition assigned
+    return Rig(broker, worker, engine, loop)
 
 
 def _request(rid: str, max_tokens: int, priority: Priority = Priority.LOW, **kw: Any) -> InferenceRequest:
@@ -191,121 +129,117 @@ def _request(rid: str, max_tokens: int, priority: Priority = Priority.LOW, **kw:
     )
 
 
-def _feed(consumer: FakeConsumer, requests: Iterable[InferenceRequest]) -> None:
-    offsets: dict[str, int] = {}
-    for msg in consumer.queue:
-        offsets[msg.topic()] = max(offsets.get(msg.topic(), 0), msg.offset() + 1)
+def _feed(rig: Rig, requests: Iterable[InferenceRequest]) -> None:
     for r in requests:
-        topic = TOPICS.model("m", r.priority)
-        consumer.queue.append(FakeMessage(topic, 0, offsets.get(topic, 0), SERDE.encode(r)))
-        offsets[topic] = offsets.get(topic, 0) + 1
+        rig.broker.append(TOPICS.model("m", r.priority), SERDE.encode(r), r.request_id.encode())
 
 
-def _run(worker: GpuWorker, consumer: FakeConsumer, cycles: int = 1000) -> int:
-    """Cycle until nothing is left to do; returns the cycles taken."""
-    for n in range(cycles):
-        if not (consumer.queue or len(worker.buffer) or len(worker.inflight) or worker._suspects):
-            worker.publisher.flush()
-            worker._commit(consumer, asynchronous=False)  # type: ignore[arg-type]
-            return n
-        worker._cycle(consumer, idle_wait=0)  # type: ignore[arg-type]
-    raise AssertionError("the loop did not settle")
-
-
-def _finished_order(producer: MemoryProducer) -> list[str]:
-    return [r.request_id for r in producer.of(InferenceResult)]
+def _finished_order(rig: Rig) -> list[str]:
+    return [r.request_id for r in rig.of(InferenceResult)]
 
 
 def test_requests_are_admitted_as_others_finish_and_published_as_each_finishes() -> None:
-    worker, engine, consumer, producer = _worker(max_inflight=4)
+    rig = _rig(max_inflight=4)
     lengths = [8, 1, 1, 1, 8, 1, 1, 1, 2, 2]
-    _feed(consumer, [_request(f"r{i}", n) for i, n in enumerate(lengths)])
-    _run(worker, consumer)
-    results = producer.of(InferenceResult)
+    _feed(rig, [_request(f"r{i}", n) for i, n in enumerate(lengths)])
+    rig.settle()
+    results = rig.of(InferenceResult)
     assert len(results) == len(lengths) and all(r.status == "succeeded" for r in results)
     # Short requests come out before the long ones that entered the engine with them.
-    order = _finished_order(producer)
+    order = _finished_order(rig)
     assert order.index("r1") < order.index("r0") and order.index("r5") < order.index("r0")
     # Batch-at-a-time (4 at once, each batch waiting for its slowest) needs 8 + 8 + 2 = 18 steps;
     # refilling slots as they free up needs about the total work divided by the slots.
-    assert engine.steps <= 12, engine.steps
-    assert engine.peak_running == 4
-    assert consumer.committed[(TOPICS.model("m", Priority.LOW), 0)] == len(lengths)
+    assert rig.engine.steps <= 12, rig.engine.steps
+    assert rig.engine.peak_running == 4
+    assert rig.committed() == len(lengths)
 
 
 def test_offsets_move_only_up_to_the_lowest_unfinished_request() -> None:
-    worker, _engine, consumer, producer = _worker(max_inflight=4)
-    _feed(consumer, [_request("long", 50), *[_request(f"s{i}", 1) for i in range(3)]])
-    for _ in range(5):
-        worker._cycle(consumer, idle_wait=0)  # type: ignore[arg-type]
-    worker.publisher.flush()
-    worker._commit(consumer, asynchronous=False)  # type: ignore[arg-type]
-    assert set(_finished_order(producer)) == {"s0", "s1", "s2"}
-    assert consumer.committed.get((TOPICS.model("m", Priority.LOW), 0), 0) == 0  # "long" at offset 0 runs on
-    _run(worker, consumer)
-    assert consumer.committed[(TOPICS.model("m", Priority.LOW), 0)] == 4
+    rig = _rig(max_inflight=4)
+    _feed(rig, [_request("long", 50), *[_request(f"s{i}", 1) for i in range(3)]])
+    rig.cycles(5)
+    rig.loop.publisher.flush()  # type: ignore[union-attr]
+    rig.loop.commit(asynchronous=False)
+    assert set(_finished_order(rig)) == {"s0", "s1", "s2"}
+    assert rig.committed() == 0  # "long" at offset 0 runs on
+    rig.settle()
+    assert rig.committed() == 4
 
 
 def test_high_priority_reaches_the_engine_ahead_of_a_full_low_backlog() -> None:
-    worker, engine, consumer, producer = _worker(max_inflight=4)
-    _feed(consumer, [_request(f"low{i}", 20) for i in range(12)])
-    for _ in range(3):
-        worker._cycle(consumer, idle_wait=0)  # type: ignore[arg-type]
-    assert len(worker.inflight) == 4 and len(worker.buffer) == 8
-    _feed(consumer, [_request("high", 2, Priority.HIGH)])
-    worker._cycle(consumer, idle_wait=0)  # type: ignore[arg-type]
+    rig = _rig(max_inflight=4)
+    _feed(rig, [_request(f"low{i}", 20) for i in range(12)])
+    rig.cycles(3)
+    assert len(rig.worker.inflight) == 4 and len(rig.worker.buffer) == 8
+    _feed(rig, [_request("high", 2, Priority.HIGH)])
+    rig.cycles(1)
     # It takes a headroom slot at once, with its priority, instead of waiting behind 8 low ones.
-    assert "high" in worker.inflight and len(worker.inflight) == 5
-    added = {r.request_id: r.priority for r in engine.added}
+    assert "high" in rig.worker.inflight and len(rig.worker.inflight) == 5
+    added = {r.request_id: r.priority for r in rig.engine.added}
     assert added["high"] == Priority.HIGH.rank < added["low0"] == Priority.LOW.rank
-    _run(worker, consumer)
-    order = _finished_order(producer)
+    rig.settle()
+    order = _finished_order(rig)
     assert order.index("high") < order.index("low4")
 
 
+def test_a_full_priority_rewinds_and_nothing_past_the_buffer_is_committed() -> None:
+    rig = _rig(max_inflight=1)
+    capacity = rig.worker.buffer.capacity
+    _feed(rig, [_request(f"low{i}", 3) for i in range(capacity * 3)])
+    rig.cycles(2)
+    # The partition is paused and rewound at the first request that did not fit: nothing beyond
+    # what is buffered or running was taken, so nothing beyond it can be committed.
+    assert len(rig.worker.buffer) + len(rig.worker.inflight) <= capacity + 1
+    assert Priority.LOW in rig.worker.flow.paused
+    rig.loop.commit(asynchronous=False)
+    assert rig.committed() <= capacity + 1
+    rig.settle(cycles=20_000)
+    assert len(rig.of(InferenceResult)) == capacity * 3 and rig.committed() == capacity * 3
+
+
 def test_aging_raises_the_priority_the_engine_sees() -> None:
-    worker, engine, consumer, _producer = _worker(max_inflight=4)
-    old = _request("old-low", 1, created_at=utcnow() - timedelta(seconds=65))
-    _feed(consumer, [old])
-    _run(worker, consumer)
-    assert engine.added[0].priority == Priority.LOW.rank - 2  # two aging periods (30 s each)
+    rig = _rig(max_inflight=4)
+    _feed(rig, [_request("old-low", 1, created_at=utcnow() - timedelta(seconds=65))])
+    rig.settle()
+    assert rig.engine.added[0].priority == Priority.LOW.rank - 2  # two aging periods (30 s each)
 
 
 def test_cancelled_and_expired_running_requests_are_aborted_and_billed() -> None:
-    worker, engine, consumer, producer = _worker(max_inflight=4)
+    rig = _rig(max_inflight=4, cancels=True)
     soon = utcnow() + timedelta(milliseconds=300)
-    _feed(consumer, [_request("cancel-me", 10_000), _request("late", 10_000, deadline=soon), _request("ok", 3)])
-    for _ in range(4):
-        worker._cycle(consumer, idle_wait=0)  # type: ignore[arg-type]
-    assert "cancel-me" in worker.inflight
-    worker.cancels.ids["cancel-me"] = "no longer needed"  # type: ignore[union-attr]
+    _feed(rig, [_request("cancel-me", 10_000), _request("late", 10_000, deadline=soon), _request("ok", 3)])
+    rig.cycles(4)
+    assert "cancel-me" in rig.worker.inflight
+    cancel = RequestStatus.of("cancel-me", RequestState.CANCELLED, detail="no longer needed")
+    rig.broker.append(TOPICS.cancellations, SERDE.encode(cancel), b"cancel-me")
     import time
 
     deadline = time.monotonic() + 5
-    while len(worker.inflight) and time.monotonic() < deadline:
-        worker._cycle(consumer, idle_wait=0)  # type: ignore[arg-type]
+    while len(rig.worker.inflight) and time.monotonic() < deadline:
+        rig.cycles(1)
         time.sleep(0.01)
-    worker.publisher.flush()
-    results = {r.request_id: r for r in producer.of(InferenceResult)}
+    rig.settle()
+    results = {r.request_id: r for r in rig.of(InferenceResult)}
     assert results["ok"].status == "succeeded"
     assert results["cancel-me"].error == "cancelled: no longer needed"
     assert results["late"].error is not None and results["late"].error.startswith("deadline_expired: ")
-    metrics = {m.request_id: m for m in producer.of(CostMetric)}
+    metrics = {m.request_id: m for m in rig.of(CostMetric)}
     for rid in ("cancel-me", "late"):
         assert 0 < metrics[rid].output_tokens < 10_000 and metrics[rid].cost_usd > 0
-    reasons = {d.request_id: d.reason.value for d in producer.of(DeadLetter)}
+    reasons = {d.request_id: d.reason.value for d in rig.of(DeadLetter)}
     assert reasons == {"cancel-me": "cancelled", "late": "deadline_expired"}
-    assert not engine.has_unfinished()
+    assert not rig.engine.has_unfinished()
 
 
 def test_per_request_engine_time_adds_up_to_the_engine_time() -> None:
-    worker, _engine, consumer, producer = _worker(max_inflight=3, token_seconds=0.002)
-    _feed(consumer, [_request(f"r{i}", n) for i, n in enumerate([5, 1, 9, 3, 3, 7, 2])])
-    _run(worker, consumer)
-    metrics = producer.of(CostMetric)
+    rig = _rig(max_inflight=3, token_seconds=0.002)
+    _feed(rig, [_request(f"r{i}", n) for i, n in enumerate([5, 1, 9, 3, 3, 7, 2])])
+    rig.settle()
+    metrics = rig.of(CostMetric)
     assert len(metrics) == 7
     total_ms = sum(m.engine_ms for m in metrics)
-    assert total_ms == pytest.approx(worker.inflight.engine_seconds * 1000, rel=1e-6)
+    assert total_ms == pytest.approx(rig.worker.inflight.engine_seconds * 1000, rel=1e-6)
     # A request that ran longer, beside others, was charged more.
     by_id = {m.request_id: m for m in metrics}
     assert by_id["r2"].engine_ms > by_id["r1"].engine_ms
@@ -313,7 +247,7 @@ def test_per_request_engine_time_adds_up_to_the_engine_time() -> None:
 
 
 def test_a_request_that_kills_the_engine_is_isolated_and_the_others_finish() -> None:
-    worker, engine, consumer, producer = _worker(max_inflight=8)
+    rig = _rig(max_inflight=8)
     reqs = [_request(f"r{i}", 3) for i in range(8)]
     reqs[5] = InferenceRequest(
         request_id="poison",
@@ -322,42 +256,66 @@ def test_a_request_that_kills_the_engine_is_isolated_and_the_others_finish() -> 
         max_tokens=3,
         route=Route(model="m", reason="test"),
     )
-    _feed(consumer, reqs)
-    _run(worker, consumer)
-    results = {r.request_id: r for r in producer.of(InferenceResult)}
+    _feed(rig, reqs)
+    rig.settle()
+    results = {r.request_id: r for r in rig.of(InferenceResult)}
     assert sorted(results) == sorted(r.request_id for r in reqs if r.request_id != "poison")
     assert all(r.status == "succeeded" and r.attempt == 0 for r in results.values())
-    (retry,) = producer.of(InferenceRequest)
+    (retry,) = rig.of(InferenceRequest)
     assert retry.request_id == "poison" and retry.attempt == 1
     # Halving 8 suspects: the culprit is alone after log2(8) = 3 deaths.
-    assert engine.restarts <= 4
-    assert consumer.committed[(TOPICS.model("m", Priority.LOW), 0)] == 8
+    assert rig.engine.restarts <= 4
+    assert rig.committed() == 8
 
 
 def test_draining_finishes_what_it_can_and_hands_the_rest_back() -> None:
-    worker, engine, consumer, producer = _worker(max_inflight=4, token_seconds=0.001)
-    worker.settings.engine.drain_s = 0.2
-    _feed(consumer, [_request("short", 2), _request("endless", 30_000), _request("queued", 1)])
-    worker._cycle(consumer, idle_wait=0)  # type: ignore[arg-type]
-    worker._drain(consumer)  # type: ignore[arg-type]
-    assert sorted(_finished_order(producer)) == ["queued", "short"]
-    assert not engine.has_unfinished()
+    rig = _rig(max_inflight=4, token_seconds=0.001)
+    rig.worker.settings.engine.drain_s = 0.2
+    _feed(rig, [_request("short", 2), _request("endless", 30_000), _request("queued", 1)])
+    rig.cycles(1)
+    rig.loop.finish()  # a graceful stop: drain, flush, commit
+    assert sorted(_finished_order(rig)) == ["queued", "short"]
+    assert not rig.engine.has_unfinished()
     # "endless" (offset 1) is put back at the end of its partition, without a result: the next
     # owner runs it, and "queued" (offset 2), finished behind it, is committed and not run twice.
-    low = TOPICS.model("m", Priority.LOW)
-    assert [(t, r.request_id) for t, _, r in producer.records if isinstance(r, InferenceRequest)] == [(low, "endless")]
-    assert consumer.committed[(low, 0)] == 3
+    low = rig.broker.messages(LOW[0])
+    assert [SERDE.decode(InferenceRequest, m.value()).request_id for m in low] == [
+        "short",
+        "endless",
+        "queued",
+        "endless",
+    ]
+    assert rig.committed() == 3
 
 
-def test_a_revoked_partition_hands_its_running_requests_back_without_results() -> None:
-    worker, engine, consumer, producer = _worker(max_inflight=4)
-    _feed(consumer, [_request("a", 30_000), _request("b", 30_000)])
-    for _ in range(2):
-        worker._cycle(consumer, idle_wait=0)  # type: ignore[arg-type]
-    assert len(worker.inflight) == 2
-    low = TOPICS.model("m", Priority.LOW)
-    worker._on_revoke(consumer, [TopicPartition(low, 0)])  # type: ignore[arg-type]
-    assert len(worker.inflight) == 0 and not engine.has_unfinished()
-    assert producer.of(InferenceResult) == []
-    assert sorted(r.request_id for r in producer.of(InferenceRequest)) == ["a", "b"]
-    assert consumer.committed[(low, 0)] == 2
+def test_a_revoked_partition_hands_its_running_requests_back_to_the_next_owner() -> None:
+    rig = _rig(max_inflight=4)
+    _feed(rig, [_request("a", 300), _request("b", 300)])
+    rig.cycles(2)
+    assert len(rig.worker.inflight) == 2
+    # A second consumer joins the group and takes the low partition over.
+    other = _rig_sharing(rig)
+    rig.cycles(1)  # the revocation is served on the next fetch
+    assert len(rig.worker.inflight) == 0 and not rig.engine.has_unfinished()
+    assert rig.of(InferenceResult) == []
+    assert rig.committed() == 2  # past both: their copies at offsets 2 and 3 are the next owner's
+    other.settle()
+    assert sorted(r.request_id for r in rig.of(InferenceResult)) == ["a", "b"]
+
+
+def _rig_sharing(rig: Rig) -> Rig:
+    """A second GPU consumer in the same group, on the same stub broker."""
+    settings = rig.worker.settings
+    engine = RecordingEngine("m", max_model_len=100_000, max_inflight=4, token_seconds=0)
+    worker = GpuWorker(
+        settings,
+        Catalog(models=[rig.worker.entry]),
+        "m",
+        engine,
+        serde=SERDE,
+        producer=rig.broker.producer(),
+        watch_cancellations=False,
+    )
+    loop = worker.loop(rig.broker.consumer(GROUP))
+    loop.start()
+    return Rig(rig.broker, worker, engine, loop)

@@ -11,6 +11,7 @@ import pytest
 from core.catalog import Catalog
 from core.errors import ConfigError
 from core.headers import carried, header, valid_traceparent
+from core.kafka.stub import StubBroker
 from core.settings import ProcessorSettings, RetrySettings, Settings
 from core.topics import Topics
 from gpu_consumers.buffer import Buffered
@@ -47,13 +48,16 @@ def _request(content: str = "hello", **kw: Any) -> InferenceRequest:
     )
 
 
-def test_the_producer_sends_the_callers_trace_or_starts_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    client = SluiceClient(Settings(publish_status=False))
-    sent: list[list[tuple[str, Any]]] = []
-    monkeypatch.setattr(client, "_produce", lambda topic, key, value, headers: sent.append(headers))
-    monkeypatch.setattr(SluiceClient, "producer", property(lambda self: type("P", (), {"poll": lambda s, t: 0})()))
+def test_the_producer_sends_the_callers_trace_or_starts_one() -> None:
+    broker = StubBroker()
+    settings = Settings(publish_status=False)
+    topic = Topics(settings.topic_prefix).requests("normal")
+    broker.create_topic(topic)
+    client = SluiceClient(settings, serde=SERDE, producer=broker.producer())
     client.submit("hi", tenant="acme", correlation_id="c1", traceparent=TRACE)
     client.submit("hi again")
+    client.flush()
+    sent = [m.headers() for m in broker.messages(topic)]
     assert header(sent[0], "traceparent") == TRACE and header(sent[0], "correlation_id") == "c1"
     started = header(sent[1], "traceparent")
     assert started is not None and valid_traceparent(started) and started != TRACE
