@@ -27,7 +27,7 @@ from analytics.rollup import refresh_rollup
 from analytics.store import Store
 from core import clients
 from core.errors import SluiceError, StoreError
-from core.kafka import ConsumeLoop, Handler, Out, Producer, TrackedPublisher, message_coords
+from core.kafka import ConsumeLoop, Handler, LazyProducer, Out, Producer, TrackedPublisher, message_coords
 from core.metrics import SINK_ERRORS, SINK_ROWS, observe_records
 from core.settings import Settings
 from core.topics import Topics
@@ -161,7 +161,9 @@ class ClickHouseSink(Handler):
                 self.settings.kafka, "sink", self.group_id, **{"fetch.wait.max.ms": max(ch.sink_flush_ms, 10)}
             )
         if self._producer is None:
-            self._producer = cast(Producer, clients.producer(self.settings.kafka, "sink"))
+            self._producer = cast(
+                Producer, LazyProducer(lambda: cast(Producer, clients.producer(self.settings.kafka, "sink")))
+            )
         self.publisher = TrackedPublisher(self._producer, self.serde)
         return ConsumeLoop(
             self, consumer, list(self._types), publisher=self.publisher, batch=1000, max_batches=10, idle_wait_s=0.1

@@ -18,7 +18,7 @@ from confluent_kafka import Message
 
 from core import clients
 from core.errors import SluiceError
-from core.kafka import ConsumeLoop, Handler, Out, Producer, TrackedPublisher, message_coords
+from core.kafka import ConsumeLoop, Handler, LazyProducer, Out, Producer, TrackedPublisher, message_coords
 from core.settings import Settings
 from core.topics import Topics
 from schemas import DeadLetter, DeadLetterReason, InferenceResult, Serde, Stage
@@ -49,7 +49,9 @@ class ResultFanout(Handler):
         if consumer is None:
             consumer = clients.consumer(self.settings.kafka, "fanout", self.group_id)
         if self._producer is None:
-            self._producer = cast(Producer, clients.producer(self.settings.kafka, "fanout"))
+            self._producer = cast(
+                Producer, LazyProducer(lambda: cast(Producer, clients.producer(self.settings.kafka, "fanout")))
+            )
         publisher = TrackedPublisher(self._producer, self.serde)
         return ConsumeLoop(self, consumer, [self.topics.results], publisher=publisher, idle_wait_s=0.2)
 

@@ -36,7 +36,7 @@ from confluent_kafka import Message
 from analytics.results import chat_completion, error_code
 from core import clients
 from core.errors import SluiceError
-from core.kafka import TP, ConsumeLoop, Handler, Out, Producer, TrackedPublisher, message_coords
+from core.kafka import TP, ConsumeLoop, Handler, LazyProducer, Out, Producer, TrackedPublisher, message_coords
 from core.settings import Settings, WebhookSettings
 from core.topics import Topics
 from schemas import (
@@ -276,7 +276,9 @@ class WebhookWorker(Handler):
         if consumer is None:
             consumer = clients.consumer(self.settings.kafka, "webhooks", self.group_id)
         if self._producer is None:
-            self._producer = cast(Producer, clients.producer(self.settings.kafka, "webhooks"))
+            self._producer = cast(
+                Producer, LazyProducer(lambda: cast(Producer, clients.producer(self.settings.kafka, "webhooks")))
+            )
         self._pool = ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix="webhook")
         return ConsumeLoop(
             self,

@@ -16,7 +16,7 @@
 from core.kafka.coords import TP, message_coords
 from core.kafka.loop import ConsumeLoop, Handler
 from core.kafka.offsets import OffsetTracker
-from core.kafka.publisher import Out, Producer, TrackedPublisher
+from core.kafka.publisher import LazyProducer, Out, Producer, TrackedPublisher
 from core.kafka.reader import TopicReader
 from core.kafka.transactions import TransactionalPublisher
 
@@ -24,6 +24,7 @@ __all__ = [
     "TP",
     "ConsumeLoop",
     "Handler",
+    "LazyProducer",
     "OffsetTracker",
     "Out",
     "Producer",

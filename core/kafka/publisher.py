@@ -22,7 +22,7 @@ from confluent_kafka import KafkaError, KafkaException, Message
 from core.errors import BrokerError
 from schemas import AvroRecord, Serde
 
-__all__ = ["Failure", "Out", "OutHeaders", "Producer", "TrackedPublisher", "produce"]
+__all__ = ["Failure", "LazyProducer", "Out", "OutHeaders", "Producer", "TrackedPublisher", "produce"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,31 @@ class Producer(Protocol):
     def poll(self, timeout: float = ...) -> int: ...
 
     def flush(self, timeout: float = ...) -> int: ...
+
+
+class LazyProducer:
+    """A producer made on its first record (like Quix Streams' lazy clients): a worker that rarely
+    produces (a sink's dead letters) holds no connection, and logs nothing when the broker goes
+    away before it."""
+
+    def __init__(self, factory: Callable[[], Producer]) -> None:
+        self._factory = factory
+        self._producer: Producer | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._producer is not None
+
+    def produce(self, topic: str, **kw: Any) -> None:
+        if self._producer is None:
+            self._producer = self._factory()
+        self._producer.produce(topic, **kw)
+
+    def poll(self, timeout: float = 0) -> int:
+        return self._producer.poll(timeout) if self._producer is not None else 0
+
+    def flush(self, timeout: float = 0) -> int:
+        return self._producer.flush(timeout) if self._producer is not None else 0
 
 
 def produce(
