@@ -18,6 +18,7 @@ from analytics.store import QueryResult, Store
 from core.errors import StoreError
 from core.settings import Settings
 from core.stackfile import read_stack_file
+from schemas import RequestState
 
 __all__ = ["STATE_ORDER", "Query", "open_query", "savings_sql", "stats_sql", "status_sql"]
 
@@ -110,7 +111,7 @@ def savings_sql(database: str, where: str = "1") -> str:
 
 
 # How far along the lifecycle a state is: orders events that share a millisecond.
-STATE_ORDER = ["queued", "routed", "deduplicated", "cached", "running", "succeeded", "failed", "expired", "cancelled"]
+STATE_ORDER = [s.value for s in RequestState]
 
 
 def status_sql(database: str) -> str:

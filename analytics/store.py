@@ -103,7 +103,13 @@ class Store:
     def from_settings(cls, settings: Settings) -> Store:
         """The store the settings name: ``SLUICE_CLICKHOUSE__URL``, or the embedded chDB directory."""
         ch = settings.clickhouse
-        return cls(settings.clickhouse_url(), ch.database, ch.username, ch.password, text_ttl_days=ch.text_ttl_days)
+        return cls(
+            settings.clickhouse_url(),
+            ch.database,
+            ch.username,
+            ch.password.get_secret_value(),
+            text_ttl_days=ch.text_ttl_days,
+        )
 
     @property
     def embedded(self) -> bool:

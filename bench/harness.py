@@ -187,11 +187,15 @@ class BenchEnv:
         )
         return entry, model_dir
 
-    def settings(self, name: str, catalog: Catalog) -> Settings:
-        s = Settings(data_dir=self.work_dir / name, topic_prefix=f"bench-{name}-{uuid.uuid4().hex[:6]}.")
-        s.data_dir.mkdir(parents=True, exist_ok=True)
-        s.catalog_path = write_catalog(catalog, s.data_dir / "catalog.toml")
-        return s
+    def settings(self, name: str, catalog: Catalog, **changes: Any) -> Settings:
+        """A scenario's settings (``changes`` as for :meth:`Settings.evolve`)."""
+        data_dir = self.work_dir / name
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return Settings(
+            data_dir=data_dir,
+            topic_prefix=f"bench-{name}-{uuid.uuid4().hex[:6]}.",
+            catalog_path=write_catalog(catalog, data_dir / "catalog.toml"),
+        ).evolve(**changes)
 
     @contextmanager
     def stack(self, settings: Settings, **kw: Any) -> Iterator[LocalStack]:

@@ -85,8 +85,7 @@ class _Up:
     def settings(self) -> Settings:
         info = json.loads((self.data_dir / "stack.json").read_text())
         s = Settings(data_dir=self.data_dir, topic_prefix="p13.")
-        s.kafka.bootstrap_servers = info["bootstrap_servers"]
-        return s
+        return s.evolve(kafka={"bootstrap_servers": info["bootstrap_servers"]})
 
     def kill_everything(self) -> None:
         assert self.proc is not None

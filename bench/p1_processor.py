@@ -64,8 +64,7 @@ def _faust_rate(env: BenchEnv, name: str, n: int, lean: bool, broker: str = "tan
     settings = env.settings(name, instant_catalog())
     if lean:
         # The floor: one Faust hop, one output per request (no dedupe repartition, no status events).
-        settings.publish_status = False
-        settings.processor.dedupe_enabled = False
+        settings = settings.evolve(publish_status=False, processor={"dedupe_enabled": False})
     with env.stack(settings, run_consumers=False, run_sink=False, broker=broker) as stack:
         observer = Observer(stack.settings, stack.topics.model_topics("bench"))
         try:
@@ -134,8 +133,7 @@ def _model_topics(settings: Settings) -> list[str]:
 
 def _semantic_rate(env: BenchEnv, name: str, n: int, semantic: bool, reworded_every: int = 10) -> tuple[float, int]:
     """Requests/s routed or answered, and how many were answered from the semantic cache."""
-    settings = env.settings(name, instant_catalog())
-    settings.processor.semantic.enabled = semantic
+    settings = env.settings(name, instant_catalog(), processor={"semantic": {"enabled": semantic}})
     with env.stack(settings, run_consumers=False, run_sink=False) as stack:
         in_topic = stack.topics.requests("normal")
         router_metrics = stack.metrics_urls["processor"]

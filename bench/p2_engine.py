@@ -22,6 +22,7 @@ import gc
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.harness import BenchEnv, Observer, ScenarioResult
 from core.catalog import Catalog, ModelEntry
@@ -55,23 +56,33 @@ def mixed_workload(n: int, seed: int = 7, low: int = 8, high: int = 256) -> list
 
 def _direct(model_dir: Path, entry: ModelEntry, workload: list[tuple[str, int]]) -> dict[str, float]:
     """Tokens/s calling vLLM's ``LLM.generate`` directly: all at once, in fixed batches, one at a time."""
-    from vllm import SamplingParams
+    from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from gpu_consumers.engine import EngineRequest
-    from gpu_consumers.vllm_engine import VLLMEngine
+    from gpu_consumers.vllm_engine import configure_cpu_env, engine_kwargs, on_cpu_host
 
-    eng = VLLMEngine("direct", model_dir, EngineSettings(), entry.engine, max_model_len=entry.engine_max_model_len)
+    settings = EngineSettings()
+    cpu = on_cpu_host()
+    if cpu:
+        configure_cpu_env(settings)
+    # The same engine arguments the GPU consumer starts its engine with.
+    kwargs = engine_kwargs(settings, entry.engine, entry.engine_max_model_len, cpu=cpu)
+    llm: Any = LLM(model=str(model_dir), **kwargs)
     try:
-        prompts = [
-            TokensPrompt(prompt_token_ids=eng.prompt_ids(EngineRequest(f"d{i}", [{"role": "user", "content": p}], n)))
-            for i, (p, n) in enumerate(workload)
-        ]
+        tokenizer = llm.get_tokenizer()
+
+        def ids(prompt: str) -> list[int]:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            return list(tokenizer.encode(str(text), add_special_tokens=False))
+
+        prompts = [TokensPrompt(prompt_token_ids=ids(p)) for p, _ in workload]
         params = [SamplingParams(max_tokens=n, temperature=0.0) for _, n in workload]
 
         def generate(idx: list[int]) -> tuple[int, float]:
             t0 = time.perf_counter()
-            outs = eng.llm.generate([prompts[i] for i in idx], [params[i] for i in idx], use_tqdm=False)
+            outs = llm.generate([prompts[i] for i in idx], [params[i] for i in idx], use_tqdm=False)
             return sum(len(o.outputs[0].token_ids) for o in outs), time.perf_counter() - t0
 
         generate([0])  # warm-up
@@ -86,7 +97,7 @@ def _direct(model_dir: Path, entry: ModelEntry, workload: list[tuple[str, int]])
             t, s = generate([i])
             sync_tokens, sync_s = sync_tokens + t, sync_s + s
     finally:
-        eng.close()
+        llm = None
         gc.collect()
     return {
         "direct_generate_tok_s": tokens / seconds,
@@ -97,8 +108,7 @@ def _direct(model_dir: Path, entry: ModelEntry, workload: list[tuple[str, int]])
 
 
 def _pipeline(env: BenchEnv, catalog: Catalog, workload: list[tuple[str, int]]) -> float:
-    settings = env.settings("p2", catalog)
-    settings.engine.kind = "vllm"
+    settings = env.settings("p2", catalog, engine={"kind": "vllm"})
     with env.stack(settings) as stack:
         results = Observer(stack.settings, [stack.topics.results], decode_results=True)
         client = SluiceClient(stack.settings)

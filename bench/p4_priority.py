@@ -23,8 +23,7 @@ def run_p4(env: BenchEnv, quick: bool) -> ScenarioResult:
     backlog, probes, probe_tokens = (1_500, 20, 16) if quick else (1_000, 20, 16)
     entry, _ = env.engine_model(quick)
     name = entry.name
-    settings = env.settings("p4", Catalog(models=[entry]))
-    settings.engine.kind = "vllm"
+    settings = env.settings("p4", Catalog(models=[entry]), engine={"kind": "vllm"})
     with env.stack(settings) as stack:
         results = Observer(stack.settings, [stack.topics.results])
         client = SluiceClient(stack.settings)

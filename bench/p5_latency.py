@@ -36,8 +36,9 @@ def steady_latencies(
 
 def _latencies(env: BenchEnv, quick: bool, *, durable: bool, broker: str = "tansu") -> list[float]:
     n, rate = (300, 50.0) if quick else (3000, 100.0)
-    settings = env.settings(f"p5-{broker}{'-durable' if durable else ''}", instant_catalog())
-    settings.engine.kind = "instant"
+    settings = env.settings(
+        f"p5-{broker}{'-durable' if durable else ''}", instant_catalog(), engine={"kind": "instant"}
+    )
     with env.stack(settings, durable=durable, broker=broker) as stack:
         observer = Observer(stack.settings, [stack.topics.results])
         client = SluiceClient(stack.settings)

@@ -27,9 +27,11 @@ def _peak_rss_mib(pid: int) -> float:
 def _consumer_peak(
     env: BenchEnv, backlog: int, seconds: float, *, durable: bool = False, broker: str = "tansu"
 ) -> float:
-    settings = env.settings(f"p6-{broker}-{backlog}{'-durable' if durable else ''}", instant_catalog())
-    settings.engine.kind = "instant"
-    settings.engine.instant_token_seconds = 0.01
+    settings = env.settings(
+        f"p6-{broker}-{backlog}{'-durable' if durable else ''}",
+        instant_catalog(),
+        engine={"kind": "instant", "instant_token_seconds": 0.01},
+    )
     with env.stack(
         settings, run_processor=False, run_consumers=False, run_sink=False, durable=durable, broker=broker
     ) as stack:

@@ -39,9 +39,7 @@ def _owned(log_text: str) -> set[tuple[str, int]]:
 
 def run_p7(env: BenchEnv, quick: bool) -> ScenarioResult:
     total, rate, kill_after = (600, 40.0, 5.0) if quick else (3000, 100.0, 10.0)
-    settings = env.settings("p7", instant_catalog())
-    settings.engine.kind = "instant"
-    settings.engine.instant_token_seconds = 0.01
+    settings = env.settings("p7", instant_catalog(), engine={"kind": "instant", "instant_token_seconds": 0.01})
     session_s = settings.kafka.session_timeout_ms / 1000
     heartbeat_s = settings.kafka.heartbeat_interval_ms / 1000
     # Not supervised: the killed replica stays dead, so the survivor is what serves its partitions.

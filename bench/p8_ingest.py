@@ -53,8 +53,7 @@ def run_p8(env: BenchEnv, quick: bool) -> ScenarioResult:
     from openai import OpenAI
 
     big_n = 10_000 if quick else 50_000
-    settings = env.settings("p8", instant_catalog())
-    settings.engine.kind = "instant"
+    settings = env.settings("p8", instant_catalog(), engine={"kind": "instant"})
     small = write_batch_file(settings.data_dir / "small.jsonl", 1_000)
     big = write_batch_file(settings.data_dir / "big.jsonl", big_n)
     with env.stack(settings, run_processor=False, run_consumers=False, run_gateway=True) as stack:

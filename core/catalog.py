@@ -68,10 +68,6 @@ class Catalog(BaseModel):
     def get(self, name: str) -> ModelEntry | None:
         return next((m for m in self.models if m.name == name), None)
 
-    def by_cost(self) -> list[ModelEntry]:
-        """Cheapest first (output price dominates generation cost, input breaks ties)."""
-        return sorted(self.models, key=lambda m: (m.output_price_per_1m, m.input_price_per_1m, m.name))
-
     def most_capable(self) -> ModelEntry:
         return max(self.models, key=lambda m: (m.tier, m.context_length, m.output_price_per_1m))
 

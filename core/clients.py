@@ -124,7 +124,7 @@ def serde(settings: Settings) -> Serde:
     sr = settings.schema_registry
     return Serde.for_registry(
         sr.url,
-        sr.basic_auth_user_info,
+        sr.basic_auth_user_info.get_secret_value() if sr.basic_auth_user_info else None,
         config=sr.config,
         auto_register_schemas=sr.auto_register_schemas,
         use_latest_version=sr.use_latest_version,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.settings import KafkaSettings
+from core.settings import KafkaSettings, secret
 
 __all__ = ["admin_config", "common_config", "consumer_config", "producer_config", "security_config"]
 
@@ -22,7 +22,7 @@ def security_config(kafka: KafkaSettings) -> dict[str, Any]:
             ("ssl.ca.location", kafka.ssl_ca_location),
             ("ssl.certificate.location", kafka.ssl_certificate_location),
             ("ssl.key.location", kafka.ssl_key_location),
-            ("ssl.key.password", kafka.ssl_key_password),
+            ("ssl.key.password", secret(kafka.ssl_key_password)),
         ):
             if value is not None:
                 conf[key] = value
@@ -34,14 +34,14 @@ def security_config(kafka: KafkaSettings) -> dict[str, Any]:
                 conf["sasl.oauthbearer.method"] = "oidc"
                 conf["sasl.oauthbearer.token.endpoint.url"] = kafka.sasl_oauthbearer_token_endpoint_url
                 conf["sasl.oauthbearer.client.id"] = kafka.sasl_oauthbearer_client_id or ""
-                conf["sasl.oauthbearer.client.secret"] = kafka.sasl_oauthbearer_client_secret or ""
+                conf["sasl.oauthbearer.client.secret"] = secret(kafka.sasl_oauthbearer_client_secret) or ""
                 if kafka.sasl_oauthbearer_scope:
                     conf["sasl.oauthbearer.scope"] = kafka.sasl_oauthbearer_scope
         else:
             if kafka.sasl_username is not None:
                 conf["sasl.username"] = kafka.sasl_username
             if kafka.sasl_password is not None:
-                conf["sasl.password"] = kafka.sasl_password
+                conf["sasl.password"] = kafka.sasl_password.get_secret_value()
     return conf
 
 

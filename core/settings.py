@@ -6,8 +6,9 @@ Example: ``SLUICE_KAFKA__BOOTSTRAP_SERVERS=broker:9092``, ``SLUICE_CLICKHOUSE__U
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Self
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.stackfile import read_stack_file
@@ -28,6 +29,7 @@ __all__ = [
     "TenantSettings",
     "WebhookSettings",
     "default_data_dir",
+    "secret",
 ]
 
 
@@ -35,7 +37,33 @@ def default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "sluice"
 
 
-class KafkaSettings(BaseModel):
+def secret(value: SecretStr | None) -> str | None:
+    """The plain text of an optional secret, for the one client call that needs it."""
+    return value.get_secret_value() if value is not None else None
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, BaseModel):
+            value = value.model_dump(exclude_unset=True)
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class _Section(BaseModel):
+    """A frozen settings section: a changed copy comes from :meth:`evolve`, validated again."""
+
+    model_config = ConfigDict(frozen=True)
+
+    def evolve(self, **changes: Any) -> Self:
+        return self.model_validate(_merge(self.model_dump(exclude_unset=True), changes))
+
+
+class KafkaSettings(_Section):
     """Connection settings; ``core.kafka_config`` turns these into librdkafka dicts and
     ``stream_processors.security`` into the router's (Faust/aiokafka) credentials, so every
     component connects the same way from this one set of settings."""
@@ -46,19 +74,19 @@ class KafkaSettings(BaseModel):
     # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER.
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
-    sasl_password: str | None = None
+    sasl_password: SecretStr | None = None
     # OAUTHBEARER through an OIDC token endpoint (client credentials), librdkafka's
     # sasl.oauthbearer.method=oidc; the router fetches tokens the same way.
     sasl_oauthbearer_token_endpoint_url: str | None = None
     sasl_oauthbearer_client_id: str | None = None
-    sasl_oauthbearer_client_secret: str | None = None
+    sasl_oauthbearer_client_secret: SecretStr | None = None
     sasl_oauthbearer_scope: str | None = None
     # TLS: the CA that signed the brokers' certificates (None: the system's), and a client
     # certificate and key for mutual TLS.
     ssl_ca_location: str | None = None
     ssl_certificate_location: str | None = None
     ssl_key_location: str | None = None
-    ssl_key_password: str | None = None
+    ssl_key_password: SecretStr | None = None
     # "https" checks the broker's host name against its certificate; "none" does not.
     ssl_endpoint_identification_algorithm: str = "https"
     # Compression of everything Sluice produces (prompts and outputs compress well).
@@ -112,12 +140,12 @@ _PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 _MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
 
 
-class SchemaRegistrySettings(BaseModel):
+class SchemaRegistrySettings(_Section):
     """Confluent Schema Registry; when ``url`` is unset the built-in local id table is used (ids
     that mean something only to Sluice; tools that read schemas from a registry need this set)."""
 
     url: str | None = None
-    basic_auth_user_info: str | None = None
+    basic_auth_user_info: SecretStr | None = None
     # Register Sluice's schemas on first use; off where schemas are registered by a pipeline.
     auto_register_schemas: bool = True
     # Write with the subject's latest registered version instead of this release's schema.
@@ -127,13 +155,13 @@ class SchemaRegistrySettings(BaseModel):
     config: dict[str, str] = Field(default_factory=dict)
 
 
-class ClickHouseSettings(BaseModel):
+class ClickHouseSettings(_Section):
     """``chdb://<dir>`` (embedded) or ``http(s)://host:8123`` (server); same DDL either way."""
 
     url: str = ""
     database: str = "sluice"
     username: str = "default"
-    password: str = ""
+    password: SecretStr = SecretStr("")
     sink_batch_size: int = 5000
     # About one insert per second per table, as ClickHouse recommends for MergeTree tables.
     sink_flush_ms: int = 1000
@@ -146,7 +174,7 @@ class ClickHouseSettings(BaseModel):
     query_port: int = 0
 
 
-class EngineSettings(BaseModel):
+class EngineSettings(_Section):
     """How a GPU consumer runs its model. A catalog entry's ``[models.engine]`` table (max_model_len,
     max_num_seqs, dtype, quantization, tensor_parallel_size, enable_prefix_caching) overrides these
     per model."""
@@ -182,7 +210,7 @@ class EngineSettings(BaseModel):
         return kind
 
 
-class RetrySettings(BaseModel):
+class RetrySettings(_Section):
     """Transient failures (engine errors) are retried through delay topics, not by blocking."""
 
     # Total runs of a request, the first included; a request may lower or raise it with
@@ -192,7 +220,7 @@ class RetrySettings(BaseModel):
     backoff_ms: list[int] = Field(default_factory=lambda: [1000, 10_000, 60_000], min_length=1)
 
 
-class SemanticCacheSettings(BaseModel):
+class SemanticCacheSettings(_Section):
     """The semantic response cache: after the exact cache misses, a request may be answered from
     a near-duplicate prompt already answered for the same tenant, route and sampling parameters.
 
@@ -224,7 +252,7 @@ class SemanticCacheSettings(BaseModel):
     batch_wait_s: float = Field(default=0.02, ge=0)
 
 
-class MetricsSettings(BaseModel):
+class MetricsSettings(_Section):
     """Each process's Prometheus ``/metrics`` and ``/healthz`` endpoint."""
 
     enabled: bool = True
@@ -234,7 +262,7 @@ class MetricsSettings(BaseModel):
     port: int = Field(default=0, ge=0, le=65535)
 
 
-class ProcessorSettings(BaseModel):
+class ProcessorSettings(_Section):
     """Faust stream processor settings."""
 
     app_id: str = "sluice-router"
@@ -256,7 +284,7 @@ class ProcessorSettings(BaseModel):
     semantic: SemanticCacheSettings = Field(default_factory=SemanticCacheSettings)
 
 
-class TenantSettings(BaseModel):
+class TenantSettings(_Section):
     """Where each tenant's results go besides the shared results topic (which the sink and
     operators read): its own topic, so Kafka ACLs can keep teams apart, and the reply topics
     (``reply_to``) its requests may name."""
@@ -268,7 +296,7 @@ class TenantSettings(BaseModel):
     reply_to_patterns: dict[str, list[str]] = Field(default_factory=dict)
 
 
-class FileSettings(BaseModel):
+class FileSettings(_Section):
     """Batch input and output files: a local directory by default, or S3-compatible storage
     (``s3://bucket/prefix``; endpoint and keys from ``endpoint_url`` or the usual AWS_* variables)."""
 
@@ -276,13 +304,13 @@ class FileSettings(BaseModel):
     endpoint_url: str | None = None
     region: str | None = None
     access_key_id: str | None = None
-    secret_access_key: str | None = None
+    secret_access_key: SecretStr | None = None
     # OpenAI's limits for a batch input file.
     max_bytes: int = 200 * 1024 * 1024
     max_lines: int = 50_000
 
 
-class GatewaySettings(BaseModel):
+class GatewaySettings(_Section):
     """The HTTP gateway: OpenAI-compatible files and batches, async requests, webhooks."""
 
     host: str = "127.0.0.1"
@@ -302,12 +330,12 @@ class GatewaySettings(BaseModel):
     max_body_bytes: int = Field(default=1_000_000, gt=0)
 
 
-class WebhookSettings(BaseModel):
+class WebhookSettings(_Section):
     """Result and batch webhooks, signed per Standard Webhooks (https://www.standardwebhooks.com)."""
 
     # Signing secrets, newest first ("whsec_" + base64). Every secret signs each delivery, so a
     # receiver can rotate: add the new secret here, move receivers over, then drop the old one.
-    secrets: list[str] = Field(default_factory=list)
+    secrets: list[SecretStr] = Field(default_factory=list)
     timeout_s: float = Field(default=10.0, gt=0)
     # Exponential backoff from first_retry_s, doubling up to max_retry_s, until retry_for_s has
     # passed since the first attempt; then the request is marked webhook_failed.
@@ -320,7 +348,7 @@ class WebhookSettings(BaseModel):
     concurrency: int = Field(default=16, gt=0)
 
 
-class LocalSettings(BaseModel):
+class LocalSettings(_Section):
     """The embedded stack of ``sluice up`` and ``sluice demo`` (not used by deployed services)."""
 
     # Which broker ``sluice up`` starts: "kafka" (Apache Kafka from local jars, durable on local
@@ -341,7 +369,13 @@ class LocalSettings(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SLUICE_", env_nested_delimiter="__", extra="ignore")
+    # Frozen once built: every process reads one tree; a changed copy comes from evolve().
+    model_config = SettingsConfigDict(env_prefix="SLUICE_", env_nested_delimiter="__", extra="ignore", frozen=True)
+
+    def evolve(self, **changes: Any) -> Settings:
+        """A copy with ``changes``, validated (environment not read again). Sections merge:
+        ``settings.evolve(kafka={"transactional": True})`` keeps the other Kafka settings."""
+        return self.model_validate(_merge(self.model_dump(exclude_unset=True), changes))
 
     data_dir: Path = Field(default_factory=default_data_dir)
     topic_prefix: str = "sluice."

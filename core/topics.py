@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaError, KafkaException, Message
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
 from core import clients
@@ -20,7 +20,7 @@ from core.errors import BrokerError
 from core.settings import KafkaSettings, TenantSettings
 from schemas import Priority
 
-__all__ = ["PRIORITIES", "Topics", "ensure_topics", "message_coords", "reply_to_allowed"]
+__all__ = ["PRIORITIES", "Topics", "ensure_topics", "reply_to_allowed"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,14 @@ class Topics:
 
     def model_topics(self, name: str) -> list[str]:
         return [self.model(name, p) for p in PRIORITIES]
+
+    def priority_of(self, topic: str) -> Priority | None:
+        """The priority a request or model topic carries (the one place a topic name is read
+        back); None for any other topic."""
+        if not topic.startswith((f"{self.prefix}requests.", f"{self.prefix}model.")):
+            return None
+        suffix = topic.rsplit(".", 1)[-1]
+        return Priority(suffix) if suffix in Priority._value2member_map_ else None
 
     @property
     def results(self) -> str:
@@ -130,13 +138,6 @@ class Topics:
         topics[self.table_changelog(app_id, "dedupe")] = {"cleanup.policy": "compact"}
         topics[self.table_changelog(app_id, "semantic")] = {"cleanup.policy": "compact"}
         return topics
-
-
-def message_coords(msg: Message) -> tuple[str, int, int]:
-    """(topic, partition, offset) of a consumed message (always set for fetched messages)."""
-    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-    assert topic is not None and partition is not None and offset is not None
-    return topic, partition, offset
 
 
 def ensure_topics(kafka: KafkaSettings, topics: dict[str, dict[str, str]], timeout: float = 15.0) -> None:

@@ -19,21 +19,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from analytics.query import Query
+from analytics.lookups import Lookups
 from analytics.results import chat_completion, error_code
 from core.errors import SluiceError
 from core.headers import valid_traceparent
 from core.metrics import HTTP_REQUESTS, HTTP_SECONDS
 from core.settings import Settings
-from gateway.batches import BatchError, BatchNotFound, BatchService, Publisher, QuotaExceeded
+from gateway.batches import BatchError, BatchNotFound, BatchService, QuotaExceeded, Submitter
 from gateway.files import FileMeta, FileStore
 from gateway.keys import KeyStore
 from gateway.limits import BodyRefused, check_metadata, parse_json_body
-from gateway.openai_format import LineError, request_from_body, unix
+from gateway.openai_format import LineError, batch_object, request_from_body, unix
 from gateway.webhooks import TargetRefused, check_target
-from schemas import BatchState, BatchStatus, InferenceResult, Priority, ResultStatus
+from schemas import Priority, ResultStatus
 
-__all__ = ["ApiError", "Services", "batch_object", "create_api"]
+__all__ = ["ApiError", "Services", "create_api"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,42 +50,10 @@ class Services:
     keys: KeyStore
     files: FileStore
     batches: BatchService
-    publisher: Publisher
-    query: Query | None
+    publisher: Submitter
+    lookups: Lookups | None
     # Async requests this gateway accepted, until their status reaches ClickHouse (read-your-writes).
     recent: OrderedDict[str, str] = field(default_factory=OrderedDict)
-
-
-def batch_object(b: BatchStatus) -> dict[str, Any]:
-    """OpenAI's ``batch`` object."""
-    ended = unix(b.ended_at)
-    return {
-        "id": b.batch_id,
-        "object": "batch",
-        "endpoint": b.endpoint,
-        "errors": (
-            {"object": "list", "data": [{"code": "invalid_file", "message": b.error, "param": None, "line": None}]}
-            if b.error
-            else None
-        ),
-        "input_file_id": b.input_file_id,
-        "completion_window": b.completion_window,
-        "status": b.state.value,
-        "output_file_id": b.output_file_id,
-        "error_file_id": b.error_file_id,
-        "created_at": unix(b.created_at),
-        "in_progress_at": unix(b.in_progress_at),
-        "expires_at": unix(b.expires_at),
-        "finalizing_at": unix(b.finalizing_at),
-        "completed_at": ended if b.state is BatchState.COMPLETED else None,
-        "failed_at": ended if b.state is BatchState.FAILED else None,
-        "expired_at": ended if b.state is BatchState.EXPIRED else None,
-        "cancelling_at": unix(b.cancelling_at),
-        "cancelled_at": ended if b.state is BatchState.CANCELLED else None,
-        "request_counts": {"total": b.total, "completed": b.completed, "failed": b.failed},
-        "metadata": b.metadata or None,
-        "priority": b.priority.value,
-    }
 
 
 class _Counting:
@@ -309,29 +277,16 @@ def create_api(services: Services) -> FastAPI:
 
     @app.get("/v1/requests/{request_id}")
     def request_status(tenant: Tenant, request_id: str) -> Any:
-        db = s.settings.clickhouse.database
         result = None
         state = None
-        if s.query is not None:
-            fields = ", ".join(InferenceResult.model_fields)
-            rows = s.query(
-                f"SELECT {fields} FROM {db}.results FINAL WHERE request_id = {{id:String}} AND tenant = {{t:String}}",
-                {"id": request_id, "t": tenant},
-            ).dicts()
-            if rows:
-                result = InferenceResult.model_validate(rows[0])
-            else:
-                status = s.query(
-                    f"SELECT argMax(state, at) AS state, countIf(tenant = {{t:String}}) AS mine "
-                    f"FROM {db}.request_status FINAL WHERE request_id = {{id:String}}",
-                    {"id": request_id, "t": tenant},
-                ).dicts()
-                if status and int(status[0]["mine"]):
-                    state = str(status[0]["state"])
-                    if state in ("succeeded", "failed", "expired", "cancelled"):
-                        # The status event reached ClickHouse before the result row: it ends when
-                        # the result can be served.
-                        state = "running"
+        if s.lookups is not None:
+            result = s.lookups.result(request_id, tenant)
+            if result is None:
+                state = s.lookups.latest_state(request_id, tenant)
+                if state in ("succeeded", "failed", "expired", "cancelled"):
+                    # The status event reached ClickHouse before the result row: it ends when the
+                    # result can be served.
+                    state = "running"
         if result is None and state is None:
             if s.recent.get(request_id) != tenant:
                 raise ApiError(404, f"no request {request_id}", "not_found")

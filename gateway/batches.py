@@ -24,6 +24,7 @@ from datetime import timedelta
 from typing import IO, Any, Protocol
 
 from analytics.dlq import parse_age
+from analytics.lookups import Lookups
 from analytics.query import Query
 from analytics.results import error_line, output_line
 from core.errors import ConfigError, SluiceError
@@ -48,15 +49,13 @@ __all__ = [
     "BatchError",
     "BatchNotFound",
     "BatchService",
-    "Publisher",
     "QuotaExceeded",
+    "Submitter",
     "parse_window",
     "request_id_for",
 ]
 
 logger = logging.getLogger(__name__)
-
-_PAGE = 2000
 
 
 class BatchError(SluiceError):
@@ -71,7 +70,7 @@ class QuotaExceeded(BatchError):
     """The tenant has too many requests queued (HTTP 429)."""
 
 
-class Publisher(Protocol):
+class Submitter(Protocol):
     """What the gateway publishes through (``producers.SluiceClient``)."""
 
     def submit_request(self, request: InferenceRequest, *, traceparent: str | None = None) -> str: ...
@@ -104,13 +103,12 @@ def request_id_for(batch_id: str, index: int) -> str:
 
 
 class BatchService:
-    def __init__(self, settings: Settings, files: FileStore, publisher: Publisher, query: Query | None) -> None:
+    def __init__(self, settings: Settings, files: FileStore, publisher: Submitter, query: Query | None) -> None:
         self.settings = settings
         self.files = files
         self.publisher = publisher
-        self.query = query
+        self.lookups = Lookups(query, settings.clickhouse.database) if query is not None else None
         self.topics = Topics(settings.topic_prefix)
-        self.database = settings.clickhouse.database
         self._lock = threading.Lock()
         self._batches: dict[str, BatchStatus] = {}
         self._threads: list[threading.Thread] = []
@@ -187,12 +185,8 @@ class BatchService:
 
     def list(self, tenant: str, limit: int = 20, after: str | None = None) -> list[BatchStatus]:
         found: dict[str, BatchStatus] = {}
-        if self.query is not None:
-            rows = self.query(
-                f"SELECT * EXCEPT ingested_at FROM {self.database}.batches FINAL WHERE tenant = {{t:String}}",
-                {"t": tenant},
-            ).dicts()
-            found.update((r["batch_id"], BatchStatus.model_validate(r)) for r in rows)
+        if self.lookups is not None:
+            found.update((b.batch_id, b) for b in self.lookups.batches_of(tenant))
         with self._lock:
             found.update((b.batch_id, b) for b in self._batches.values() if b.tenant == tenant)
         ordered = sorted(found.values(), key=lambda b: (b.created_at, b.batch_id), reverse=True)
@@ -221,15 +215,10 @@ class BatchService:
     # -- the background work ----------------------------------------------------------------
     def recover(self) -> int:
         """Take over the open batches recorded in ClickHouse (after a gateway restart)."""
-        if self.query is None:
+        if self.lookups is None:
             return 0
-        rows = self.query(
-            f"SELECT * EXCEPT ingested_at FROM {self.database}.batches FINAL "
-            "WHERE state NOT IN ('completed', 'failed', 'expired', 'cancelled')",
-            None,
-        ).dicts()
-        for row in rows:
-            batch = BatchStatus.model_validate(row)
+        recovered = self.lookups.open_batches()
+        for batch in recovered:
             with self._lock:
                 if batch.batch_id in self._batches:
                     continue
@@ -238,7 +227,7 @@ class BatchService:
                 meta = self.files.meta(batch.input_file_id)
                 if meta is not None:
                     self._spawn(self._ingest, batch, meta)
-        return len(rows)
+        return len(recovered)
 
     def poll_once(self) -> None:
         """Update the counts of every open batch; finalize the ones that are done or overdue."""
@@ -246,16 +235,9 @@ class BatchService:
             open_batches = [
                 b for b in self._batches.values() if b.state in (BatchState.IN_PROGRESS, BatchState.CANCELLING)
             ]
-        if not open_batches or self.query is None:
+        if not open_batches or self.lookups is None:
             return
-        counts = {
-            r["batch_id"]: (int(r["ok"]), int(r["bad"]))
-            for r in self.query(
-                f"SELECT batch_id, countIf(status = 'succeeded') AS ok, countIf(status = 'failed') AS bad "
-                f"FROM {self.database}.results FINAL WHERE batch_id IN {{ids:Array(String)}} GROUP BY batch_id",
-                {"ids": [b.batch_id for b in open_batches]},
-            ).dicts()
-        }
+        counts = self.lookups.batch_counts([b.batch_id for b in open_batches])
         now = utcnow()
         grace = timedelta(seconds=self.settings.gateway.expiry_grace_s)
         for batch in open_batches:
@@ -303,13 +285,7 @@ class BatchService:
         return batch
 
     def _from_store(self, batch_id: str) -> BatchStatus | None:
-        if self.query is None:
-            return None
-        rows = self.query(
-            f"SELECT * EXCEPT ingested_at FROM {self.database}.batches FINAL WHERE batch_id = {{id:String}}",
-            {"id": batch_id},
-        ).dicts()
-        return BatchStatus.model_validate(rows[0]) if rows else None
+        return self.lookups.batch(batch_id) if self.lookups is not None else None
 
     def _ingest(self, batch: BatchStatus, meta: FileMeta) -> None:
         try:
@@ -377,21 +353,8 @@ class BatchService:
         self.publisher.flush()
 
     def _results(self, batch_id: str) -> Iterator[InferenceResult]:
-        """The batch's results in request-id order, a page at a time."""
-        assert self.query is not None
-        fields = [f for f in InferenceResult.model_fields]
-        last = ""
-        while True:
-            rows = self.query(
-                f"SELECT {', '.join(fields)} FROM {self.database}.results FINAL "
-                f"WHERE batch_id = {{b:String}} AND request_id > {{after:String}} ORDER BY request_id LIMIT {_PAGE}",
-                {"b": batch_id, "after": last},
-            ).dicts()
-            for row in rows:
-                yield InferenceResult.model_validate(row)
-            if len(rows) < _PAGE:
-                return
-            last = rows[-1]["request_id"]
+        assert self.lookups is not None
+        return self.lookups.batch_results(batch_id)
 
     def _finalize(self, batch: BatchStatus, final: BatchState) -> None:
         batch = self._save(batch.moved(BatchState.FINALIZING))

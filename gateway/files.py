@@ -220,6 +220,6 @@ def open_file_store(settings: Settings) -> FileStore:
             endpoint_url=f.endpoint_url,
             region=f.region,
             access_key_id=f.access_key_id,
-            secret_access_key=f.secret_access_key,
+            secret_access_key=f.secret_access_key.get_secret_value() if f.secret_access_key else None,
         )
     return LocalFileStore(Path(url.removeprefix("file://")) if url else settings.data_dir / "files")

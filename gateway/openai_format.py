@@ -1,5 +1,6 @@
-"""OpenAI's request shapes: a chat-completions body (a batch line's ``body`` or an async request)
-becomes an :class:`InferenceRequest`. (Results become OpenAI's shapes in ``analytics.results``.)
+"""OpenAI's shapes: a chat-completions body (a batch line's ``body`` or an async request) becomes
+an :class:`InferenceRequest`, and a batch becomes OpenAI's ``batch`` object. (Results become
+OpenAI's shapes in ``analytics.results``.)
 
 Parsing follows vLLM's ``run_batch.py``: a bad line is a per-line error, never a failed batch.
 """
@@ -12,10 +13,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from schemas import InferenceRequest, Priority
+from schemas import BatchState, BatchStatus, InferenceRequest, Priority
 from schemas.errors import validation_summary
 
-__all__ = ["CHAT_ENDPOINT", "LineError", "parse_batch_line", "request_from_body", "unix"]
+__all__ = ["CHAT_ENDPOINT", "LineError", "batch_object", "parse_batch_line", "request_from_body", "unix"]
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 
@@ -195,3 +196,35 @@ def parse_batch_line(
 
 def unix(ts: datetime | None) -> int | None:
     return int(ts.timestamp()) if ts is not None else None
+
+
+def batch_object(b: BatchStatus) -> dict[str, Any]:
+    """OpenAI's ``batch`` object."""
+    ended = unix(b.ended_at)
+    return {
+        "id": b.batch_id,
+        "object": "batch",
+        "endpoint": b.endpoint,
+        "errors": (
+            {"object": "list", "data": [{"code": "invalid_file", "message": b.error, "param": None, "line": None}]}
+            if b.error
+            else None
+        ),
+        "input_file_id": b.input_file_id,
+        "completion_window": b.completion_window,
+        "status": b.state.value,
+        "output_file_id": b.output_file_id,
+        "error_file_id": b.error_file_id,
+        "created_at": unix(b.created_at),
+        "in_progress_at": unix(b.in_progress_at),
+        "expires_at": unix(b.expires_at),
+        "finalizing_at": unix(b.finalizing_at),
+        "completed_at": ended if b.state is BatchState.COMPLETED else None,
+        "failed_at": ended if b.state is BatchState.FAILED else None,
+        "expired_at": ended if b.state is BatchState.EXPIRED else None,
+        "cancelling_at": unix(b.cancelling_at),
+        "cancelled_at": ended if b.state is BatchState.CANCELLED else None,
+        "request_counts": {"total": b.total, "completed": b.completed, "failed": b.failed},
+        "metadata": b.metadata or None,
+        "priority": b.priority.value,
+    }

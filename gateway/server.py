@@ -27,7 +27,7 @@ def webhook_secrets(settings: Settings) -> list[str]:
     """The configured signing secrets, or the one kept in ``<data_dir>/webhook_secret`` (made on
     first use, mode 0600) so a single-machine stack signs without any setup."""
     if settings.webhooks.secrets:
-        return settings.webhooks.secrets
+        return [s.get_secret_value() for s in settings.webhooks.secrets]
     path = settings.data_dir / "webhook_secret"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,8 +39,7 @@ def webhook_secrets(settings: Settings) -> list[str]:
 
 class Gateway:
     def __init__(self, settings: Settings) -> None:
-        settings = settings.model_copy(deep=True)
-        settings.webhooks.secrets = webhook_secrets(settings)
+        settings = settings.evolve(webhooks={"secrets": webhook_secrets(settings)})
         self.settings = settings
         self.publisher = SluiceClient(settings)
         query = open_query(settings)
@@ -51,7 +50,7 @@ class Gateway:
             files=self.batches.files,
             batches=self.batches,
             publisher=self.publisher,
-            query=query,
+            lookups=self.batches.lookups,
         )
         self.app = create_api(self.services)
         self.webhooks = WebhookWorker(settings)

@@ -39,6 +39,7 @@ from core.errors import SluiceError
 from core.kafka import TP, ConsumeLoop, Handler, LazyProducer, Out, Producer, TrackedPublisher, message_coords
 from core.settings import Settings, WebhookSettings
 from core.topics import Topics
+from gateway.openai_format import batch_object
 from schemas import (
     BatchStatus,
     DeadLetter,
@@ -166,8 +167,6 @@ def result_event(r: InferenceResult) -> WebhookEvent | None:
 def batch_event(b: BatchStatus) -> WebhookEvent | None:
     if not b.webhook_url or not b.terminal:
         return None
-    from gateway.api import batch_object  # the one place the OpenAI batch object is built
-
     kind = f"batch.{b.state.value}"
     return WebhookEvent(b.webhook_url, _msg_id(b.batch_id, kind), kind, batch_object(b), None, b.tenant)
 
@@ -224,7 +223,7 @@ class WebhookWorker(Handler):
                 "content-type": "application/json",
                 "webhook-id": event.msg_id,
                 "webhook-timestamp": str(ts),
-                "webhook-signature": sign(self.cfg.secrets, event.msg_id, ts, body),
+                "webhook-signature": sign([s.get_secret_value() for s in self.cfg.secrets], event.msg_id, ts, body),
                 "user-agent": "sluice-webhooks",
             }
             try:

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     if entry is None:
         parser.error(f"model {args.model!r} is not in the catalog")
     if args.metrics_port is not None:
-        settings.metrics.port = args.metrics_port
+        settings = settings.evolve(metrics={"port": args.metrics_port})
     # /healthz answers 503 while the model loads (minutes for a large one), then 200.
     problem: list[str | None] = ["loading the engine"]
     serve_metrics(settings.metrics, lambda: problem[0])

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from core.kafka import TP
-from core.topics import PRIORITIES
+from core.topics import PRIORITIES, Topics
 from gpu_consumers.buffer import PriorityBuffer
 from schemas import Priority
 
@@ -33,25 +33,27 @@ class FlowControl(Protocol):
     def seek(self, tp: TP, offset: int) -> bool: ...
 
 
-def priority_of(topic: str) -> Priority:
-    """Model topics end in their priority (``<prefix>model.<name>.<priority>``)."""
-    return Priority(topic.rsplit(".", 1)[-1])
-
-
 class PartitionFlow:
-    def __init__(self, buffer: PriorityBuffer) -> None:
+    def __init__(self, buffer: PriorityBuffer, topics: Topics) -> None:
         self.buffer = buffer
+        self.topics = topics
         self.assigned: dict[Priority, set[TP]] = {p: set() for p in PRIORITIES}
         self.paused: set[Priority] = set()
         self._rewound: dict[TP, int] = {}
         self.draining = False
 
+    def _priority(self, tp: TP) -> Priority:
+        priority = self.topics.priority_of(tp[0])
+        if priority is None:
+            raise ValueError(f"{tp[0]} is not a model topic")
+        return priority
+
     def owns(self, tp: TP) -> bool:
-        return tp in self.assigned[priority_of(tp[0])]
+        return tp in self.assigned[self._priority(tp)]
 
     def assign(self, tps: list[TP]) -> None:
         for tp in tps:
-            self.assigned[priority_of(tp[0])].add(tp)
+            self.assigned[self._priority(tp)].add(tp)
 
     def revoke(self, tps: set[TP]) -> None:
         for tp in tps:
@@ -72,11 +74,11 @@ class PartitionFlow:
             logger.debug("cannot rewind %s to %d; buffering it instead", tp, offset)
             return False
         self._rewound[tp] = offset
-        self.paused.add(priority_of(tp[0]))
+        self.paused.add(self._priority(tp))
         return True
 
     def full(self, tp: TP) -> bool:
-        return self.buffer.full(priority_of(tp[0]).rank)
+        return self.buffer.full(self._priority(tp).rank)
 
     def apply(self, loop: FlowControl) -> None:
         """Pause full priorities, resume those that drained below half (hysteresis)."""

@@ -15,7 +15,6 @@ from core.settings import RetrySettings
 from core.topics import Topics
 from gpu_consumers.buffer import Buffered
 from gpu_consumers.engine import EngineOutput
-from gpu_consumers.flow import priority_of
 from schemas import (
     CostMetric,
     DeadLetter,
@@ -23,6 +22,7 @@ from schemas import (
     InferenceRequest,
     InferenceResult,
     PipelineRejection,
+    Priority,
     RequestIdentity,
     RequestState,
     RequestStatus,
@@ -157,7 +157,7 @@ class Outcomes:
     ) -> list[Out]:
         """A message that is not a request this consumer can run: a dead letter, and a failed
         result when the requester can still be read from it."""
-        who = RequestIdentity.of(rejection.record, priority=priority_of(topic))
+        who = RequestIdentity.of(rejection.record, priority=self.topics.priority_of(topic) or Priority.NORMAL)
         dl = DeadLetter.from_event(
             rejection.reason,
             rejection.detail,

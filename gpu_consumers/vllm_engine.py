@@ -67,7 +67,7 @@ def configure_cpu_env(settings: EngineSettings) -> None:
 
 
 def engine_kwargs(settings: EngineSettings, args: ModelEngineArgs, max_model_len: int, *, cpu: bool) -> dict[str, Any]:
-    """``vllm.LLM`` arguments: the catalog entry's, then the settings', then by host."""
+    """vLLM engine arguments (``EngineArgs``): the catalog entry's, then the settings', then by host."""
     kwargs: dict[str, Any] = {
         "dtype": args.dtype or settings.dtype or ("float32" if cpu else "auto"),
         "enforce_eager": settings.enforce_eager if settings.enforce_eager is not None else cpu,
@@ -146,23 +146,28 @@ class VLLMEngine:
         self._max_inflight = configured or int(self._engine.vllm_config.scheduler_config.max_num_seqs)
 
     def _start(self) -> None:
+        """vLLM's public engine API (``LLMEngine.from_engine_args``): requests are added and
+        stepped one engine step at a time, as they arrive."""
         t0 = time.monotonic()
         try:
-            from vllm import LLM
+            from vllm.config import StructuredOutputsConfig
+            from vllm.engine.arg_utils import EngineArgs
+            from vllm.v1.engine.llm_engine import LLMEngine
         except Exception as exc:
             raise EngineError(f"cannot import vllm: {exc}") from exc
+        kwargs = dict(self._kwargs)
+        kwargs["structured_outputs_config"] = StructuredOutputsConfig(**kwargs["structured_outputs_config"])
         try:
-            self._llm = LLM(**self._kwargs)
+            self._engine = LLMEngine.from_engine_args(EngineArgs(**kwargs))
         except Exception as exc:
             raise EngineError(f"vLLM could not load {self.model_dir}: {exc}") from exc
-        self._engine = self._llm.llm_engine
-        self._tokenizer = self._llm.get_tokenizer()
+        self._tokenizer = self._engine.get_tokenizer()
         logger.info("vLLM engine %s ready in %.1fs (%s)", self.name, time.monotonic() - t0, self._kwargs)
 
     @property
-    def llm(self) -> Any:
-        """The underlying ``vllm.LLM`` (benchmarks compare against calling it directly)."""
-        return self._llm
+    def kwargs(self) -> dict[str, Any]:
+        """The engine arguments it was started with (benchmarks start a direct ``vllm.LLM`` alike)."""
+        return dict(self._kwargs)
 
     @property
     def max_inflight(self) -> int:
@@ -256,7 +261,6 @@ class VLLMEngine:
 
     def close(self) -> None:
         self._engine = None
-        self._llm = None
         gc.collect()
 
 

@@ -88,7 +88,7 @@ class GpuWorker(Handler):
         self.priority_headroom = max(1, self.max_inflight // 8)
         capacity = es.buffer_per_priority or max(64, 2 * self.max_inflight)
         self.buffer = PriorityBuffer(capacity_per_priority=capacity, aging_s=aging_s)
-        self.flow = PartitionFlow(self.buffer)
+        self.flow = PartitionFlow(self.buffer, self.topics)
         self.inflight = InFlight()
         self.run_id = uuid.uuid4().hex[:16]
         self.outcomes = Outcomes(

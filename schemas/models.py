@@ -4,7 +4,7 @@ same whichever stage wrote it)."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -31,6 +31,15 @@ class AvroRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=False)
     schema_file: ClassVar[str]
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _utc(cls, value: Any) -> Any:
+        # Every timestamp on the wire is UTC: a reader that hands back naive datetimes (a JSON
+        # round trip, a driver) gets them marked as UTC, so they compare with aware ones.
+        if isinstance(value, datetime) and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
 
     def to_avro(self) -> dict[str, object]:
         return self.model_dump(mode="python")

@@ -75,7 +75,7 @@ class RequestPipeline:
             route = request.route = self.router.route(request)
         except PipelineRejection as exc:
             # A readable but invalid request still names its requester: they get a failed result.
-            who = request or RequestIdentity.of(exc.record, priority=self._topic_priority(topic))
+            who = request or RequestIdentity.of(exc.record, priority=self.topics.priority_of(topic) or Priority.NORMAL)
             return self._dead_letter(exc, value or b"", topic, partition, offset, timestamp_ms, who, carried(headers))
         request.dedupe_key = dedupe_key(request, self.settings)
         out: list[Forward] = []
@@ -103,9 +103,6 @@ class RequestPipeline:
             fwd,
             *self.emit.status(request.request_id, RequestState.ROUTED, model=route.model, detail=route.reason),
         ]
-
-    def _topic_priority(self, topic: str) -> Priority:
-        return next((p for p in Priority if self.topics.requests(p) == topic), Priority.NORMAL)
 
     def _validate(self, request: InferenceRequest, topic: str, now: datetime) -> None:
         if topic != self.topics.requests(request.priority):

@@ -14,7 +14,7 @@ from aiokafka.conn import AbstractTokenProvider
 from faust.auth import OAuthCredentials, SASLCredentials, SSLCredentials
 
 from core.errors import ConfigError
-from core.settings import KafkaSettings
+from core.settings import KafkaSettings, secret
 
 __all__ = ["OidcTokenProvider", "faust_credentials", "ssl_context"]
 
@@ -29,7 +29,9 @@ def ssl_context(kafka: KafkaSettings) -> ssl.SSLContext | None:
     try:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=kafka.ssl_ca_location)
         if kafka.ssl_certificate_location:
-            ctx.load_cert_chain(kafka.ssl_certificate_location, kafka.ssl_key_location, password=kafka.ssl_key_password)
+            ctx.load_cert_chain(
+                kafka.ssl_certificate_location, kafka.ssl_key_location, password=secret(kafka.ssl_key_password)
+            )
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot build the TLS context for Kafka: {exc}") from exc
     if kafka.ssl_endpoint_identification_algorithm.lower() == "none":
@@ -75,12 +77,15 @@ def faust_credentials(kafka: KafkaSettings) -> Any:
             provider = OidcTokenProvider(
                 kafka.sasl_oauthbearer_token_endpoint_url,
                 kafka.sasl_oauthbearer_client_id or "",
-                kafka.sasl_oauthbearer_client_secret or "",
+                secret(kafka.sasl_oauthbearer_client_secret) or "",
                 kafka.sasl_oauthbearer_scope,
             )
             return OAuthCredentials(oauth_cb=provider, ssl_context=ctx)
         return SASLCredentials(
-            username=kafka.sasl_username, password=kafka.sasl_password or "", ssl_context=ctx, mechanism=mechanism
+            username=kafka.sasl_username,
+            password=secret(kafka.sasl_password) or "",
+            ssl_context=ctx,
+            mechanism=mechanism,
         )
     if ctx is not None:
         return SSLCredentials(ctx)

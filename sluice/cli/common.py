@@ -23,7 +23,7 @@ Command = Callable[[argparse.Namespace], int]
 def settings_from(args: argparse.Namespace) -> Settings:
     settings = Settings()
     if getattr(args, "bootstrap_servers", None):
-        settings.kafka.bootstrap_servers = args.bootstrap_servers
+        settings = settings.evolve(kafka={"bootstrap_servers": args.bootstrap_servers})
     return settings
 
 

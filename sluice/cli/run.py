@@ -27,7 +27,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     if args.engine:
-        settings.engine.kind = args.engine
+        settings = settings.evolve(engine={"kind": args.engine})
     # The embedded broker takes a free port unless one is configured (9092 may be a host's own
     # Kafka); clients find it through stack.json.
     configured = "bootstrap_servers" in settings.kafka.model_fields_set

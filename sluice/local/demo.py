@@ -54,8 +54,7 @@ def run_demo(settings: Settings, console: Console, *, max_tokens: int = 48, time
             path = resolve_model_source(m.source, settings.data_dir)
             console.print(f"[green]✓[/] model [bold]{m.name}[/] at {path}")
     run = uuid.uuid4().hex[:8]
-    settings = settings.model_copy(deep=True)
-    settings.topic_prefix = f"sluice.demo-{run}."
+    settings = settings.evolve(topic_prefix=f"sluice.demo-{run}.")
     with console.status("Starting tansu, chDB, the Faust router and the vLLM consumer…"):
         stack = LocalStack(settings, catalog).start()
     try:

@@ -18,6 +18,10 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+from pydantic_core import to_jsonable_python
 
 from analytics.query_server import QueryServer, token_path
 from analytics.sink import ClickHouseSink
@@ -60,7 +64,9 @@ def ensure_operator_key(settings: Settings) -> str:
 def child_env(settings: Settings) -> dict[str, str]:
     """The environment for a child process: the whole Settings tree, as SLUICE_* JSON values."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-    data = settings.model_dump(mode="json")
+    # The child needs the secrets themselves (a JSON dump masks SecretStr): passed in its
+    # environment, as a deployment passes them.
+    data = to_jsonable_python(_reveal(settings.model_dump()))
     for key, value in data.items():
         if value is None:
             continue
@@ -68,6 +74,16 @@ def child_env(settings: Settings) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("SLUICE_LOG_LEVEL", os.environ.get("SLUICE_LOG_LEVEL", "INFO"))
     return env
+
+
+def _reveal(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, dict):
+        return {k: _reveal(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_reveal(v) for v in value]
+    return value
 
 
 class Child(ManagedProcess):
@@ -214,7 +230,7 @@ class LocalStack(StartStop):
                     home=self.settings.local.kafka_home,
                     pid_dir=self.pid_dir,
                 ).start()
-                self.settings.kafka.bootstrap_servers = self.kafka.bootstrap_servers
+                self.settings = self.settings.evolve(kafka={"bootstrap_servers": self.kafka.bootstrap_servers})
             else:
                 storage_env = None
                 if self.durable:
@@ -225,7 +241,7 @@ class LocalStack(StartStop):
                 self.broker = EmbeddedBroker(
                     self.broker_port, log_path=self.log_dir / "tansu.log", storage_env=storage_env, pid_dir=self.pid_dir
                 ).start()
-                self.settings.kafka.bootstrap_servers = self.broker.bootstrap_servers
+                self.settings = self.settings.evolve(kafka={"bootstrap_servers": self.broker.bootstrap_servers})
         ensure_topics(
             self.settings.kafka,
             self.topics.pipeline(
@@ -256,7 +272,9 @@ class LocalStack(StartStop):
                 self.metrics_urls["sink"] = self.metrics_server.url
         if self.run_gateway:
             gw = self.settings.gateway
-            gw.port = gw.port or free_port(gw.host)
+            if not gw.port:
+                self.settings = self.settings.evolve(gateway={"port": free_port(gw.host)})
+                gw = self.settings.gateway
             self.gateway_url = f"http://{gw.host}:{gw.port}"
             ensure_operator_key(self.settings)
         if self.run_sink:
@@ -459,9 +477,6 @@ class LocalStack(StartStop):
                         f"{child.name} exited with {child.returncode}; "
                         f"last log lines ({child.log_path}):\n{child.tail()}"
                     )
-
-    def wait_sink_ready(self, timeout: float = 30.0) -> bool:
-        return self._sink_ready.wait(timeout)
 
     # -- Stop -----------------------------------------------------------------------------------
     def stop(self) -> None:

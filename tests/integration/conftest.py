@@ -9,6 +9,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -154,16 +155,14 @@ def settings(tmp_path: Path, kafka_bootstrap: str, clickhouse_store: Store, cata
         topic_prefix=f"t{uuid.uuid4().hex[:10]}.",
         catalog_path=catalog_path,
     )
-    s.kafka.bootstrap_servers = kafka_bootstrap
-    s.clickhouse.url = clickhouse_store.url
-    s.engine.kind = "instant"
-    # A small engine: 8 requests at a time, so backlogs form and priorities matter.
-    s.engine.max_inflight = 8
-    s.clickhouse.sink_flush_ms = 200
-    # `sluice stats` reads the hourly rollup: refreshed often, so tests wait seconds, not a minute.
-    s.clickhouse.rollup_interval_s = 0.5
-    s.retry.backoff_ms = [200, 400]
-    return s
+    return s.evolve(
+        kafka={"bootstrap_servers": kafka_bootstrap},
+        # A small engine: 8 requests at a time, so backlogs form and priorities matter.
+        engine={"kind": "instant", "max_inflight": 8},
+        # `sluice stats` reads the hourly rollup: refreshed often, so tests wait seconds, not a minute.
+        clickhouse={"url": clickhouse_store.url, "sink_flush_ms": 200, "rollup_interval_s": 0.5},
+        retry={"backoff_ms": [200, 400]},
+    )
 
 
 @pytest.fixture
@@ -173,14 +172,12 @@ def serde() -> Serde:
 
 @pytest.fixture
 def make_stack(settings: Settings, clickhouse_store: Store) -> Iterator[Callable[..., LocalStack]]:
-    """Start the local stack (embedded broker per test, the session's ClickHouse) with tweaks:
-    ``make_stack(lambda s: setattr(s.engine, "instant_token_seconds", 0.05))``."""
+    """Start the local stack (embedded broker per test, the session's ClickHouse) with changed
+    settings: ``make_stack(engine={"instant_token_seconds": 0.05})`` (as for ``Settings.evolve``)."""
     started: list[LocalStack] = []
 
-    def make(tweak: Callable[[Settings], None] | None = None) -> LocalStack:
-        if tweak is not None:
-            tweak(settings)
-        stack = LocalStack(settings, store=clickhouse_store)
+    def make(**changes: Any) -> LocalStack:
+        stack = LocalStack(settings.evolve(**changes), store=clickhouse_store)
         started.append(stack)
         return stack.start()
 

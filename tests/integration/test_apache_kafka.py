@@ -128,8 +128,7 @@ def test_watermarks_and_latest_offset_reset_are_exact(settings: Settings) -> Non
 def test_transactional_consumer_killed_mid_traffic_gives_no_duplicate_and_loses_nothing(
     settings: Settings, clickhouse_store: Store
 ) -> None:
-    settings.kafka.transactional = True
-    settings.engine.instant_token_seconds = 0.02
+    settings = settings.evolve(kafka={"transactional": True}, engine={"instant_token_seconds": 0.02})
     stack = LocalStack(settings, store=clickhouse_store, run_consumers=False).start()
     cmd = [sys.executable, "-m", "gpu_consumers", "--model", "tiny"]
     results_topic = stack.topics.results

@@ -37,8 +37,7 @@ def catalog(tiny_model_dir: Path, make_entry: Callable[..., ModelEntry]) -> Cata
 
 @pytest.fixture
 def gateway_stack(settings: Settings, clickhouse_store: Store) -> Iterator[LocalStack]:
-    settings.engine.kind = "vllm"
-    settings.engine.max_inflight = None
+    settings = settings.evolve(engine={"kind": "vllm", "max_inflight": None})
     stack = LocalStack(settings, store=clickhouse_store, run_gateway=True).start()
     yield stack
     stack.stop()

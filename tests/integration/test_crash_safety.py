@@ -68,8 +68,7 @@ def test_kill_9_mid_run_loses_nothing_and_reruns_at_most_the_in_flight_window(
     settings: Settings, clickhouse_store: Store
 ) -> None:
     # 4 requests in the engine at a time, 0.4 s each, so a kill always lands on running work.
-    settings.engine.instant_token_seconds = 0.1
-    settings.engine.max_inflight = 4
+    settings = settings.evolve(engine={"instant_token_seconds": 0.1, "max_inflight": 4})
     stack = LocalStack(settings, store=clickhouse_store, run_consumers=False).start()
     try:
         client = SluiceClient(stack.settings)
@@ -121,9 +120,7 @@ def test_kill_9_mid_run_loses_nothing_and_reruns_at_most_the_in_flight_window(
 
 
 def test_sigterm_drains_in_bounded_time_and_nothing_runs_twice(settings: Settings, clickhouse_store: Store) -> None:
-    settings.engine.instant_token_seconds = 0.05
-    settings.engine.max_inflight = 4
-    settings.engine.drain_s = 2.0
+    settings = settings.evolve(engine={"instant_token_seconds": 0.05, "max_inflight": 4, "drain_s": 2.0})
     stack = LocalStack(settings, store=clickhouse_store, run_consumers=False).start()
     try:
         client = SluiceClient(stack.settings)
@@ -166,8 +163,7 @@ def test_sigterm_drains_in_bounded_time_and_nothing_runs_twice(settings: Setting
 def test_two_replicas_one_killed_its_partitions_move_and_nothing_is_lost(
     settings: Settings, clickhouse_store: Store
 ) -> None:
-    settings.engine.instant_token_seconds = 0.05
-    settings.engine.max_inflight = 4
+    settings = settings.evolve(engine={"instant_token_seconds": 0.05, "max_inflight": 4})
     stack = LocalStack(settings, store=clickhouse_store, replicas=2).start()
     try:
         consumers = [c for c in stack.children if c.name.startswith("gpu-tiny-")]

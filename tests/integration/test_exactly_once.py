@@ -26,8 +26,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
 
 
 def test_transactions_commit_results_with_their_offsets(settings: Settings, clickhouse_store: Store) -> None:
-    settings.kafka.transactional = True
-    settings.engine.instant_token_seconds = 0.01
+    settings = settings.evolve(kafka={"transactional": True}, engine={"instant_token_seconds": 0.01})
     stack = LocalStack(settings, store=clickhouse_store, run_consumers=False).start()
     cmd = [sys.executable, "-m", "gpu_consumers", "--model", "tiny"]
     try:

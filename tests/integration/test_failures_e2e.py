@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from analytics.store import Store
-from core.settings import Settings
 from gpu_consumers.instant_engine import FLAKY, POISON_PILL
 from producers import SluiceClient
 from sluice.local.stack import LocalStack
@@ -120,11 +119,8 @@ def sluice_show(stack: LocalStack, dead_letter_id: str) -> dict[str, Any]:
 def test_a_cancelled_request_that_has_not_started_is_skipped(
     make_stack: Callable[..., LocalStack], clickhouse_store: Store
 ) -> None:
-    def slow(s: Settings) -> None:
-        # 256 tokens (the default max_tokens) at 2 ms: 0.5 s per request, 8 at a time.
-        s.engine.instant_token_seconds = 0.002
-
-    stack = make_stack(slow)
+    # 256 tokens (the default max_tokens) at 2 ms: 0.5 s per request, 8 at a time.
+    stack = make_stack(engine={"instant_token_seconds": 0.002})
     client = SluiceClient(stack.settings)
     ids = [client.submit(f"backlog {i}", priority="low", tenant="cancel", cache=False) for i in range(48)]
     client.flush()

@@ -68,18 +68,22 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture
 def gw(settings: Settings, clickhouse_store: Store) -> Iterator[LocalStack]:
     p = settings.topic_prefix
-    settings.engine.instant_token_seconds = 0.02
-    settings.files.max_lines = 20
-    settings.files.max_bytes = 64_000
-    settings.gateway.max_queued_per_tenant = 30
-    settings.gateway.batch_poll_s = 0.3
-    settings.webhooks.secrets = [SECRET]
-    settings.webhooks.first_retry_s = 0.2
-    settings.webhooks.max_retry_s = 0.4
-    settings.webhooks.retry_for_s = 2.0
-    settings.webhooks.allow_private = ["127.0.0.1"]
-    settings.tenants.results_topics = {"team-a": f"{p}team-a.results"}
-    settings.tenants.reply_to_patterns = {"team-a": [f"{p}team-a.replies.*"]}
+    settings = settings.evolve(
+        engine={"instant_token_seconds": 0.02},
+        files={"max_lines": 20, "max_bytes": 64_000},
+        gateway={"max_queued_per_tenant": 30, "batch_poll_s": 0.3},
+        webhooks={
+            "secrets": [SECRET],
+            "first_retry_s": 0.2,
+            "max_retry_s": 0.4,
+            "retry_for_s": 2.0,
+            "allow_private": ["127.0.0.1"],
+        },
+        tenants={
+            "results_topics": {"team-a": f"{p}team-a.results"},
+            "reply_to_patterns": {"team-a": [f"{p}team-a.replies.*"]},
+        },
+    )
     stack = LocalStack(settings, store=clickhouse_store, run_gateway=True).start()
     yield stack
     stack.stop()

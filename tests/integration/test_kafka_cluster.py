@@ -59,9 +59,10 @@ def _leader_of_most(settings: Settings, topic: str) -> int:
 def test_broker_kill_and_rolling_restart_lose_nothing(
     settings: Settings, clickhouse_store: Store, cluster: KafkaCluster
 ) -> None:
-    settings.kafka.bootstrap_servers = cluster.bootstrap_servers
-    settings.kafka.replication_factor = 3
-    settings.engine.instant_token_seconds = 0.01
+    settings = settings.evolve(
+        kafka={"bootstrap_servers": cluster.bootstrap_servers, "replication_factor": 3},
+        engine={"instant_token_seconds": 0.01},
+    )
     stack = LocalStack(settings, store=clickhouse_store).start()
     acked: list[str] = []
     refused: list[str] = []

@@ -45,8 +45,7 @@ def value(metrics: dict[str, dict[tuple[tuple[str, str], ...], float]], name: st
 
 def test_every_process_serves_metrics_and_health(settings: Settings, clickhouse_store: Store, tmp_path: Path) -> None:
     # A slow engine with room for 2: a backlog forms and drains while we watch.
-    settings.engine.instant_token_seconds = 0.05
-    settings.engine.max_inflight = 2
+    settings = settings.evolve(engine={"instant_token_seconds": 0.05, "max_inflight": 2})
     stack = LocalStack(settings, store=clickhouse_store, run_gateway=True).start()
     try:
         urls = stack.metrics_urls

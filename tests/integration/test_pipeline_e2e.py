@@ -227,7 +227,7 @@ def test_stats_right_after_the_last_result_include_it(
     make_stack: Callable[..., LocalStack], clickhouse_store: Store
 ) -> None:
     # A rollup refreshed once at start and then not for an hour: stats must still be current.
-    stack = make_stack(lambda s: setattr(s.clickhouse, "rollup_interval_s", 3600.0))
+    stack = make_stack(clickhouse={"rollup_interval_s": 3600.0})
     settings = stack.settings
     with SluiceClient(settings) as client:
         ids = [client.submit(f"fresh stats {i}", tenant="fresh-tenant", cache=False) for i in range(4)]

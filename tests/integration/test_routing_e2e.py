@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from analytics.store import Store
-from core.settings import Settings
 from producers import SluiceClient
 from sluice.local.stack import LocalStack
 from tests.integration.helpers import results, topic_keys
@@ -25,17 +25,14 @@ def _model_topics(stack: LocalStack) -> list[str]:
     return [t for m in stack.catalog for t in stack.topics.model_topics(m.name)]
 
 
-def _slow_engine(token_seconds: float) -> Callable[[Settings], None]:
-    def tweak(s: Settings) -> None:
-        s.engine.instant_token_seconds = token_seconds
-
-    return tweak
+def _slow_engine(token_seconds: float) -> dict[str, Any]:
+    return {"engine": {"instant_token_seconds": token_seconds}}
 
 
 def test_duplicates_run_once_and_every_submitter_gets_a_result(
     make_stack: Callable[..., LocalStack], clickhouse_store: Store
 ) -> None:
-    stack = make_stack(_slow_engine(0.04))
+    stack = make_stack(**_slow_engine(0.04))
     client = SluiceClient(stack.settings)
     unique = [client.submit(f"question {i} about streams", tenant="dd", max_tokens=8) for i in range(10)]
     # k = 6 duplicates: 4 exact content repeats and 2 repeats of an idempotency key.
@@ -157,7 +154,7 @@ def test_simple_requests_go_to_the_cheap_model_and_hard_or_long_ones_to_the_capa
 def test_high_priority_overtakes_a_low_priority_backlog_and_low_still_finishes(
     make_stack: Callable[..., LocalStack], clickhouse_store: Store
 ) -> None:
-    stack = make_stack(_slow_engine(0.05))
+    stack = make_stack(**_slow_engine(0.05))
     client = SluiceClient(stack.settings)
     low = [client.submit(f"low {i}", priority="low", tenant="prio", cache=False, max_tokens=4) for i in range(240)]
     client.flush()

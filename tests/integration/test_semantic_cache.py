@@ -7,12 +7,12 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from analytics.query import savings_sql
 from analytics.store import Store
-from core.settings import Settings
 from producers import SluiceClient
 from sluice.local.stack import LocalStack
 from tests.integration.helpers import results, topic_keys
@@ -44,8 +44,7 @@ NEAR_MISSES = [
 ]
 
 
-def _semantic_on(s: Settings) -> None:
-    s.processor.semantic.enabled = True
+_SEMANTIC_ON: dict[str, Any] = {"processor": {"semantic": {"enabled": True}}}
 
 
 def _indexed(stack: LocalStack, ids: list[str]) -> None:
@@ -62,7 +61,7 @@ def _indexed(stack: LocalStack, ids: list[str]) -> None:
 def test_paraphrases_hit_near_misses_and_other_tenants_run(
     make_stack: Callable[..., LocalStack], clickhouse_store: Store, embedding_model_dir: Path
 ) -> None:
-    stack = make_stack(_semantic_on)
+    stack = make_stack(**_SEMANTIC_ON)
     client = SluiceClient(stack.settings)
     originals = [client.submit(text, tenant="acme", max_tokens=8) for text in (FRANCE, REVIEW, FRENCH)]
     client.flush()
@@ -142,7 +141,7 @@ def test_static_vectors_do_not_depend_on_the_batch_or_the_models_padding(embeddi
 def test_every_near_miss_family_runs_on_its_own(
     make_stack: Callable[..., LocalStack], clickhouse_store: Store, embedding_model_dir: Path
 ) -> None:
-    stack = make_stack(_semantic_on)
+    stack = make_stack(**_SEMANTIC_ON)
     client = SluiceClient(stack.settings)
     originals = [client.submit(original, tenant="acme", max_tokens=8) for original, _ in NEAR_MISSES]
     client.flush()

@@ -319,7 +319,7 @@ def test_dead_letters_from_two_broker_lifetimes_keep_distinct_ids_and_both_repla
                 listed = up.sql("SELECT dead_letter_id FROM sluice.dead_letters FINAL WHERE reason = 'unknown_model'")
                 assert sorted(r[0] for r in listed) == sorted(dead)
                 settings = up.settings()
-                settings.catalog_path = data / "catalog.toml"
+                settings = settings.evolve(catalog_path=data / "catalog.toml")
                 out = run_cli(
                     settings, "dlq", "replay", "--reason", "unknown_model", "--to-model", "tiny", "--format", "json"
                 )

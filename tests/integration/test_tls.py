@@ -35,11 +35,10 @@ pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
 @pytest.fixture
 def tls_settings(settings: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Settings]:
-    k = settings.kafka
     if TEST_BROKER == "kafka":
         cluster: KafkaCluster = request.getfixturevalue("kafka_cluster")
         certs: Certs = request.getfixturevalue("kafka_certs")
-        k.bootstrap_servers = cluster.ssl_bootstrap_servers
+        servers = cluster.ssl_bootstrap_servers
         proxy = broker = None
     else:
         from sluice.local.broker import EmbeddedBroker, free_port
@@ -49,12 +48,16 @@ def tls_settings(settings: Settings, tmp_path: Path, request: pytest.FixtureRequ
         proxy_port = free_port()
         broker = EmbeddedBroker(log_path=tmp_path / "tansu-tls.log", advertised_port=proxy_port).start()
         proxy = TlsProxy(proxy_port, broker.port, certs.server_cert, certs.server_key, client_ca=certs.ca).start()
-        k.bootstrap_servers = f"127.0.0.1:{proxy_port}"
-    k.security_protocol = "SSL"
-    k.ssl_ca_location = str(certs.ca)
-    k.ssl_certificate_location = str(certs.client_cert)
-    k.ssl_key_location = str(certs.client_key)
-    yield settings
+        servers = f"127.0.0.1:{proxy_port}"
+    yield settings.evolve(
+        kafka={
+            "bootstrap_servers": servers,
+            "security_protocol": "SSL",
+            "ssl_ca_location": str(certs.ca),
+            "ssl_certificate_location": str(certs.client_cert),
+            "ssl_key_location": str(certs.client_key),
+        }
+    )
     if proxy is not None and broker is not None:
         proxy.stop()
         broker.stop()
@@ -66,14 +69,16 @@ def sasl_settings(settings: Settings, request: pytest.FixtureRequest) -> Setting
         pytest.skip("SASL needs Apache Kafka (tansu has no SASL)")
     cluster: KafkaCluster = request.getfixturevalue("kafka_cluster")
     certs: Certs = request.getfixturevalue("kafka_certs")
-    k = settings.kafka
-    k.bootstrap_servers = cluster.sasl_ssl_bootstrap_servers
-    k.security_protocol = "SASL_SSL"
-    k.sasl_mechanism = "SCRAM-SHA-512"
-    k.sasl_username = SCRAM_USER.name
-    k.sasl_password = SCRAM_USER.password
-    k.ssl_ca_location = str(certs.ca)
-    return settings
+    return settings.evolve(
+        kafka={
+            "bootstrap_servers": cluster.sasl_ssl_bootstrap_servers,
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_username": SCRAM_USER.name,
+            "sasl_password": SCRAM_USER.password,
+            "ssl_ca_location": str(certs.ca),
+        }
+    )
 
 
 def _run_pipeline(settings: Settings, store: Store, *, through_gateway: bool) -> None:
@@ -105,9 +110,7 @@ def test_the_pipeline_runs_on_a_mutual_tls_cluster(tls_settings: Settings, click
 
 
 def test_a_client_without_a_certificate_is_refused(tls_settings: Settings) -> None:
-    plain = tls_settings.model_copy(deep=True)
-    plain.kafka.ssl_certificate_location = None
-    plain.kafka.ssl_key_location = None
+    plain = tls_settings.evolve(kafka={"ssl_certificate_location": None, "ssl_key_location": None})
     with pytest.raises(KafkaException):
         clients.admin(plain.kafka, "test").list_topics(timeout=5)
 
@@ -117,7 +120,6 @@ def test_the_pipeline_and_the_gateway_run_on_sasl_ssl_scram(sasl_settings: Setti
 
 
 def test_a_wrong_password_is_refused_with_the_brokers_reason(sasl_settings: Settings) -> None:
-    wrong = sasl_settings.model_copy(deep=True)
-    wrong.kafka.sasl_password = "not-the-password"
+    wrong = sasl_settings.evolve(kafka={"sasl_password": "not-the-password"})
     with pytest.raises(BrokerError, match=r"(?i)authentication"):
         ensure_topics(wrong.kafka, {f"{wrong.topic_prefix}never": {}}, timeout=10)

@@ -30,8 +30,8 @@ def catalog(tiny_model_dir: Path, make_entry: Callable[..., ModelEntry]) -> Cata
 
 @pytest.fixture
 def vllm_stack(settings: Settings, clickhouse_store: Store) -> Iterator[LocalStack]:
-    settings.engine.kind = "vllm"
-    settings.engine.max_inflight = None  # the engine's own max_num_seqs, as deployed
+    # the engine's own max_num_seqs, as deployed
+    settings = settings.evolve(engine={"kind": "vllm", "max_inflight": None})
     stack = LocalStack(settings, store=clickhouse_store).start()
     yield stack
     stack.stop()

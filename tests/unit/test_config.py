@@ -32,8 +32,7 @@ def test_settings_from_env_and_librdkafka_mapping(monkeypatch: pytest.MonkeyPatc
 
 def test_child_env_round_trips_the_settings_tree(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     s = Settings(data_dir=tmp_path, topic_prefix="x.")
-    s.kafka.bootstrap_servers = "h:1"
-    s.engine.kind = "instant"
+    s = s.evolve(kafka={"bootstrap_servers": "h:1"}, engine={"kind": "instant"})
     env = child_env(s)
     for k in [k for k in list(__import__("os").environ) if k.startswith("SLUICE_")]:
         monkeypatch.delenv(k)
@@ -186,7 +185,7 @@ def test_a_local_stack_starts_a_broker_only_when_none_is_configured(tmp_path: Pa
 
     assert LocalStack(Settings(data_dir=tmp_path)).embedded_broker is True
     configured = Settings(data_dir=tmp_path)
-    configured.kafka.bootstrap_servers = "kafka.internal:9092"
+    configured = configured.evolve(kafka={"bootstrap_servers": "kafka.internal:9092"})
     assert LocalStack(configured).embedded_broker is False
     # An explicit choice (sluice up --external-kafka, or not) still wins.
     assert LocalStack(configured, embedded_broker=True).embedded_broker is True

@@ -270,7 +270,7 @@ def test_a_request_that_kills_the_engine_is_isolated_and_the_others_finish() -> 
 
 def test_draining_finishes_what_it_can_and_hands_the_rest_back() -> None:
     rig = _rig(max_inflight=4, token_seconds=0.001)
-    rig.worker.settings.engine.drain_s = 0.2
+    rig.worker.settings = rig.worker.settings.evolve(engine={"drain_s": 0.2})
     _feed(rig, [_request("short", 2), _request("endless", 30_000), _request("queued", 1)])
     rig.cycles(1)
     rig.loop.finish()  # a graceful stop: drain, flush, commit

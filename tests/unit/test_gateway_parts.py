@@ -161,9 +161,7 @@ def test_iter_lines_skips_blank_lines_across_chunks() -> None:
 
 
 def _service(tmp_path: Path, **gateway: Any) -> tuple[BatchService, MemoryPublisher, MemoryResults, LocalFileStore]:
-    settings = Settings(data_dir=tmp_path)
-    for k, v in gateway.items():
-        setattr(settings.gateway, k, v)
+    settings = Settings(data_dir=tmp_path).evolve(gateway=gateway)
     files = LocalFileStore(tmp_path / "files")
     pub, results = MemoryPublisher(), MemoryResults()
     return BatchService(settings, files, pub, results), pub, results, files
@@ -253,7 +251,7 @@ def test_another_tenants_file_is_not_found_and_the_queue_limit_holds(tmp_path: P
 
 def test_uploads_count_lines_and_refuse_past_the_limits(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path)
-    settings.files.max_lines = 3
+    settings = settings.evolve(files={"max_lines": 3})
     keys = KeyStore(tmp_path / "keys.json")
     files = LocalFileStore(tmp_path / "files")
     services = Services(

@@ -161,10 +161,14 @@ def test_the_router_compresses_and_authenticates_like_the_other_clients(tmp_path
     from stream_processors.app import create_app
 
     settings = Settings(data_dir=tmp_path)
-    settings.kafka.security_protocol = "SASL_SSL"
-    settings.kafka.sasl_mechanism = "SCRAM-SHA-512"
-    settings.kafka.sasl_username = "u"
-    settings.kafka.ssl_ca_location = str(certs.ca)
+    settings = settings.evolve(
+        kafka={
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_username": "u",
+            "ssl_ca_location": str(certs.ca),
+        }
+    )
     app = create_app(settings)
     assert app.conf.producer_compression_type == "zstd"
     creds = app.conf.broker_credentials

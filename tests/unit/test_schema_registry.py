@@ -42,7 +42,7 @@ def _request() -> InferenceRequest:
 
 def test_mock_urls_work_through_the_settings() -> None:
     settings = Settings()
-    settings.schema_registry.url = _url()
+    settings = settings.evolve(schema_registry={"url": _url()})
     serde = clients.serde(settings)
     assert isinstance(serde.registry, ConfluentSchemaRegistry)
     assert serde.decode(InferenceRequest, serde.encode(_request())) == _request()
