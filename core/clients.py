@@ -15,15 +15,25 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka import Consumer, KafkaError, Producer, ShareConsumer
 from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
-from core.kafka_config import admin_config, consumer_config, producer_config
+from core.kafka_config import admin_config, consumer_config, producer_config, share_consumer_config
 from core.metrics import KAFKA_CLIENT_ERRORS
 from core.settings import KafkaSettings, Settings
 from schemas import Serde
 
-__all__ = ["ClientErrorClass", "admin", "classify", "client_id", "consumer", "error_callback", "producer", "serde"]
+__all__ = [
+    "ClientErrorClass",
+    "admin",
+    "classify",
+    "client_id",
+    "consumer",
+    "error_callback",
+    "producer",
+    "serde",
+    "share_consumer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +122,11 @@ def producer(kafka: KafkaSettings, component: str, **overrides: Any) -> Producer
 
 def consumer(kafka: KafkaSettings, component: str, group_id: str, **overrides: Any) -> Consumer:
     return Consumer({**consumer_config(kafka, group_id, **overrides), **_common(component)})
+
+
+def share_consumer(kafka: KafkaSettings, component: str, group_id: str, **overrides: Any) -> ShareConsumer:
+    """A share group member (KIP-932): see ``core.kafka.share``."""
+    return ShareConsumer({**share_consumer_config(kafka, group_id, **overrides), **_common(component)})
 
 
 def admin(kafka: KafkaSettings, component: str, *, on_error: Callable[[KafkaError], None] | None = None) -> AdminClient:

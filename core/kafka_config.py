@@ -10,7 +10,14 @@ from typing import Any
 
 from core.settings import KafkaSettings, secret
 
-__all__ = ["admin_config", "common_config", "consumer_config", "producer_config", "security_config"]
+__all__ = [
+    "admin_config",
+    "common_config",
+    "consumer_config",
+    "producer_config",
+    "security_config",
+    "share_consumer_config",
+]
 
 
 def security_config(kafka: KafkaSettings) -> dict[str, Any]:
@@ -81,6 +88,15 @@ def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> di
             "partition.assignment.strategy": "cooperative-sticky",
         }
     )
+    conf.update(overrides)
+    conf.update(kafka.extra)
+    return conf
+
+
+def share_consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> dict[str, Any]:
+    """A share group member (KIP-932) that acknowledges each record itself."""
+    conf = common_config(kafka)
+    conf.update({"group.id": group_id, "share.acknowledgement.mode": "explicit"})
     conf.update(overrides)
     conf.update(kafka.extra)
     return conf

@@ -15,6 +15,7 @@ from core.stackfile import read_stack_file
 
 __all__ = [
     "ClickHouseSettings",
+    "ConsumerSettings",
     "EngineSettings",
     "FileSettings",
     "GatewaySettings",
@@ -210,6 +211,36 @@ class EngineSettings(_Section):
         return kind
 
 
+class ConsumerSettings(_Section):
+    """How GPU consumers of one model share its topics (``SLUICE_CONSUMER__*``)."""
+
+    # "share": a Kafka share group (KIP-932; Apache Kafka 4.2+): any number of consumers per
+    # partition, each request acknowledged on its own. "classic": a consumer group (partitions
+    # cap the replicas; the mode for the transactional exactly-once option). "auto": share where
+    # the broker has share groups, else classic, said in the log.
+    group: str = "auto"
+    # Share mode: how long a request stays locked to the consumer that took it. Set as the
+    # group's share.record.lock.duration.ms at start; the broker caps it with
+    # group.share.max.record.lock.duration.ms (60 s by default: raise it to the longest expected
+    # generation). A request still running when its lock runs out may run twice.
+    lock_duration_s: float = Field(default=600.0, gt=0)
+    # Share mode: deliveries of one request before it is a poison message (a consumer died or
+    # stalled with it that many times): the group's share.delivery.count.limit (2 to 10).
+    delivery_limit: int = Field(default=5, ge=2, le=10)
+    # Share mode: share consumers per priority in one GPU consumer. A poll's records must all be
+    # acknowledged before that consumer polls again; more lanes keep a long request from
+    # holding back the intake of its priority.
+    lanes_per_priority: int = Field(default=3, ge=1, le=16)
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, value: str) -> str:
+        value = value.lower()
+        if value not in ("auto", "share", "classic"):
+            raise ValueError(f"consumer.group {value!r} is not one of auto, share, classic")
+        return value
+
+
 class RetrySettings(_Section):
     """Transient failures (engine errors) are retried through delay topics, not by blocking."""
 
@@ -386,6 +417,7 @@ class Settings(BaseSettings):
     schema_registry: SchemaRegistrySettings = Field(default_factory=SchemaRegistrySettings)
     clickhouse: ClickHouseSettings = Field(default_factory=ClickHouseSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    consumer: ConsumerSettings = Field(default_factory=ConsumerSettings)
     processor: ProcessorSettings = Field(default_factory=ProcessorSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)

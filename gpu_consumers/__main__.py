@@ -59,6 +59,20 @@ def consumer_gauges(worker: GpuWorker) -> Iterator[GaugeMetricFamily]:
         ["model", "priority"],
         [([model, p.value], worker.buffer.depth(p.rank)) for p in Priority],
     )
+    acquired = worker.acquired
+    if acquired is not None:
+        yield gauge_family(
+            "sluice_acquired_requests",
+            "Share mode: requests this consumer acquired and has not acknowledged yet",
+            ["model"],
+            [([model], acquired)],
+        )
+        yield gauge_family(
+            "sluice_share_acknowledgements",
+            "Share mode: acknowledgements this consumer sent, by kind (accept, release, reject)",
+            ["model", "kind"],
+            [([model, kind], n) for kind, n in worker.acknowledged.items()],
+        )
     paused = [tp for p in worker.flow.paused for tp in worker.flow.assigned.get(p, ())]
     yield gauge_family(
         "sluice_paused_partitions",

@@ -9,6 +9,7 @@ so low priority is never starved.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -89,3 +90,11 @@ class PriorityBuffer:
             dropped += len(q) - len(keep)
             self._queues[r] = keep
         return dropped
+
+    def pop_where(self, keep: Callable[[Buffered], bool]) -> list[Buffered]:
+        """Remove and return every item ``keep`` refuses."""
+        out: list[Buffered] = []
+        for r, q in self._queues.items():
+            out += [i for i in q if not keep(i)]
+            self._queues[r] = deque(i for i in q if keep(i))
+        return out

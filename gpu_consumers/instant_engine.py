@@ -5,12 +5,15 @@ without loading a model. Like a real engine it runs many requests at once and em
 running request per step, with a simulated time per step (``instant_token_seconds``), so requests
 with different ``max_tokens`` finish at different times. A prompt containing ``POISON_PILL`` makes
 every step fail while it runs, as a request that crashes a real engine would; one containing
-``FLAKY`` does so on its first attempt only, as a transient failure would. The real engine path is
+``FLAKY`` does so on its first attempt only, as a transient failure would; one containing
+``PROCESS_KILLER`` ends the whole process at once (exit code 137), as a request that makes a
+real engine segfault or run out of memory would. The real engine path is
 ``vllm_engine.VLLMEngine``.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,10 +24,11 @@ from core.settings import EngineSettings
 from gpu_consumers.engine import EngineDied, EngineOutput, EngineRequest
 from schemas import DeadLetterReason
 
-__all__ = ["FLAKY", "POISON_PILL", "InstantTestEngine", "create"]
+__all__ = ["FLAKY", "POISON_PILL", "PROCESS_KILLER", "InstantTestEngine", "create"]
 
 POISON_PILL = "POISON_PILL"
 FLAKY = "FLAKY"
+PROCESS_KILLER = "PROCESS_KILLER"
 
 
 @dataclass
@@ -85,6 +89,8 @@ class InstantTestEngine:
             return []
         for r in self._running.values():
             content = " ".join(m["content"] for m in r.request.messages)
+            if PROCESS_KILLER in content:
+                os._exit(137)  # no cleanup, no acknowledgement: what a segfault or the OOM killer leaves
             if POISON_PILL in content or (FLAKY in content and r.request.attempt == 0):
                 self._dead = True
                 raise EngineDied(f"instant engine: died running {r.request.request_id} (poison pill or flaky)")

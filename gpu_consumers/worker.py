@@ -41,18 +41,30 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
 from core import clients
 from core.catalog import Catalog, ModelEntry
+from core.errors import ConfigError
 from core.headers import carried
-from core.kafka import TP, ConsumeLoop, Handler, Out, Producer, TrackedPublisher, TransactionalPublisher, message_coords
+from core.kafka import (
+    TP,
+    ConsumeLoop,
+    Handler,
+    Out,
+    Producer,
+    ShareLoop,
+    TrackedPublisher,
+    TransactionalPublisher,
+    message_coords,
+    prepare_share_group,
+)
 from core.metrics import ENGINE_INFLIGHT, ENGINE_SECONDS, REQUESTS, observe_records
 from core.settings import Settings
-from core.topics import Topics
+from core.topics import PRIORITIES, Topics
 from gpu_consumers.buffer import Buffered, PriorityBuffer
 from gpu_consumers.cancellations import CancelWatch
 from gpu_consumers.engine import Engine, EngineDied, EngineOutput, EngineRequest
 from gpu_consumers.flow import PartitionFlow
 from gpu_consumers.inflight import InFlight, Running
 from gpu_consumers.outcomes import Outcomes
-from schemas import DeadLetterReason, InferenceRequest, PipelineRejection, RequestState, Serde, utcnow
+from schemas import DeadLetterReason, InferenceRequest, PipelineRejection, Priority, RequestState, Serde, utcnow
 
 __all__ = ["GpuWorker"]
 
@@ -100,6 +112,12 @@ class GpuWorker(Handler):
             publish_status=settings.publish_status,
         )
         self.group_id = f"{settings.topic_prefix}gpu-{entry.name}"
+        # Share mode's group: its own name (a group id is either a consumer or a share group).
+        self.share_group_id = f"{self.group_id}-share"
+        self.share = False
+        # Share mode: what the group was set to (the broker may cap the lock).
+        self.lock_duration_s = settings.consumer.lock_duration_s
+        self.delivery_limit = settings.consumer.delivery_limit
         self.component = f"gpu-{entry.name}"
         extra: dict[str, object] = {"linger.ms": 2}
         if settings.kafka.transactional:
@@ -115,6 +133,7 @@ class GpuWorker(Handler):
         else:
             self.publisher = TrackedPublisher(kafka_producer, self.serde)
         self.on_finished = on_finished
+        self._loop: ConsumeLoop | ShareLoop | None = None
         self.watch_cancellations = watch_cancellations
         self.cancels: CancelWatch | None = None
         # Engine-failure isolation: groups of suspects, run alone, halved on each failure.
@@ -141,10 +160,11 @@ class GpuWorker(Handler):
     def on_message(self, loop: ConsumeLoop, msg: Message) -> None:
         topic, partition, offset = message_coords(msg)
         tp = (topic, partition)
-        if self.flow.draining or not self.flow.owns(tp) or self.flow.skip(tp, offset):
-            return
-        if self.flow.full(tp) and self.flow.rewind(loop, tp, offset):
-            return
+        if not self.share:
+            if self.flow.draining or not self.flow.owns(tp) or self.flow.skip(tp, offset):
+                return
+            if self.flow.full(tp) and self.flow.rewind(loop, tp, offset):
+                return
         loop.take(msg)
         value = msg.value() or b""
         kind, ts = msg.timestamp()
@@ -157,9 +177,24 @@ class GpuWorker(Handler):
                 self.outcomes.rejected(topic, partition, offset, value, timestamp_ms, exc, carried(msg.headers())),
             )
             return
-        self.buffer.add(
-            Buffered(topic, partition, offset, value, request, time.monotonic(), timestamp_ms, carried(msg.headers()))
+        item = Buffered(
+            topic, partition, offset, value, request, time.monotonic(), timestamp_ms, carried(msg.headers())
         )
+        deliveries = msg.delivery_count() if self.share else None
+        if deliveries is not None and deliveries >= self.delivery_limit:
+            # Delivered this many times: each earlier consumer died or stalled with it (a request
+            # that kills its engine process). Dead-lettered, then rejected: it stops here.
+            assert isinstance(loop, ShareLoop)
+            loop.reject_when_done(tp, offset)
+            error = (
+                f"delivered {deliveries} times (the share group's delivery limit): a consumer died or "
+                "stalled with it each time"
+            )
+            self._finish(
+                item, self.outcomes.failed(item, DeadLetterReason.RETRIES_EXHAUSTED, error, utcnow()), "failed"
+            )
+            return
+        self.buffer.add(item)
 
     # -- Outcomes -------------------------------------------------------------------------------
     def _finish(self, item: Buffered, outs: list[Out], status: str) -> None:
@@ -248,10 +283,22 @@ class GpuWorker(Handler):
         for rid in request_ids:
             running = self.inflight.pop(rid)
             if running is not None:
-                item = running.item
-                self.publisher.publish(((item.topic, item.partition), item.offset), self.outcomes.handback(item, why))
+                self._give_back(running.item, why)
                 handed.append(rid)
         return handed
+
+    def _give_back(self, item: Buffered, why: str) -> None:
+        """A request this consumer took but will not finish goes to another consumer: in a share
+        group released as it is (nothing re-produced); in a consumer group put back at the end
+        of its partition (see ``Outcomes.handback``)."""
+        if self.share:
+            assert isinstance(self._loop, ShareLoop)
+            self._loop.release((item.topic, item.partition), item.offset)
+            self.publisher.advisory(
+                self.outcomes.status(item.request.request_id, RequestState.QUEUED, f"released: {why}")
+            )
+            return
+        self.publisher.publish(((item.topic, item.partition), item.offset), self.outcomes.handback(item, why))
 
     def _admit(self) -> None:
         now = utcnow()
@@ -350,10 +397,22 @@ class GpuWorker(Handler):
             },
         )
 
-    def loop(self, consumer: Any | None = None) -> ConsumeLoop:
-        """The committing loop over this model's topics (``consumer``: the stub broker's in tests).
-        Messages are taken only once buffered (a full priority rewinds instead)."""
-        return ConsumeLoop(
+    def loop(self, consumer: Any | None = None, *, share: Callable[[], Any] | None = None) -> ConsumeLoop:
+        """The loop over this model's topics: a consumer group's committing loop (messages taken
+        only once buffered; a full priority rewinds instead), or, with ``share`` (a factory of
+        share consumers), a share group's, per-request acknowledged. Tests pass the stub
+        broker's consumer or share-consumer factory."""
+        if share is not None:
+            self.share = True
+            lanes = [
+                (p.value, [self.topics.model(self.entry.name, p)], share)
+                for p in PRIORITIES
+                for _ in range(self.settings.consumer.lanes_per_priority)
+            ]
+            self._loop = ShareLoop(self, lanes, publisher=self.publisher, idle_wait_s=0.05)
+            return cast(ConsumeLoop, self._loop)
+        self.share = False
+        self._loop = ConsumeLoop(
             self,
             consumer if consumer is not None else self.consumer(),
             self.topics.model_topics(self.entry.name),
@@ -361,13 +420,70 @@ class GpuWorker(Handler):
             track=False,
             idle_wait_s=0.05,
         )
+        return self._loop
+
+    def share_consumer(self) -> Any:
+        lock_ms = int(self.lock_duration_s * 1000)
+        # A lane holding a long request cannot poll; it must not count as a dead member before
+        # its records' locks run out.
+        return clients.share_consumer(
+            self.settings.kafka,
+            self.component,
+            self.share_group_id,
+            **{
+                "max.poll.records": max(1, self.max_inflight // 4),
+                "max.poll.interval.ms": lock_ms + 60_000,
+                "fetch.max.bytes": 16 << 10,
+                "max.partition.fetch.bytes": 16 << 10,
+            },
+        )
+
+    def consumption_mode(self) -> str:
+        """ "share" or "classic", from ``SLUICE_CONSUMER__GROUP`` and what the broker offers; a
+        share group is configured here (start, lock duration, delivery limit)."""
+        wanted = self.settings.consumer.group
+        if wanted == "classic":
+            return "classic"
+        if self.settings.kafka.transactional:
+            if wanted == "share":
+                raise ConfigError(
+                    "share groups have no transactions: the exactly-once option needs SLUICE_CONSUMER__GROUP=classic"
+                )
+            logger.info("consumer group mode: classic (the transactional option needs a consumer group)")
+            return "classic"
+        c = self.settings.consumer
+        setup = prepare_share_group(
+            clients.admin(self.settings.kafka, self.component),
+            self.share_group_id,
+            lock_duration_ms=int(c.lock_duration_s * 1000),
+            delivery_limit=c.delivery_limit,
+        )
+        if not isinstance(setup, str):
+            self.lock_duration_s = setup.lock_duration_ms / 1000
+            self.delivery_limit = setup.delivery_limit
+            logger.info(
+                "consumer group mode: share group %s (record lock %gs, delivery limit %d)",
+                setup.group,
+                self.lock_duration_s,
+                self.delivery_limit,
+            )
+            return "share"
+        why = setup
+        if wanted == "share":
+            raise ConfigError(f"SLUICE_CONSUMER__GROUP=share, but the broker has no share groups: {why}")
+        logger.info("consumer group mode: classic (the broker has no share groups: %s)", why)
+        return "classic"
 
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
         if self.watch_cancellations:
             self.cancels = CancelWatch(self.settings, self.serde)
-        loop = self.loop()
+        share = self.consumption_mode() == "share"
+        loop = self.loop(share=self.share_consumer if share else None)
         logger.info(
-            "gpu worker for %s consuming as %s (max in flight %d)", self.entry.name, self.group_id, self.max_inflight
+            "gpu worker for %s consuming as %s (max in flight %d)",
+            self.entry.name,
+            self.share_group_id if share else self.group_id,
+            self.max_inflight,
         )
         try:
             loop.run(stop, ready)
@@ -382,12 +498,45 @@ class GpuWorker(Handler):
             )
 
     @property
+    def acquired(self) -> int | None:
+        """Share mode: requests acquired and not yet acknowledged (what a crash here hands back
+        to the group); None in classic mode."""
+        return self._loop.held if isinstance(self._loop, ShareLoop) else None
+
+    @property
+    def acknowledged(self) -> dict[str, int]:
+        """Share mode: acknowledgements sent, by kind (accept, release, reject)."""
+        return dict(self._loop.acknowledged) if isinstance(self._loop, ShareLoop) else {}
+
+    @property
     def idle(self) -> bool:
         """Nothing buffered, running or being isolated."""
         return not (len(self.buffer) or len(self.inflight) or self._suspects)
 
+    def wants(self, key: str) -> int:
+        """Share mode: acquire only what the engine can start soon (its free slots plus a small
+        prefetch), high before normal before low; a request that would outrank everything running
+        may also take one of the headroom slots."""
+        if self.flow.draining:
+            return 0
+        prefetch = max(2, self.max_inflight // 4)
+        room = self.max_inflight + prefetch - len(self.inflight) - len(self.buffer)
+        if key == Priority.HIGH.value:
+            room = max(room, self.priority_headroom - self.buffer.depth(Priority.HIGH.rank))
+        return room
+
+    def _release_stale(self) -> None:
+        """Share mode: a buffered request that cannot start before its lock runs out goes back
+        (another consumer may start it sooner; run here after expiry it could run twice)."""
+        limit = time.monotonic() - self.lock_duration_s * 0.8
+        for item in self.buffer.pop_where(lambda i: i.arrived >= limit):
+            self._give_back(item, "its lock was about to run out before it could start")
+
     def on_cycle(self, loop: ConsumeLoop) -> bool:
-        self.flow.apply(loop)
+        if self.share:
+            self._release_stale()
+        else:
+            self.flow.apply(loop)
         if self.cancels is not None and len(self.buffer):
             self.cancels.poll()
         self._watch()
@@ -403,6 +552,10 @@ class GpuWorker(Handler):
         the rest back to their partitions (the next owner runs them); the loop then commits what is
         acknowledged. Buffered requests that never started stay uncommitted for the next owner."""
         self.flow.stop_fetching(loop)
+        if self.share:
+            # Not started here: back to the group at once, the other consumers take them now.
+            for item in self.buffer.pop_where(lambda i: False):
+                self._give_back(item, "the consumer stopped before it started")
         grace = self.settings.engine.drain_s
         deadline = time.monotonic() + grace
         while len(self.inflight) and time.monotonic() < deadline:

@@ -8,6 +8,8 @@
   each message to a :class:`Handler`, and commits a partition only up to its lowest message whose
   work is not done (at least once, stated and tested here once); rebalance hooks, pause/resume
   and a graceful stop are part of it.
+- :class:`ShareLoop` is the second consumption mode: a Kafka share group (KIP-932), each record
+  acknowledged on its own (accept, release, reject), any number of consumers per partition.
 - :class:`TopicReader` reads whole topics without a group (a local view of a compacted topic).
 - :mod:`core.kafka.stub` is an in-memory broker (like dramatiq's ``StubBroker``) so each worker's
   logic is unit-tested without a broker.
@@ -18,6 +20,7 @@ from core.kafka.loop import ConsumeLoop, Handler
 from core.kafka.offsets import OffsetTracker
 from core.kafka.publisher import LazyProducer, Out, Producer, TrackedPublisher
 from core.kafka.reader import TopicReader
+from core.kafka.share import ShareLoop, prepare_share_group
 from core.kafka.transactions import TransactionalPublisher
 
 __all__ = [
@@ -28,8 +31,10 @@ __all__ = [
     "OffsetTracker",
     "Out",
     "Producer",
+    "ShareLoop",
     "TopicReader",
     "TrackedPublisher",
     "TransactionalPublisher",
     "message_coords",
+    "prepare_share_group",
 ]

@@ -47,6 +47,10 @@ class Handler:
         """Partitions are about to go: give back (or finish) what is held of them. The loop then
         flushes the publisher and commits them."""
 
+    def wants(self, key: str) -> int:
+        """Share mode: how many more records of ``key`` (a lane's key) the handler would take now."""
+        return 1 << 30
+
     def on_cycle(self, loop: ConsumeLoop) -> bool:
         """After each intake: the cycle's own work. True if busy (the next fetch does not wait)."""
         return False

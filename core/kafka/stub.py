@@ -15,7 +15,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from core.kafka.coords import TP
 
-__all__ = ["StubBroker", "StubConsumer", "StubMessage", "StubProducer"]
+__all__ = ["StubBroker", "StubConsumer", "StubMessage", "StubProducer", "StubShareConsumer"]
 
 
 @dataclass
@@ -28,6 +28,10 @@ class StubMessage:
     _headers: list[tuple[str, bytes]] | None = None
     _timestamp_ms: int = 1_700_000_000_000
     _error: KafkaError | None = None
+    _deliveries: int | None = None
+
+    def delivery_count(self) -> int | None:
+        return self._deliveries
 
     def topic(self) -> str:
         return self._topic
@@ -66,12 +70,22 @@ class _ClusterMeta:
 
 
 @dataclass
+class _ShareRecord:
+    state: str = "available"  # available | acquired | archived
+    deliveries: int = 0
+    owner: object = None
+
+
+@dataclass
 class StubBroker:
     topics: dict[str, list[list[StubMessage]]] = field(default_factory=dict)
     committed: dict[str, dict[TP, int]] = field(default_factory=dict)
     # Topics whose deliveries fail (name -> the error the delivery report carries).
     refuse: dict[str, KafkaError] = field(default_factory=dict)
     _members: dict[str, list[StubConsumer]] = field(default_factory=dict)
+    share_state: dict[str, dict[tuple[str, int, int], _ShareRecord]] = field(default_factory=dict)
+    # A share group's share.delivery.count.limit.
+    delivery_limit: int = 5
 
     def create_topic(self, name: str, partitions: int = 1) -> None:
         self.topics.setdefault(name, [[] for _ in range(partitions)])
@@ -100,6 +114,24 @@ class StubBroker:
 
     def consumer(self, group: str) -> StubConsumer:
         return StubConsumer(self, group)
+
+    def share_consumer(self, group: str, max_poll_records: int = 500) -> StubShareConsumer:
+        return StubShareConsumer(self, group, max_poll_records)
+
+    # -- share groups: per record, who holds it and how often it was delivered -----------------
+    def _share(self, group: str) -> dict[tuple[str, int, int], _ShareRecord]:
+        return self.share_state.setdefault(group, {})
+
+    def expire_locks(self, group: str) -> int:
+        """Every held record's lock runs out now (its consumer died or stalled): back to the
+        group, or archived once delivered ``delivery_limit`` times. Returns how many."""
+        n = 0
+        for rec in self._share(group).values():
+            if rec.state == "acquired":
+                rec.owner = None
+                rec.state = "archived" if rec.deliveries >= self.delivery_limit else "available"
+                n += 1
+        return n
 
     def _join(self, member: StubConsumer) -> None:
         members = self._members.setdefault(member.group, [])
@@ -288,4 +320,101 @@ class StubConsumer:
             self.closed = True
             self.broker._leave(self)
             self._serve_rebalance()
+        self.closed = True
+
+
+class StubShareConsumer:
+    """A share group member in explicit acknowledgement mode: acquires available records of its
+    topics (up to ``max_poll_records`` a poll), acknowledges them one by one (ACCEPT and REJECT
+    archive, RELEASE makes them available again), refuses to poll while the last poll's records
+    are not all acknowledged, and releases what it holds when closed."""
+
+    def __init__(self, broker: StubBroker, group: str, max_poll_records: int) -> None:
+        self.broker = broker
+        self.group = group
+        self.max_poll_records = max_poll_records
+        self.topics: list[str] = []
+        self._unacked: set[tuple[str, int, int]] = set()
+        self._acks: dict[tuple[str, int, int], int] = {}
+        self.closed = False
+
+    def subscribe(self, topics: list[str]) -> None:
+        self.topics = list(topics)
+
+    def poll(self, timeout: float = -1) -> list[StubMessage]:
+        if self._unacked:
+            raise KafkaException(
+                KafkaError(KafkaError._STATE, "records from the previous poll have not been acknowledged")
+            )
+        state = self.broker._share(self.group)
+        out: list[StubMessage] = []
+        for topic in self.topics:
+            for log in self.broker.topics.get(topic, []):
+                for msg in log:
+                    if len(out) >= self.max_poll_records:
+                        break
+                    key = (msg.topic(), msg.partition(), msg.offset())
+                    rec = state.setdefault(key, _ShareRecord())
+                    if rec.state != "available":
+                        continue
+                    rec.state, rec.owner = "acquired", self
+                    rec.deliveries += 1
+                    self._unacked.add(key)
+                    out.append(
+                        StubMessage(
+                            msg._topic,
+                            msg._partition,
+                            msg._offset,
+                            msg._value,
+                            msg._key,
+                            msg._headers,
+                            msg._timestamp_ms,
+                            None,
+                            rec.deliveries,
+                        )
+                    )
+        return out
+
+    def acknowledge_offset(self, topic: str, partition: int, offset: int, ack_type: Any = 1) -> None:
+        key = (topic, partition, offset)
+        if key not in self._unacked:
+            raise KafkaException(KafkaError(KafkaError._STATE, f"{key} is not in flight"))
+        self._unacked.discard(key)
+        self._acks[key] = int(ack_type)
+
+    def acknowledge(self, msg: StubMessage, ack_type: Any = 1) -> None:
+        self.acknowledge_offset(msg.topic(), msg.partition(), msg.offset(), ack_type)
+
+    def _send(self) -> None:
+        from confluent_kafka import AcknowledgeType
+
+        state = self.broker._share(self.group)
+        for key, kind in self._acks.items():
+            rec = state[key]
+            if rec.owner is not self:
+                continue  # its lock ran out meanwhile
+            rec.owner = None
+            if kind == int(AcknowledgeType.RELEASE):
+                rec.state = "archived" if rec.deliveries >= self.broker.delivery_limit else "available"
+            else:
+                rec.state = "archived"
+        self._acks = {}
+
+    def commit_async(self) -> None:
+        self._send()
+
+    def commit_sync(self, timeout: float = 60) -> dict[Any, Any]:
+        self._send()
+        return {}
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self._send()
+        state = self.broker._share(self.group)
+        for key in self._unacked:
+            rec = state[key]
+            if rec.owner is self:
+                rec.owner, rec.state = None, "available"
+        self._unacked.clear()
         self.closed = True

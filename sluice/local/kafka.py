@@ -326,6 +326,14 @@ class KafkaCluster(StartStop):
             "transaction.max.timeout.ms": "900000",
             "log.retention.hours": "168",
             "unclean.leader.election.enable": "false",
+            # Share groups (GPU consumers): a generation may hold its record lock for minutes
+            # (the broker's cap is 60 s by default), and a dead member's records come back
+            # after seconds, not 45.
+            "group.share.max.record.lock.duration.ms": "3600000",
+            "group.share.min.session.timeout.ms": "6000",
+            "group.share.session.timeout.ms": "6000",
+            "group.share.min.heartbeat.interval.ms": "1000",
+            "group.share.heartbeat.interval.ms": "1000",
         }
         if self.tls is not None:
             listeners["SSL"] = node.ports["ssl"]

@@ -118,7 +118,7 @@ def test_the_contract_holds_and_a_wrong_way_import_breaks_it(tmp_path: Path) -> 
 
 
 def test_only_the_client_factory_constructs_kafka_clients() -> None:
-    constructors = {"Producer", "Consumer", "AdminClient"}
+    constructors = {"Producer", "Consumer", "ShareConsumer", "AdminClient"}
     offenders = []
     for package in [*PACKAGES, "bench"]:
         for path in _modules(package):
