@@ -214,11 +214,13 @@ class EngineSettings(_Section):
 class ConsumerSettings(_Section):
     """How GPU consumers of one model share its topics (``SLUICE_CONSUMER__*``)."""
 
-    # "share": a Kafka share group (KIP-932; Apache Kafka 4.2+): any number of consumers per
-    # partition, each request acknowledged on its own. "classic": a consumer group (partitions
-    # cap the replicas; the mode for the transactional exactly-once option). "auto": share where
-    # the broker has share groups, else classic, said in the log.
-    group: str = "auto"
+    # "classic": a consumer group (partitions cap the replicas; the mode for the transactional
+    # exactly-once option). "share": a Kafka share group (KIP-932; Apache Kafka 4.2+): any number
+    # of consumers per partition, each request acknowledged on its own. "auto": share where the
+    # broker has share groups, else classic, said in the log. Classic is the default while
+    # librdkafka's share consumer (2.16, "preview") fetches ahead for a consumer busy with a long
+    # request (README, "Two ways for a fleet to share a model's topics").
+    group: str = "classic"
     # Share mode: how long a request stays locked to the consumer that took it. Set as the
     # group's share.record.lock.duration.ms at start; the broker caps it with
     # group.share.max.record.lock.duration.ms (60 s by default: raise it to the longest expected

@@ -244,7 +244,7 @@ class KafkaCluster(StartStop):
         self.directory.mkdir(parents=True, exist_ok=True)
         for node in self.nodes:
             node.directory.mkdir(parents=True, exist_ok=True)
-            node.ports = self._ports(node)
+            node.ports = self.ports_for(node)
         cluster_id = self._cluster_id(java, libs)
         formats = [self._format(node, java, libs, cluster_id) for node in self.nodes]
         for node, proc in formats:
@@ -268,7 +268,7 @@ class KafkaCluster(StartStop):
         )
         return self
 
-    def _ports(self, node: _Node) -> dict[str, int]:
+    def ports_for(self, node: _Node) -> dict[str, int]:
         saved = node.directory / "ports.json"
         names = ["plaintext", "controller"] + (["ssl"] if self.tls else []) + (["sasl_ssl"] if self.scram_users else [])
         ports: dict[str, int] = {}
@@ -371,7 +371,7 @@ class KafkaCluster(StartStop):
         path.chmod(0o600)
         return path
 
-    def _write_config(self, node: _Node) -> Path:
+    def write_config(self, node: _Node) -> Path:
         path = node.directory / "server.properties"
         props = self._server_properties(node)
         path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
@@ -381,7 +381,7 @@ class KafkaCluster(StartStop):
     def _format(
         self, node: _Node, java: str, libs: Path, cluster_id: str
     ) -> tuple[_Node, subprocess.Popen[bytes] | None]:
-        config = self._write_config(node)
+        config = self.write_config(node)
         if (node.directory / "data" / "meta.properties").is_file():
             return node, None
         cmd = [java, "-Xmx256m", *self._log_opts(node), "-cp", str(libs / "*"), "kafka.tools.StorageTool"]
@@ -395,7 +395,7 @@ class KafkaCluster(StartStop):
         return [f"-Dlog4j2.configurationFile={node.directory / 'log4j2.yaml'}", f"-Dkafka.logs.dir={node.directory}"]
 
     def _spawn(self, node: _Node, java: str, libs: Path) -> None:
-        config = self._write_config(node)
+        config = self.write_config(node)
         cmd = [
             java,
             f"-Xmx{self.heap}",

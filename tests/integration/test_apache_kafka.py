@@ -202,6 +202,9 @@ _SEP = "\x1e--sluice-record--\x1e"
 
 
 def test_kafkas_own_tools_read_the_results_and_the_groups_offsets(settings: Settings, clickhouse_store: Store) -> None:
+    # A consumer group's committed offsets (share groups have none; kafka-share-groups shows
+    # those in test_share_groups.py).
+    settings = settings.evolve(consumer={"group": "classic"})
     stack = LocalStack(settings, store=clickhouse_store).start()
     try:
         with SluiceClient(stack.settings) as client:

@@ -163,7 +163,9 @@ def test_sigterm_drains_in_bounded_time_and_nothing_runs_twice(settings: Setting
 def test_two_replicas_one_killed_its_partitions_move_and_nothing_is_lost(
     settings: Settings, clickhouse_store: Store
 ) -> None:
-    settings = settings.evolve(engine={"instant_token_seconds": 0.05, "max_inflight": 4})
+    # A consumer group's partitions moving to the survivor (the share group's failover is in
+    # test_share_groups.py).
+    settings = settings.evolve(engine={"instant_token_seconds": 0.05, "max_inflight": 4}, consumer={"group": "classic"})
     stack = LocalStack(settings, store=clickhouse_store, replicas=2).start()
     try:
         consumers = [c for c in stack.children if c.name.startswith("gpu-tiny-")]

@@ -98,8 +98,8 @@ def test_a_secured_three_node_cluster_configuration(tmp_path: Path) -> None:
     cluster = KafkaCluster(tmp_path / "c", nodes=3, tls=tls, scram_users=[ScramUser("u", "p")])
     for node in cluster.nodes:
         node.directory.mkdir(parents=True)
-        node.ports = cluster._ports(node)
-    props = [_props(cluster._write_config(n)) for n in cluster.nodes]
+        node.ports = cluster.ports_for(node)
+    props = [_props(cluster.write_config(n)) for n in cluster.nodes]
     voters = props[0]["controller.quorum.voters"].split(",")
     assert len(voters) == 3
     assert all(p["controller.quorum.voters"] == props[0]["controller.quorum.voters"] for p in props)
@@ -120,7 +120,7 @@ def test_a_secured_three_node_cluster_configuration(tmp_path: Path) -> None:
     assert keystore.read_text() == "KEY\nCERT\n" and keystore.stat().st_mode & 0o777 == 0o600
     # Ports are kept across restarts (the quorum's addresses are in every node's configuration).
     again = KafkaCluster(tmp_path / "c", nodes=3, tls=tls, scram_users=[ScramUser("u", "p")])
-    assert [again._ports(n) for n in again.nodes] == [n.ports for n in cluster.nodes]
+    assert [again.ports_for(n) for n in again.nodes] == [n.ports for n in cluster.nodes]
     assert cluster.sasl_ssl_bootstrap_servers.count("127.0.0.1:") == 3
 
 
@@ -128,8 +128,8 @@ def test_one_node_is_its_own_quorum_and_replicates_once(tmp_path: Path) -> None:
     cluster = KafkaCluster(tmp_path / "one")
     node = cluster.nodes[0]
     node.directory.mkdir(parents=True)
-    node.ports = cluster._ports(node)
-    p = _props(cluster._write_config(node))
+    node.ports = cluster.ports_for(node)
+    p = _props(cluster.write_config(node))
     assert p["controller.quorum.voters"] == f"1@127.0.0.1:{node.ports['controller']}"
     assert p["offsets.topic.replication.factor"] == "1" and p["min.insync.replicas"] == "1"
     assert p["process.roles"] == "broker,controller"
