@@ -55,6 +55,13 @@ def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _one_of(name: str, value: str, choices: tuple[str, ...]) -> str:
+    value = value.lower()
+    if value not in choices:
+        raise ValueError(f"{name} {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
 class _Section(BaseModel):
     """A frozen settings section: a changed copy comes from :meth:`evolve`, validated again."""
 
@@ -237,10 +244,7 @@ class ConsumerSettings(_Section):
     @field_validator("group")
     @classmethod
     def _group(cls, value: str) -> str:
-        value = value.lower()
-        if value not in ("auto", "share", "classic"):
-            raise ValueError(f"consumer.group {value!r} is not one of auto, share, classic")
-        return value
+        return _one_of("consumer.group", value, ("auto", "share", "classic"))
 
 
 class RetrySettings(_Section):
@@ -395,10 +399,7 @@ class LocalSettings(_Section):
     @field_validator("broker")
     @classmethod
     def _broker(cls, value: str) -> str:
-        value = value.lower()
-        if value not in ("auto", "kafka", "tansu"):
-            raise ValueError(f"local.broker {value!r} is not one of auto, kafka, tansu")
-        return value
+        return _one_of("local.broker", value, ("auto", "kafka", "tansu"))
 
 
 class Settings(BaseSettings):

@@ -65,6 +65,11 @@ def _semantic_stage(app: faust.App, settings: Settings, catalog: Catalog, pipeli
         schema=faust.Schema(key_type=str, key_serializer="json", value_serializer="json"),
     )
     embedder = MiniLMEmbedder(ps.semantic.model_path)
+    # Loaded before the worker joins its group: a router (re)started with the cache on takes its
+    # partitions only once it can answer lookups, so no assigned lookup partition sits unread for
+    # the seconds the model takes to load (a lookup sent meanwhile, right after a restart, was
+    # seen to go unanswered).
+    embedder.load()
     lookup_topic = Topics(settings.topic_prefix).semantic
 
     # assigned_actives() builds a set of every assigned partition; it changes only on a
