@@ -240,7 +240,7 @@ def run_p7(env: BenchEnv, quick: bool) -> list[ScenarioResult]:
     measured = {f"classic_{k}": v for k, v in classic.items()} | {f"share_{k}": v for k, v in share.items()}
     out.append(
         ScenarioResult(
-            "P7k",
+            "P7",
             "failover on Apache Kafka: consumer group vs share group",
             measured,
             share["seconds_until_served_again"] / max(classic["seconds_until_served_again"], 1e-9),
@@ -254,7 +254,7 @@ def run_p7(env: BenchEnv, quick: bool) -> list[ScenarioResult]:
     two = _throughput(env, quick, "share")
     out.append(
         ScenarioResult(
-            "P7x",
+            "P7",
             "two replicas on one partition: share group vs consumer group",
             {"classic_req_s": one, "share_req_s": two},
             two / one,
