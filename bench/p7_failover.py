@@ -184,12 +184,19 @@ def _p7_kafka(env: BenchEnv, quick: bool, mode: str) -> dict[str, float]:
         finally:
             results.close()
         victim.popen.wait()
-        before = {r.engine_run_id for rid, r in results.results.items() if results.arrivals[rid] < killed_at}
-        survivor_runs = {
-            r.engine_run_id for rid, r in results.results.items() if results.arrivals[rid] > killed_at + 30
+        seen = results.results.items()
+        before = {r.engine_run_id for rid, r in seen if results.arrivals[rid] < killed_at}
+        # A run that answered seconds after the kill is the survivor's (the victim's last results
+        # may be read just after it).
+        survivor_runs = {r.engine_run_id for rid, r in seen if results.arrivals[rid] > killed_at + 2}
+        victim_runs = {run for run in before - survivor_runs if run}
+        started: set[str] = set()
+        for run in victim_runs:
+            started |= _running_on(stack.settings, run)
+        # Held at the kill: started by the victim, answered by another run.
+        held = {
+            rid for rid in started if rid in results.results and results.results[rid].engine_run_id not in victim_runs
         }
-        victim_runs = before - survivor_runs
-        held = set().union(*(_running_on(stack.settings, run) for run in victim_runs if run)) if victim_runs else set()
     redone = [rid for rid in held if rid in results.arrivals and results.arrivals[rid] > killed_at]
     first = min((results.arrivals[rid] for rid in redone), default=float("nan"))
     last = max((results.arrivals[rid] for rid in redone), default=float("nan"))
