@@ -25,6 +25,7 @@ import re
 import signal
 import time
 import uuid
+from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
@@ -49,6 +50,31 @@ def _owned(log_text: str) -> set[tuple[str, int]]:
         parts = {(t, p) for t, p in ast.literal_eval(m.group(2))}
         owned = owned | parts if m.group(1) == "assigned" else owned - parts
     return owned
+
+
+def _load_with_kill(
+    client: SluiceClient, victim: Any, total: int, rate: float, kill_after: float, tag: str
+) -> tuple[list[str], dict[str, float], float]:
+    """Submit ``total`` requests at ``rate`` per second, killing ``victim`` with SIGKILL
+    ``kill_after`` seconds in; returns the ids, when each was submitted, and when the kill was."""
+    ids: list[str] = []
+    submitted_at: dict[str, float] = {}
+    killed_at = 0.0
+    start = time.perf_counter()
+    for i in range(total):
+        due = start + i / rate
+        if killed_at == 0.0 and time.perf_counter() - start >= kill_after:
+            victim.popen.send_signal(signal.SIGKILL)
+            killed_at = time.perf_counter()
+        now = time.perf_counter()
+        if due > now:
+            time.sleep(due - now)
+        rid = client.submit(f"{tag} {i}", tenant="bench", max_tokens=8, cache=False)
+        submitted_at[rid] = time.perf_counter()
+        ids.append(rid)
+        client.poll()
+    client.flush()
+    return ids, submitted_at, killed_at
 
 
 def _run_p7_tansu(env: BenchEnv, quick: bool) -> ScenarioResult:
@@ -77,20 +103,7 @@ def _run_p7_tansu(env: BenchEnv, quick: bool) -> ScenarioResult:
                 if time.monotonic() > deadline:
                     raise TimeoutError("the replicas never both held partitions")
                 time.sleep(0.2)
-            start = time.perf_counter()
-            for i in range(total):
-                due = start + i / rate
-                if killed_at == 0.0 and time.perf_counter() - start >= kill_after:
-                    victim.popen.send_signal(signal.SIGKILL)
-                    killed_at = time.perf_counter()
-                now = time.perf_counter()
-                if due > now:
-                    time.sleep(due - now)
-                rid = client.submit(f"p7 request {i}", tenant="bench", max_tokens=8, cache=False)
-                submitted_at[rid] = time.perf_counter()
-                ids.append(rid)
-                client.poll()
-            client.flush()
+            ids, submitted_at, killed_at = _load_with_kill(client, victim, total, rate, kill_after, "p7 request")
             results.wait_keys(ids, timeout=120 + session_s)
             routed.wait_keys(ids, timeout=30)
         finally:
@@ -167,18 +180,7 @@ def _p7_kafka(env: BenchEnv, quick: bool, mode: str) -> dict[str, float]:
             warm = [client.submit(f"warm-up {i}", tenant="bench", max_tokens=8, cache=False) for i in range(20)]
             client.flush()
             results.wait_keys(warm, timeout=120)
-            start = time.perf_counter()
-            for i in range(total):
-                due = start + i / rate
-                if killed_at == 0.0 and time.perf_counter() - start >= kill_after:
-                    victim.popen.send_signal(signal.SIGKILL)
-                    killed_at = time.perf_counter()
-                now = time.perf_counter()
-                if due > now:
-                    time.sleep(due - now)
-                ids.append(client.submit(f"p7 {mode} {i}", tenant="bench", max_tokens=8, cache=False))
-                client.poll()
-            client.flush()
+            ids, _, killed_at = _load_with_kill(client, victim, total, rate, kill_after, f"p7 {mode}")
             results.wait_keys(ids, timeout=180)
             time.sleep(3)  # a quiet period: a late duplicate still counts
         finally:

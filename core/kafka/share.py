@@ -195,8 +195,9 @@ class ShareLoop:
         """Send the acknowledgements made since the last commit."""
         self._last_commit = time.monotonic()
         for lane in self.lanes:
-            if not lane.dirty or (asynchronous and not lane.held):
-                # A lane with nothing held sends its acknowledgements with its next poll.
+            if not lane.dirty:
+                # Sent now, not with the lane's next poll: a lane its priority does not want
+                # polls again only later, and its records' locks would run out meanwhile.
                 continue
             lane.dirty = False
             try:
