@@ -91,7 +91,9 @@ def similarities(pairs: list[Pair], embedder: Embedder, **semantic: object) -> l
         second = _request(pair.asked, f"b{i}")
         items, texts = stage.prepare([(second, _SERDE.encode(second), [])])
         forwards = stage.finish(items, texts, stage.vectors(texts) if texts else None)
-        hit = next((_SERDE.decode(InferenceResult, f.value) for f in forwards if f.topic == _TOPICS.results), None)
+        hit = next(
+            (f.record for f in forwards if f.topic == _TOPICS.results and isinstance(f.record, InferenceResult)), None
+        )
         out.append(hit.similarity if hit is not None else None)
     return out
 

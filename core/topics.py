@@ -46,6 +46,10 @@ class Topics:
     def model_topics(self, name: str) -> list[str]:
         return [self.model(name, p) for p in PRIORITIES]
 
+    def gpu_group(self, model: str) -> str:
+        """The consumer group of a model's GPU consumers (its lag is the model's queue)."""
+        return f"{self.prefix}gpu-{model}"
+
     def priority_of(self, topic: str) -> Priority | None:
         """The priority a request or model topic carries (the one place a topic name is read
         back); None for any other topic."""

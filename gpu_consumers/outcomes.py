@@ -11,6 +11,7 @@ from datetime import datetime
 from core.catalog import ModelEntry
 from core.headers import Headers
 from core.kafka import Out
+from core.rejections import Source, rejection_records
 from core.settings import RetrySettings
 from core.topics import Topics
 from gpu_consumers.buffer import Buffered
@@ -22,8 +23,6 @@ from schemas import (
     InferenceRequest,
     InferenceResult,
     PipelineRejection,
-    Priority,
-    RequestIdentity,
     RequestState,
     RequestStatus,
     ResultStatus,
@@ -145,39 +144,18 @@ class Outcomes:
             model=self.entry.name,
         )
 
-    def rejected(
-        self,
-        topic: str,
-        partition: int,
-        offset: int,
-        value: bytes,
-        timestamp_ms: int | None,
-        rejection: PipelineRejection,
-        headers: Headers | None = None,
-    ) -> list[Out]:
+    def rejected(self, source: Source, rejection: PipelineRejection, headers: Headers | None = None) -> list[Out]:
         """A message that is not a request this consumer can run: a dead letter, and a failed
         result when the requester can still be read from it."""
-        who = RequestIdentity.of(rejection.record, priority=self.topics.priority_of(topic) or Priority.NORMAL)
-        dl = DeadLetter.from_event(
-            rejection.reason,
-            rejection.detail,
+        return rejection_records(
+            rejection,
+            source=source,
             stage=Stage.CONSUMER,
-            topic=topic,
-            partition=partition,
-            offset=offset,
-            original=value,
-            timestamp_ms=timestamp_ms,
-            request=who,
+            topics=self.topics,
             model=self.entry.name,
+            headers=headers,
+            publish_status=self.publish_status,
         )
-        if who is None:
-            return [Out(self.topics.dead_letter, None, dl, list(headers or []))]
-        result = InferenceResult.failed(who, rejection.reason, rejection.detail, model=self.entry.name)
-        return [
-            Out(self.topics.results, who.request_id, result, list(headers or [])),
-            Out(self.topics.dead_letter, who.request_id, dl, list(headers or [])),
-            *self.status(who.request_id, rejection.reason.state, str(rejection)),
-        ]
 
     def handback(self, item: Buffered, why: str) -> list[Out]:
         """A request this consumer started but will not finish (shutdown, lost partition), put

@@ -56,6 +56,7 @@ from core.kafka import (
     prepare_share_group,
 )
 from core.metrics import ENGINE_INFLIGHT, ENGINE_SECONDS, REQUESTS, observe_records
+from core.rejections import Source
 from core.settings import Settings
 from core.topics import PRIORITIES, Topics
 from gpu_consumers.buffer import Buffered, PriorityBuffer
@@ -111,7 +112,7 @@ class GpuWorker(Handler):
             run_id=self.run_id,
             publish_status=settings.publish_status,
         )
-        self.group_id = f"{settings.topic_prefix}gpu-{entry.name}"
+        self.group_id = self.topics.gpu_group(entry.name)
         # Share mode's group: its own name (a group id is either a consumer or a share group).
         self.share_group_id = f"{self.group_id}-share"
         self.share = False
@@ -174,7 +175,9 @@ class GpuWorker(Handler):
         except PipelineRejection as exc:
             self.publisher.publish(
                 (tp, offset),
-                self.outcomes.rejected(topic, partition, offset, value, timestamp_ms, exc, carried(msg.headers())),
+                self.outcomes.rejected(
+                    Source(topic, partition, offset, value, timestamp_ms), exc, carried(msg.headers())
+                ),
             )
             return
         item = Buffered(

@@ -142,10 +142,11 @@ class SluiceClient:
         self._publish(key, [Out(topic, key, record)])
 
     def cancel(self, request_id: str, reason: str = "cancelled by the submitter") -> None:
-        """Ask the GPU consumers to skip a request that has not started (compacted topic, keyed by id).
+        """Ask the GPU consumers to skip or stop a request (compacted topic, keyed by id).
 
-        A request already running finishes normally; a skipped one gets a failed result, a
-        ``cancelled`` dead letter and the status ``cancelled``."""
+        One that has not started is skipped; one running is aborted in the engine and billed for
+        the tokens it used. Either gets a failed result, a ``cancelled`` dead letter and the status
+        ``cancelled``."""
         record = RequestStatus.of(request_id, RequestState.CANCELLED, detail=reason)
         self._publish(request_id, [Out(self.topics.cancellations, request_id, record)])
 

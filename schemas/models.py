@@ -218,6 +218,54 @@ class InferenceResult(AvroRecord):
             }
         )
 
+    def stored(self) -> dict[str, Any]:
+        """What a dedupe or cache table keeps of this result to answer later requests with
+        (JSON-serialisable; read back by :meth:`answered_from`)."""
+        return {
+            "model": self.model,
+            "status": self.status.value,
+            "output_text": self.output_text,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "error": self.error,
+            "started_at": self.started_at.timestamp(),
+        }
+
+    @classmethod
+    def answered_from(
+        cls,
+        request: InferenceRequest,
+        stored: dict[str, Any],
+        *,
+        original: str,
+        cache_kind: CacheKind | None = None,
+        similarity: float | None = None,
+    ) -> InferenceResult:
+        """The result ``request`` gets from the stored result (:meth:`stored`) of request
+        ``original``: an attached duplicate (``cache_kind`` unset) started with its original; a
+        cache hit starts now."""
+        now = utcnow()
+        # .get: entries stored by an earlier release keep only what a success needs.
+        started_ts = stored.get("started_at")
+        started = now if cache_kind is not None or started_ts is None else datetime.fromtimestamp(started_ts, UTC)
+        return cls.for_request(
+            request,
+            model=stored["model"],
+            status=ResultStatus(stored.get("status", ResultStatus.SUCCEEDED.value)),
+            started_at=max(request.created_at, started),
+            completed_at=now,
+            output_text=stored["output_text"],
+            finish_reason=stored["finish_reason"],
+            prompt_tokens=stored["prompt_tokens"],
+            completion_tokens=stored["completion_tokens"],
+            error=stored.get("error"),
+            deduplicated_from=original,
+            cached=cache_kind is not None,
+            cache_kind=cache_kind,
+            similarity=None if similarity is None else round(similarity, 4),
+        )
+
     @classmethod
     def failed(
         cls,

@@ -28,6 +28,7 @@ from core import clients
 from core.catalog import Catalog, load_catalog
 from core.errors import SluiceError
 from core.headers import carried
+from core.kafka import Out
 from core.metrics import ROUTED, observe_records
 from core.settings import Settings
 from core.topics import Topics
@@ -35,7 +36,6 @@ from schemas import CacheKind, InferenceRequest, InferenceResult, ResultStatus, 
 from stream_processors.classifier import Classifier
 from stream_processors.dedupe import DedupeStage
 from stream_processors.embedding import MiniLMEmbedder
-from stream_processors.emit import Forward
 from stream_processors.pipeline import RequestPipeline
 from stream_processors.security import faust_credentials
 from stream_processors.semantic import SemanticStage
@@ -54,7 +54,7 @@ def _faust_compression(kind: str) -> str | None:
     return None if kind in ("", "none") else kind
 
 
-Send = Callable[[list[Forward]], Awaitable[None]]
+Send = Callable[[list[Out]], Awaitable[None]]
 
 
 def _semantic_stage(app: faust.App, settings: Settings, catalog: Catalog, pipeline: RequestPipeline) -> SemanticStage:
@@ -216,17 +216,19 @@ def create_app(
 
     model_topics = {t for m in catalog for t in topics.model_topics(m.name)}
 
-    async def send(forwards: list[Forward]) -> None:
-        for fwd in forwards:
-            record = fwd.record
+    async def send(outs: list[Out]) -> None:
+        for out in outs:
+            record = out.record
             if isinstance(record, InferenceRequest):
-                if fwd.topic in model_topics and record.route is not None:
+                if out.topic in model_topics and record.route is not None:
                     ROUTED.labels(record.route.model, record.priority).inc()
-            elif record is not None:
+            elif not isinstance(record, bytes):
                 observe_records((record,), source="router")
-            if fwd.topic not in out_topics:
-                out_topics[fwd.topic] = app.topic(fwd.topic, **raw)
-            await out_topics[fwd.topic].send(key=fwd.key, value=fwd.value, headers=fwd.headers, partition=fwd.partition)
+            if out.topic not in out_topics:
+                out_topics[out.topic] = app.topic(out.topic, **raw)
+            await out_topics[out.topic].send(
+                key=out.key_bytes(), value=out.value(serde), headers=list(out.headers), partition=out.partition
+            )
 
     @app.agent(source, name="route")  # type: ignore[untyped-decorator,misc]
     async def route(stream: faust.StreamT[bytes]) -> None:
@@ -306,7 +308,7 @@ def create_app(
                 if not target:
                     logger.error("retry event without a target topic at %s", event.message.offset)
                     continue
-                await send([Forward(target.decode(), event.message.key, event.value, carried(event.message.headers))])
+                await send([Out(target.decode(), event.message.key, event.value, carried(event.message.headers))])
 
         app.agent(topic, name=f"retry-{level}")(retry)
 

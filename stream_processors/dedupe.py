@@ -27,13 +27,13 @@ import json
 import logging
 import time
 from collections.abc import MutableMapping
-from datetime import UTC, datetime
 from typing import Any
 
 from core.headers import Headers, carried
+from core.kafka import Out
 from core.settings import ProcessorSettings
-from schemas import CacheKind, InferenceRequest, InferenceResult, RequestState, ResultStatus, utcnow
-from stream_processors.emit import Emitter, Forward
+from schemas import CacheKind, InferenceRequest, InferenceResult, RequestState, ResultStatus
+from stream_processors.emit import Emitter
 from stream_processors.router import Backlog
 from stream_processors.semantic import SemanticStage
 
@@ -69,31 +69,20 @@ def dedupe_key(request: InferenceRequest, settings: ProcessorSettings) -> str | 
     return f"content:{scope}:{digest}"
 
 
-def _waiter(request: InferenceRequest, raw: bytes = b"", headers: Headers | None = None) -> dict[str, Any]:
-    assert request.route is not None
+def _attached(request: InferenceRequest, raw: bytes, headers: Headers | None) -> Entry:
+    """A duplicate waiting on its original: the request record as it arrived (so it can still run
+    on its own if its original never completes) and its trace context, tenant and correlation id
+    for the answer it gets later."""
     return {
-        # Its trace context, tenant and correlation id, for the answer it gets later.
-        "headers": [[k, v.decode(errors="replace")] for k, v in carried(headers)],
         "request_id": request.request_id,
-        # Kept so the duplicate can still run on its own if its original never completes.
         "raw": base64.b64encode(raw).decode(),
-        "model": request.route.model,
-        "tenant": request.tenant,
-        "priority": request.priority,
-        "created_at": request.created_at.timestamp(),
-        "correlation_id": request.correlation_id,
-        "replay_of": request.replay_of,
-        # Who the answer goes to: the duplicate's own batch line, reply topic and webhook.
-        "batch_id": request.batch_id,
-        "custom_id": request.custom_id,
-        "reply_to": request.reply_to,
-        "webhook_url": request.webhook_url,
+        "headers": [[k, v.decode(errors="replace")] for k, v in carried(headers)],
     }
 
 
-def _headers(waiter: dict[str, Any]) -> Headers:
-    # .get: waiters stored by an earlier release have none.
-    return [(k, v.encode()) for k, v in waiter.get("headers", [])]
+def _headers(attached: Entry) -> Headers:
+    # .get: duplicates attached by an earlier release may have none.
+    return [(k, v.encode()) for k, v in attached.get("headers", [])]
 
 
 class DedupeStage:
@@ -121,7 +110,7 @@ class DedupeStage:
     # -- requests -------------------------------------------------------------------------
     def on_request(
         self, request: InferenceRequest, raw: bytes, partition: int, headers: Headers | None = None
-    ) -> list[Forward]:
+    ) -> list[Out]:
         headers = carried(headers)
         key = request.dedupe_key
         assert key is not None and request.route is not None
@@ -150,7 +139,7 @@ class DedupeStage:
             return self._forward(request, raw, headers)
         if entry["state"] == "running":
             if all(w["request_id"] != request.request_id for w in entry["waiters"]):
-                entry = {**entry, "waiters": [*entry["waiters"], _waiter(request, raw, headers)]}
+                entry = {**entry, "waiters": [*entry["waiters"], _attached(request, raw, headers)]}
                 self.table[key] = entry
             return self.emit.status(
                 request.request_id,
@@ -160,10 +149,12 @@ class DedupeStage:
             )
         # Done: answer from the stored result without touching a model topic.
         cached = key.startswith("content:")
-        result = self._answer(entry["result"], _waiter(request), entry["original"], cached=cached)
+        result = InferenceResult.answered_from(
+            request, entry["result"], original=entry["original"], cache_kind=CacheKind.EXACT if cached else None
+        )
         return self.emit.result(result, cached=cached, deduplicated=not cached, headers=headers)
 
-    def _forward(self, request: InferenceRequest, raw: bytes, headers: Headers | None = None) -> list[Forward]:
+    def _forward(self, request: InferenceRequest, raw: bytes, headers: Headers | None = None) -> list[Out]:
         assert request.route is not None
         if self.semantic is not None and self.semantic.eligible(request):
             local = self.semantic.try_local(request, raw, headers)
@@ -172,99 +163,44 @@ class DedupeStage:
             scope = self.semantic.scope(request.tenant).encode()
             kind = [*carried(headers), ("kind", b"request")]
             partition = self.semantic.partition_of(request.tenant)
-            return [Forward(self.emit.topics.semantic, scope, raw, kind, record=request, partition=partition)]
+            return [Out(self.emit.topics.semantic, scope, request, kind, partition=partition, encoded=raw)]
         model = request.route.model
         self.backlog.routed(model, request.request_id)
-        fwd = Forward(
-            topic=self.emit.topics.model(model, request.priority),
-            key=request.request_id.encode(),
-            value=raw,
-            headers=list(headers or []),
-            record=request,
-        )
+        topic = self.emit.topics.model(model, request.priority)
+        fwd = Out(topic, request.request_id, request, list(headers or []), encoded=raw)
         return [
             fwd,
             *self.emit.status(request.request_id, RequestState.ROUTED, model=model, detail=request.route.reason),
         ]
 
     # -- completions ----------------------------------------------------------------------
-    def on_completed(self, result: InferenceResult) -> list[Forward]:
+    def on_completed(self, result: InferenceResult) -> list[Out]:
         key = result.dedupe_key
         assert key is not None
         entry = self.table.get(key)
         if entry is None or entry["original"] != result.request_id or entry["state"] != "running":
             return []  # stale, or a redelivered completion already handled
-        out: list[Forward] = []
+        out: list[Out] = []
+        stored = result.stored()
         for w in entry["waiters"]:
-            answer = self._answer(self._stored(result), w, result.request_id)
+            answer = InferenceResult.answered_from(self._request(w), stored, original=result.request_id)
             out += self.emit.result(answer, deduplicated=True, headers=_headers(w))
         if result.status is ResultStatus.SUCCEEDED:
-            self.table[key] = {
-                **entry,
-                "state": "done",
-                "at": self.clock(),
-                "waiters": [],
-                "result": self._stored(result),
-            }
+            self.table[key] = {**entry, "state": "done", "at": self.clock(), "waiters": [], "result": stored}
         else:
             # Failures are not cached: the next identical request runs again.
             del self.table[key]
         return out
 
-    @staticmethod
-    def _stored(result: InferenceResult) -> dict[str, Any]:
-        return {
-            "model": result.model,
-            "status": result.status,
-            "output_text": result.output_text,
-            "finish_reason": result.finish_reason,
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "error": result.error,
-            "started_at": result.started_at.timestamp(),
-            "route_reason": result.route_reason,
-        }
-
-    @staticmethod
-    def _answer(
-        stored: dict[str, Any], waiter: dict[str, Any], original: str, *, cached: bool = False
-    ) -> InferenceResult:
-        now = utcnow()
-        created = datetime.fromtimestamp(waiter["created_at"], UTC)
-        return InferenceResult(
-            request_id=waiter["request_id"],
-            tenant=waiter["tenant"],
-            priority=waiter["priority"],
-            model=stored["model"],
-            status=stored["status"],
-            output_text=stored["output_text"],
-            finish_reason=stored["finish_reason"],
-            prompt_tokens=stored["prompt_tokens"],
-            completion_tokens=stored["completion_tokens"],
-            error=stored["error"],
-            created_at=created,
-            # A cache hit starts now; an attached duplicate started with its original.
-            started_at=max(created, now if cached else datetime.fromtimestamp(stored["started_at"], UTC)),
-            completed_at=now,
-            correlation_id=waiter["correlation_id"],
-            route_reason=stored["route_reason"],
-            deduplicated_from=original,
-            cached=cached,
-            cache_kind=CacheKind.EXACT if cached else None,
-            replay_of=waiter["replay_of"],
-            # .get: waiters stored by an earlier release lack these.
-            batch_id=waiter.get("batch_id"),
-            custom_id=waiter.get("custom_id"),
-            reply_to=waiter.get("reply_to"),
-            webhook_url=waiter.get("webhook_url"),
-        )
+    def _request(self, attached: Entry) -> InferenceRequest:
+        return self.emit.serde.decode(InferenceRequest, base64.b64decode(attached["raw"]))
 
     # -- bounding -------------------------------------------------------------------------
     def _expired(self, entry: Entry, now: float) -> bool:
         ttl = self.settings.inflight_ttl_s if entry["state"] == "running" else self.settings.cache_ttl_s
         return bool(now - entry["at"] > ttl)
 
-    def sweep(self, partition: int) -> list[Forward]:
+    def sweep(self, partition: int) -> list[Out]:
         """Delete this partition's expired entries, then evict its oldest cached results beyond
         the bound. Duplicates still attached to an expired in-flight original run on their own."""
         now = self.clock()
@@ -273,22 +209,18 @@ class DedupeStage:
         done = sorted(((e["at"], k) for k, e in mine if k not in doomed and e["state"] == "done"), reverse=True)
         room = max(0, self.settings.max_entries_per_partition - (len(mine) - len(doomed) - len(done)))
         doomed.update(k for _, k in done[room:])
-        out: list[Forward] = []
+        out: list[Out] = []
         for k in doomed:
             entry = self.table.pop(k)
             for w in entry["waiters"]:
+                request = self._request(w)
+                assert request.route is not None
                 logger.warning(
                     "original %s of %s did not complete in time; running it alone", entry["original"], w["request_id"]
                 )
-                self.backlog.routed(w["model"], w["request_id"])
-                out.append(
-                    Forward(
-                        self.emit.topics.model(w["model"], w["priority"]),
-                        w["request_id"].encode(),
-                        base64.b64decode(w["raw"]),
-                        _headers(w),
-                    )
-                )
+                self.backlog.routed(request.route.model, request.request_id)
+                topic = self.emit.topics.model(request.route.model, request.priority)
+                out.append(Out(topic, request.request_id, request, _headers(w), encoded=base64.b64decode(w["raw"])))
         if doomed:
             logger.debug("dedupe sweep of partition %d removed %d entries", partition, len(doomed))
         return out

@@ -1,30 +1,18 @@
-"""What the processor sends: a :class:`Forward` is one record for one topic.
+"""What the processor sends, in the runtime's one shape (:class:`core.kafka.Out`).
 
-The per-event logic returns Forwards instead of producing, so it stays free of Faust and can be
-unit-tested and benchmarked alone; the Faust app sends them.
+The per-event logic returns records to send instead of producing, so it stays free of Faust and
+can be unit-tested and benchmarked alone; the Faust app sends them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from core.catalog import Catalog
 from core.headers import Headers
+from core.kafka import Out
 from core.topics import Topics
 from schemas import AvroRecord, CacheKind, CostMetric, InferenceResult, RequestState, RequestStatus, ResultStatus, Serde
 
-__all__ = ["Emitter", "Forward"]
-
-
-@dataclass(frozen=True)
-class Forward:
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
-    record: AvroRecord | None = None
-    # Unset: the producer's partitioner picks one from the key.
-    partition: int | None = None
+__all__ = ["Emitter", "Out"]
 
 
 class Emitter:
@@ -35,14 +23,12 @@ class Emitter:
         self.catalog = catalog
         self.publish_status = publish_status
 
-    def record(self, topic: str, key: str | None, record: AvroRecord, headers: Headers | None = None) -> Forward:
-        return Forward(
-            topic, key.encode() if key else None, self.serde.encode(record), list(headers or []), record=record
-        )
+    def record(self, topic: str, key: str | None, record: AvroRecord, headers: Headers | None = None) -> Out:
+        return Out(topic, key, record, list(headers or []))
 
     def status(
         self, request_id: str, state: RequestState, *, model: str | None = None, detail: str | None = None
-    ) -> list[Forward]:
+    ) -> list[Out]:
         if not self.publish_status:
             return []
         rec = RequestStatus.of(request_id, state, model=model, detail=detail)
@@ -55,7 +41,7 @@ class Emitter:
         cached: bool = False,
         deduplicated: bool = False,
         headers: Headers | None = None,
-    ) -> list[Forward]:
+    ) -> list[Out]:
         """A result the processor answers itself (duplicate or cache hit), with its cost metric:
         zero cost, and the saving measured against the most capable model. ``headers``: the
         answered request's trace context, tenant and correlation id."""

@@ -1,7 +1,7 @@
 """The processor's per-event logic for request topics, free of Faust so it can be tested and
 benchmarked alone.
 
-Every input event yields its Forwards (to the dedupe topic, a model topic, or the DLQ, plus
+Every input event yields its records to send (to the dedupe topic, a model topic, or the DLQ, plus
 status events): bad input never raises out of :meth:`RequestPipeline.process`.
 """
 
@@ -12,26 +12,18 @@ from datetime import datetime
 
 from core.catalog import Catalog
 from core.errors import DeadLetterReason, PipelineRejection
-from core.headers import Headers, carried
+from core.headers import carried
+from core.kafka import Out
+from core.rejections import Source, rejection_records
 from core.settings import ProcessorSettings, TenantSettings
 from core.topics import Topics, reply_to_allowed
-from schemas import (
-    DeadLetter,
-    InferenceRequest,
-    InferenceResult,
-    Priority,
-    RequestIdentity,
-    RequestState,
-    Serde,
-    Stage,
-    utcnow,
-)
+from schemas import InferenceRequest, RequestState, Serde, Stage, utcnow
 from stream_processors.classifier import Classifier, RuleClassifier
 from stream_processors.dedupe import dedupe_key
-from stream_processors.emit import Emitter, Forward
+from stream_processors.emit import Emitter
 from stream_processors.router import Backlog, Router
 
-__all__ = ["Forward", "RequestPipeline"]
+__all__ = ["RequestPipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +58,7 @@ class RequestPipeline:
         headers: list[tuple[str, bytes]] | None = None,
         timestamp_ms: int | None = None,
         now: datetime | None = None,
-    ) -> list[Forward]:
+    ) -> list[Out]:
         request: InferenceRequest | None = None
         now = now or utcnow()
         try:
@@ -75,10 +67,18 @@ class RequestPipeline:
             route = request.route = self.router.route(request)
         except PipelineRejection as exc:
             # A readable but invalid request still names its requester: they get a failed result.
-            who = request or RequestIdentity.of(exc.record, priority=self.topics.priority_of(topic) or Priority.NORMAL)
-            return self._dead_letter(exc, value or b"", topic, partition, offset, timestamp_ms, who, carried(headers))
+            source = Source(topic, partition, offset, value or b"", timestamp_ms)
+            return rejection_records(
+                exc,
+                source=source,
+                stage=Stage.PROCESSOR,
+                topics=self.topics,
+                request=request,
+                headers=carried(headers),
+                publish_status=self.emit.publish_status,
+            )
         request.dedupe_key = dedupe_key(request, self.settings)
-        out: list[Forward] = []
+        out: list[Out] = []
         if request.deadline is not None and (request.deadline - now).total_seconds() < self.settings.deadline_warning_s:
             left = (request.deadline - now).total_seconds()
             out += self.emit.status(
@@ -89,15 +89,9 @@ class RequestPipeline:
             key = request.dedupe_key.encode()
             # The request's own headers ride along: the dedupe agent forwards or answers with them.
             fwd_headers = [*carried(headers), ("kind", b"request")]
-            return [*out, Forward(self.topics.dedupe, key, self.serde.encode(request), fwd_headers, request)]
+            return [*out, Out(self.topics.dedupe, key, request, fwd_headers)]
         self.router.backlog.routed(route.model, request.request_id)
-        fwd = Forward(
-            self.topics.model(route.model, request.priority),
-            request.request_id.encode(),
-            self.serde.encode(request),
-            list(headers or []),
-            request,
-        )
+        fwd = Out(self.topics.model(route.model, request.priority), request.request_id, request, list(headers or []))
         return [
             *out,
             fwd,
@@ -125,36 +119,3 @@ class RequestPipeline:
                 DeadLetterReason.DEADLINE_EXPIRED,
                 f"deadline {request.deadline.isoformat()} passed before routing",
             )
-
-    def _dead_letter(
-        self,
-        exc: PipelineRejection,
-        original: bytes,
-        topic: str,
-        partition: int,
-        offset: int,
-        timestamp_ms: int | None,
-        request: InferenceRequest | RequestIdentity | None,
-        headers: Headers | None = None,
-    ) -> list[Forward]:
-        logger.warning("dead letter from %s[%d]@%d: %s", topic, partition, offset, exc)
-        dl = DeadLetter.from_event(
-            exc.reason,
-            exc.detail,
-            stage=Stage.PROCESSOR,
-            topic=topic,
-            partition=partition,
-            offset=offset,
-            original=original,
-            timestamp_ms=timestamp_ms,
-            request=request,
-        )
-        key = request.request_id.encode() if request else None
-        out = [Forward(self.topics.dead_letter, key, self.serde.encode(dl), list(headers or []), record=dl)]
-        if request is not None:
-            # The submitter is told too: a failed result, as the GPU consumers do for their failures.
-            model = request.model or "" if isinstance(request, InferenceRequest) else ""
-            result = InferenceResult.failed(request, exc.reason, exc.detail, model=model)
-            out.append(self.emit.record(self.topics.results, request.request_id, result, headers))
-            out += self.emit.status(request.request_id, exc.reason.state, detail=str(exc))
-        return out

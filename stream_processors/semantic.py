@@ -38,10 +38,11 @@ import numpy as np
 
 from core.catalog import Catalog
 from core.headers import Headers, carried
+from core.kafka import Out
 from core.settings import ProcessorSettings
-from schemas import CacheKind, InferenceRequest, InferenceResult, RequestState, ResultStatus, utcnow
+from schemas import CacheKind, InferenceRequest, InferenceResult, RequestState, ResultStatus
 from stream_processors.embedding import Embedder, Vectors
-from stream_processors.emit import Emitter, Forward
+from stream_processors.emit import Emitter
 from stream_processors.router import Backlog
 from stream_processors.semantic_rules import (
     answer_fingerprint,
@@ -213,7 +214,7 @@ class SemanticStage:
         self._indexed = len(self.table)
 
     # -- lookups (batched; the app runs `vectors` in a worker thread) ----------------------
-    def try_local(self, request: InferenceRequest, raw: bytes, headers: Headers | None) -> list[Forward] | None:
+    def try_local(self, request: InferenceRequest, raw: bytes, headers: Headers | None) -> list[Out] | None:
         """Settle a request here, without a hop, when this process holds its scope's index and
         no sentence embedding has to be computed (no candidate survives the cheap checks, or the
         candidates' vectors are known); ``None``: send it to the lookup topic."""
@@ -301,9 +302,9 @@ class SemanticStage:
         """The full embeddings of ``texts`` (the expensive step; safe to run in a thread)."""
         return self.embedder.embed(texts)
 
-    def finish(self, items: list[Lookup], texts: Sequence[str], vectors: Vectors | None) -> list[Forward]:
+    def finish(self, items: list[Lookup], texts: Sequence[str], vectors: Vectors | None) -> list[Out]:
         self.remember_vectors(texts, vectors)
-        out: list[Forward] = []
+        out: list[Out] = []
         for it in items:
             hit = self._best(it)
             out += self._answer(it, *hit) if hit else self._miss(it)
@@ -333,45 +334,25 @@ class SemanticStage:
         others = np.stack([self._vectors[w] for w in sorted(diff.others)])
         return bool((added @ others.T).max() >= self.cfg.contrast)
 
-    def _answer(self, it: Lookup, entry: Entry, similarity: float) -> list[Forward]:
-        r, stored = it.request, entry["result"]
-        now = utcnow()
-        result = InferenceResult(
-            request_id=r.request_id,
-            tenant=r.tenant,
-            priority=r.priority,
-            model=stored["model"],
-            status=ResultStatus.SUCCEEDED,
-            output_text=stored["output_text"],
-            finish_reason=stored["finish_reason"],
-            prompt_tokens=stored["prompt_tokens"],
-            completion_tokens=stored["completion_tokens"],
-            created_at=r.created_at,
-            started_at=max(r.created_at, now),
-            completed_at=now,
-            correlation_id=r.correlation_id,
-            route_reason=r.route.reason if r.route else None,
-            deduplicated_from=entry["request_id"],
-            cached=True,
+    def _answer(self, it: Lookup, entry: Entry, similarity: float) -> list[Out]:
+        result = InferenceResult.answered_from(
+            it.request,
+            entry["result"],
+            original=entry["request_id"],
             cache_kind=CacheKind.SEMANTIC,
-            similarity=round(similarity, 4),
-            replay_of=r.replay_of,
-            batch_id=r.batch_id,
-            dedupe_key=r.dedupe_key,
-            custom_id=r.custom_id,
-            reply_to=r.reply_to,
-            webhook_url=r.webhook_url,
+            similarity=similarity,
         )
+        r = it.request
         logger.debug("semantic hit: %s answered from %s (%.3f)", r.request_id, entry["request_id"], similarity)
         return self.emit.result(result, cached=True, headers=it.headers)
 
-    def _miss(self, it: Lookup) -> list[Forward]:
+    def _miss(self, it: Lookup) -> list[Out]:
         r = it.request
         assert r.route is not None
         model = r.route.model
         self.backlog.routed(model, r.request_id)
         out = [
-            Forward(self.emit.topics.model(model, r.priority), r.request_id.encode(), it.raw, list(it.headers), r),
+            Out(self.emit.topics.model(model, r.priority), r.request_id, r, list(it.headers), encoded=it.raw),
             *self.emit.status(r.request_id, RequestState.ROUTED, model=model, detail=r.route.reason),
         ]
         if it.signature is not None:
@@ -408,13 +389,7 @@ class SemanticStage:
             "static": _pack(static),
             "p": partition,
             "at": self.clock(),
-            "result": {
-                "model": result.model,
-                "output_text": result.output_text,
-                "finish_reason": result.finish_reason,
-                "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": result.completion_tokens,
-            },
+            "result": result.stored(),
         }
         key = _entry_key(entry)
         replaced = key in self.table

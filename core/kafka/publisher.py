@@ -33,7 +33,8 @@ OnDelivery = Callable[[KafkaError | None, Message], None]
 @dataclass(frozen=True)
 class Out:
     """One record to publish: a Sluice record (encoded by the publisher's serde) or bytes already
-    encoded (a copy of a consumed message)."""
+    encoded (a copy of a consumed message). Every stage, router and consumers alike, says what it
+    sends in this one shape."""
 
     topic: str
     key: str | bytes | None
@@ -41,6 +42,17 @@ class Out:
     headers: OutHeaders = field(default_factory=list)
     # Unset: the producer's partitioner picks one.
     partition: int | None = None
+    # The record's bytes when the sender already holds them (a router forwarding the request it
+    # consumed): sent as they are, not encoded a second time.
+    encoded: bytes | None = None
+
+    def value(self, serde: Serde) -> bytes:
+        if self.encoded is not None:
+            return self.encoded
+        return self.record if isinstance(self.record, bytes) else serde.encode(self.record)
+
+    def key_bytes(self) -> bytes | None:
+        return self.key.encode() if isinstance(self.key, str) else self.key
 
 
 class Producer(Protocol):
@@ -140,7 +152,7 @@ class TrackedPublisher:
         return len(self._outstanding)
 
     def encode(self, out: Out) -> bytes:
-        return out.record if isinstance(out.record, bytes) else self.serde.encode(out.record)
+        return out.value(self.serde)
 
     def publish(
         self, unit: Hashable, outs: Sequence[Out], *, on_failed: Callable[[str], Sequence[Out]] | None = None

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from core.catalog import Catalog
+from core.kafka import Out
 from core.settings import ProcessorSettings
 from core.topics import Topics
 from schemas import ChatMessage, CostMetric, InferenceRequest, InferenceResult, RequestStatus, Route, Serde, utcnow
 from stream_processors.dedupe import DedupeStage, dedupe_key
-from stream_processors.emit import Emitter, Forward
+from stream_processors.emit import Emitter
 from tests.support import model_entry
 
 CATALOG = Catalog(
@@ -65,12 +66,12 @@ def result_for(r: InferenceRequest, status: str = "succeeded") -> InferenceResul
     )
 
 
-def topics_of(fwds: list[Forward]) -> list[str]:
+def topics_of(fwds: list[Out]) -> list[str]:
     return [f.topic for f in fwds]
 
 
-def results_in(fwds: list[Forward]) -> list[InferenceResult]:
-    return [SERDE.decode(InferenceResult, f.value) for f in fwds if f.topic == TOPICS.results]
+def results_in(fwds: list[Out]) -> list[InferenceResult]:
+    return [SERDE.decode(InferenceResult, f.value(SERDE)) for f in fwds if f.topic == TOPICS.results]
 
 
 def test_duplicates_in_flight_run_once_and_each_gets_its_own_result() -> None:
@@ -81,7 +82,7 @@ def test_duplicates_in_flight_run_once_and_each_gets_its_own_result() -> None:
     for d in (dup1, dup2):
         out = s.on_request(d, SERDE.encode(d), 0)
         assert topics_of(out) == [TOPICS.status]
-        assert SERDE.decode(RequestStatus, out[0].value).state == "deduplicated"
+        assert SERDE.decode(RequestStatus, out[0].value(SERDE)).state == "deduplicated"
     # A redelivered duplicate is not attached twice.
     s.on_request(dup1, SERDE.encode(dup1), 0)
     assert len(table[original.dedupe_key or ""]["waiters"]) == 2
@@ -91,7 +92,7 @@ def test_duplicates_in_flight_run_once_and_each_gets_its_own_result() -> None:
     assert {r.request_id for r in results} == {dup1.request_id, dup2.request_id}
     assert all(r.deduplicated_from == original.request_id and r.output_text == "answer" for r in results)
     assert {r.priority for r in results} == {"normal", "high"}
-    metrics = [SERDE.decode(CostMetric, f.value) for f in out if f.topic == TOPICS.cost_metrics]
+    metrics = [SERDE.decode(CostMetric, f.value(SERDE)) for f in out if f.topic == TOPICS.cost_metrics]
     assert all(m.deduplicated and m.cost_usd == 0 and m.baseline_cost_usd > 0 for m in metrics)
     # Redelivered completion: nothing more.
     assert s.on_completed(result_for(original)) == []
@@ -107,7 +108,7 @@ def test_a_repeat_after_success_is_a_cache_hit_without_a_model_topic() -> None:
     assert not any(t.startswith("u.model.") for t in topics_of(out))
     (hit,) = results_in(out)
     assert hit.cached and hit.request_id == again.request_id and hit.deduplicated_from == original.request_id
-    assert SERDE.decode(RequestStatus, out[-1].value).state == "cached"
+    assert SERDE.decode(RequestStatus, out[-1].value(SERDE)).state == "cached"
 
 
 def test_cache_entries_expire_and_failures_are_not_cached() -> None:
@@ -149,8 +150,8 @@ def test_sweep_touches_only_its_partition_and_runs_orphaned_duplicates_alone() -
     s.on_request(other, SERDE.encode(other), 1)
     clock.now += 101
     out = s.sweep(0)
-    assert [(f.topic, f.key) for f in out] == [("u.model.cheap.normal", orphan.request_id.encode())]
-    assert SERDE.decode(InferenceRequest, out[0].value).request_id == orphan.request_id
+    assert [(f.topic, f.key_bytes()) for f in out] == [("u.model.cheap.normal", orphan.request_id.encode())]
+    assert SERDE.decode(InferenceRequest, out[0].value(SERDE)).request_id == orphan.request_id
     assert list(table) == [other.dedupe_key]
     # The bound evicts the oldest cached results first.
     for i in range(3):

@@ -38,11 +38,11 @@ def test_pipeline_routes_an_uncached_request_straight_to_the_model_and_priority_
     fwds = pipe.process(serde.encode(r), topic=topics.requests("low"), partition=0, offset=5)
     assert [f.topic for f in fwds] == ["p.model.cheap.low", topics.status]
     fwd = fwds[0]
-    assert fwd.key == r.request_id.encode()
-    routed = serde.decode(InferenceRequest, fwd.value)
+    assert fwd.key_bytes() == r.request_id.encode()
+    routed = serde.decode(InferenceRequest, fwd.value(serde))
     assert routed.route is not None and routed.route.model == "cheap"
     assert routed.model_copy(update={"route": None}) == r
-    status = serde.decode(RequestStatus, fwds[1].value)
+    status = serde.decode(RequestStatus, fwds[1].value(serde))
     assert (status.request_id, status.state, status.model) == (r.request_id, "routed", "cheap")
     assert pipe.router.backlog.get("cheap") == 1
 
@@ -54,7 +54,7 @@ def test_pipeline_repartitions_dedupable_requests_by_their_key() -> None:
     fb = pipe.process(serde.encode(b), topic=topics.requests("normal"), partition=1, offset=1)
     assert [f.topic for f in fa] == [topics.dedupe] and fa[0].headers == [("kind", b"request")]
     assert fa[0].key == fb[0].key and fa[0].key is not None and fa[0].key.startswith(b"content:default:")
-    assert serde.decode(InferenceRequest, fa[0].value).dedupe_key == fa[0].key.decode()
+    assert serde.decode(InferenceRequest, fa[0].value(serde)).dedupe_key == fa[0].key.decode()
     # Idempotency keys are scoped by tenant; another tenant's same content is another key.
     keyed = pipe.process(
         serde.encode(req(idempotency_key="k1")), topic=topics.requests("normal"), partition=0, offset=2
@@ -70,7 +70,7 @@ def test_pipeline_flags_a_request_close_to_its_deadline() -> None:
     pipe, serde, topics = _pipeline(deadline_warning_s=60)
     r = req(cache=False, deadline=datetime.now(UTC) + timedelta(seconds=20))
     fwds = pipe.process(serde.encode(r), topic=topics.requests("normal"), partition=0, offset=1)
-    flagged = serde.decode(RequestStatus, fwds[0].value)
+    flagged = serde.decode(RequestStatus, fwds[0].value(serde))
     assert flagged.state == "queued" and flagged.detail is not None and "near deadline" in flagged.detail
 
 
@@ -95,15 +95,15 @@ def test_pipeline_dead_letters_never_raise(value: object, topic_priority: str, r
     fwds = pipe.process(value, topic=topics.requests(topic_priority), partition=2, offset=9)  # type: ignore[arg-type]
     fwd = fwds[0]
     assert fwd.topic == topics.dead_letter
-    dl = serde.decode(DeadLetter, fwd.value)
+    dl = serde.decode(DeadLetter, fwd.value(serde))
     assert dl.reason is reason and dl.source_partition == 2 and dl.source_offset == 9
     assert dl.original == (value or b"")
     # Deterministic id: a redelivered poison event maps to the same dead-letter row.
     again = pipe.process(value, topic=topics.requests(topic_priority), partition=2, offset=9)  # type: ignore[arg-type]
-    assert serde.decode(DeadLetter, again[0].value).dead_letter_id == dl.dead_letter_id
+    assert serde.decode(DeadLetter, again[0].value(serde)).dead_letter_id == dl.dead_letter_id
     if dl.request_id is not None:
         # A decodable request also gets a failed result, so its submitter is not left waiting.
-        result = serde.decode(InferenceResult, fwds[1].value)
+        result = serde.decode(InferenceResult, fwds[1].value(serde))
         assert result.status == "failed" and reason.value in (result.error or "")
         assert result.request_id == dl.request_id
 
@@ -149,11 +149,11 @@ def test_fuzz_random_field_values_route_or_dead_letter_never_raise(
     fwds = pipe.process(value, topic=topics.requests(topic_priority), partition=0, offset=1)
     first = fwds[0]
     if first.topic == topics.dead_letter:
-        dl = serde.decode(DeadLetter, first.value)
+        dl = serde.decode(DeadLetter, first.value(serde))
         assert isinstance(dl.reason, DeadLetterReason) and dl.original == value and dl.error
     else:
         assert first.topic == topics.dedupe or first.topic.startswith("p.model.")
-        routed = serde.decode(InferenceRequest, first.value)
+        routed = serde.decode(InferenceRequest, first.value(serde))
         assert routed.route is not None and routed.priority == topic_priority
 
 
@@ -170,10 +170,10 @@ def test_a_readable_but_invalid_request_keeps_its_requester(field: str, value: o
     record = req(request_id="r-invalid", tenant="acme", correlation_id="c-1").to_avro()
     record[field] = value
     fwds = pipe.process(frame_request_dict(record), topic=topics.requests("low"), partition=0, offset=3)
-    dl = serde.decode(DeadLetter, fwds[0].value)
+    dl = serde.decode(DeadLetter, fwds[0].value(serde))
     assert dl.reason is DeadLetterReason.VALIDATION_ERROR and why in dl.error
     assert (dl.request_id, dl.tenant) == ("r-invalid", "acme")
-    result = serde.decode(InferenceResult, fwds[1].value)
+    result = serde.decode(InferenceResult, fwds[1].value(serde))
     assert (result.request_id, result.tenant, result.status) == ("r-invalid", "acme", "failed")
     assert result.correlation_id == "c-1" and result.error is not None and result.error.startswith("validation_error")
     # An invalid priority cannot be echoed back: the result carries the topic's.
@@ -187,7 +187,7 @@ def test_dead_letter_ids_repeat_for_the_same_message_and_differ_across_broker_li
 
     def dl_id(**kw: object) -> str:
         fwds = pipe.process(kw.pop("value", value), topic=topic, partition=0, offset=0, **kw)  # type: ignore[arg-type]
-        return serde.decode(DeadLetter, fwds[0].value).dead_letter_id
+        return serde.decode(DeadLetter, fwds[0].value(serde)).dead_letter_id
 
     first = dl_id(timestamp_ms=1_700_000_000_000)
     assert dl_id(timestamp_ms=1_700_000_000_000) == first  # redelivered: the same row

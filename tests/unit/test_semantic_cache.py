@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from core.catalog import Catalog
+from core.kafka import Out
 from core.settings import ProcessorSettings
 from core.topics import Topics
 from schemas import (
@@ -28,7 +29,7 @@ from schemas import (
 )
 from stream_processors.dedupe import DedupeStage, dedupe_key
 from stream_processors.embedding import Vectors
-from stream_processors.emit import Emitter, Forward
+from stream_processors.emit import Emitter
 from stream_processors.semantic import SemanticStage
 from stream_processors.semantic_rules import compatible, difference, lexical_veto
 from tests.support import model_entry
@@ -119,7 +120,7 @@ def req(content: str, rid: str, tenant: str = "acme", **kw: Any) -> InferenceReq
     return r
 
 
-def lookup(stage: SemanticStage, *requests: InferenceRequest) -> list[Forward]:
+def lookup(stage: SemanticStage, *requests: InferenceRequest) -> list[Out]:
     items, texts = stage.prepare(
         [(r, SERDE.encode(r), [("traceparent", b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01")]) for r in requests]
     )
@@ -159,12 +160,12 @@ def answered(
     stage.on_completed(result, 0)
 
 
-def topics_of(out: list[Forward]) -> list[str]:
+def topics_of(out: list[Out]) -> list[str]:
     return [f.topic for f in out]
 
 
-def result_in(out: list[Forward]) -> InferenceResult | None:
-    return next((SERDE.decode(InferenceResult, f.value) for f in out if f.topic == TOPICS.results), None)
+def result_in(out: list[Out]) -> InferenceResult | None:
+    return next((SERDE.decode(InferenceResult, f.value(SERDE)) for f in out if f.topic == TOPICS.results), None)
 
 
 # -- lexical rules ----------------------------------------------------------------------------
@@ -238,10 +239,10 @@ def test_a_paraphrase_is_answered_from_the_cache_without_a_model_topic() -> None
     assert result.cache_kind is CacheKind.SEMANTIC and result.deduplicated_from == "r1"
     assert result.similarity == pytest.approx(0.95, abs=1e-3)
     assert result.dedupe_key == req(PARAPHRASE, "r2").dedupe_key  # completes its exact key too
-    metric = next(SERDE.decode(CostMetric, f.value) for f in out if f.topic == TOPICS.cost_metrics)
+    metric = next(SERDE.decode(CostMetric, f.value(SERDE)) for f in out if f.topic == TOPICS.cost_metrics)
     assert (metric.cached, metric.cache_kind, metric.cost_usd) == (True, CacheKind.SEMANTIC, 0.0)
     assert metric.baseline_cost_usd > 0
-    status = next(SERDE.decode(RequestStatus, f.value) for f in out if f.topic == TOPICS.status)
+    status = next(SERDE.decode(RequestStatus, f.value(SERDE)) for f in out if f.topic == TOPICS.status)
     assert status.state == "cached" and status.detail == "semantic match of r1 (similarity 0.950)"
     headers = next(f.headers for f in out if f.topic == TOPICS.results)
     assert dict(headers)["traceparent"].startswith(b"00-aaaa")
@@ -251,7 +252,7 @@ def test_a_miss_goes_to_its_model_topic_with_a_pending_entry() -> None:
     stage, _, _ = make()
     out = lookup(stage, req(ORIGINAL, "r1", priority="high"))
     assert topics_of(out) == ["u.model.cheap.high", TOPICS.status]
-    assert SERDE.decode(RequestStatus, out[1].value).state == "routed"
+    assert SERDE.decode(RequestStatus, out[1].value(SERDE)).state == "routed"
     assert result_in(out) is None
     assert stage.embedder.embedded == []  # type: ignore[attr-defined]  # nothing to compare with
 
