@@ -120,6 +120,7 @@ TABLES: dict[str, str] = {
         finalizing_at Nullable({_TS}),
         ended_at Nullable({_TS}),
         cancelling_at Nullable({_TS}),
+        output_expires_after_s Nullable(Int64),
         ingested_at {_TS} DEFAULT now64(3)
     """,
 }

@@ -17,9 +17,17 @@ from core.errors import SluiceError
 from core.kafka import TP, ConsumeLoop, Handler, message_coords
 from core.settings import Settings
 from core.topics import Topics
-from schemas import DeadLetterReason, InferenceResult, ResultStatus, Serde
+from schemas import DeadLetterReason, Endpoint, InferenceResult, ResultStatus, Serde
 
-__all__ = ["chat_completion", "error_code", "error_line", "follow_results", "openai_batch_line", "output_line"]
+__all__ = [
+    "chat_completion",
+    "error_code",
+    "error_line",
+    "follow_results",
+    "openai_batch_line",
+    "output_line",
+    "response_object",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +72,52 @@ def chat_completion(r: InferenceResult) -> dict[str, Any]:
     }
 
 
+def response_object(r: InferenceResult, echo: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A succeeded result as OpenAI's Responses API ``response`` object; ``echo``: the request's
+    parameters it repeats (``instructions``, ``max_output_tokens``, ``text``, ``metadata``...)."""
+    echo = echo or {}
+    incomplete = r.finish_reason == "length"
+    return {
+        "id": f"resp_{r.request_id}",
+        "object": "response",
+        "created_at": int(r.created_at.timestamp()),
+        "status": "incomplete" if incomplete else "completed",
+        "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "instructions": echo.get("instructions"),
+        "max_output_tokens": echo.get("max_output_tokens"),
+        "model": r.model,
+        "output": [
+            {
+                "type": "message",
+                "id": f"msg_{r.request_id}",
+                "status": "incomplete" if incomplete else "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": r.output_text, "annotations": []}],
+            }
+        ],
+        "parallel_tool_calls": False,
+        "previous_response_id": None,
+        "reasoning": {"effort": None, "summary": None},
+        "store": True,
+        "temperature": echo.get("temperature", 1.0),
+        "text": echo.get("text", {"format": {"type": "text"}}),
+        "tool_choice": "none",
+        "tools": [],
+        "top_p": echo.get("top_p", 1.0),
+        "truncation": "disabled",
+        "usage": {
+            "input_tokens": r.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": r.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": r.prompt_tokens + r.completion_tokens,
+        },
+        "user": echo.get("user"),
+        "metadata": echo.get("metadata") or {},
+    }
+
+
 def error_code(error: str | None) -> tuple[str, str]:
     """(OpenAI-style code, message) for a failed result's ``"reason: detail"`` error."""
     reason, _, detail = (error or "engine_error: unknown").partition(": ")
@@ -73,14 +127,18 @@ def error_code(error: str | None) -> tuple[str, str]:
         return reason, detail or reason
 
 
-def output_line(r: InferenceResult, custom_id: str | None = None) -> dict[str, Any]:
-    """One line of a batch's output (succeeded) or error (failed) file."""
+def output_line(
+    r: InferenceResult, custom_id: str | None = None, *, endpoint: Endpoint = Endpoint.CHAT_COMPLETIONS
+) -> dict[str, Any]:
+    """One line of a batch's output (succeeded) or error (failed) file; the body in the shape of
+    the batch's ``endpoint``."""
     cid = custom_id if custom_id is not None else r.custom_id
     if r.status is ResultStatus.SUCCEEDED:
+        body = response_object(r) if endpoint is Endpoint.RESPONSES else chat_completion(r)
         return {
             "id": f"batch_req_{r.request_id}",
             "custom_id": cid,
-            "response": {"status_code": 200, "request_id": r.request_id, "body": chat_completion(r)},
+            "response": {"status_code": 200, "request_id": r.request_id, "body": body},
             "error": None,
         }
     code, message = error_code(r.error)

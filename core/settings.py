@@ -345,6 +345,12 @@ class FileSettings(_Section):
     # OpenAI's limits for a batch input file.
     max_bytes: int = 200 * 1024 * 1024
     max_lines: int = 50_000
+    # Files (uploads and batch outputs) expire this long after they are created unless the caller
+    # set OpenAI's expires_after / output_expires_after; None: kept until deleted.
+    retention_s: int | None = Field(default=None, gt=0)
+    # The range OpenAI allows for expires_after.seconds (1 hour to 30 days).
+    min_expires_after_s: int = Field(default=3600, gt=0)
+    max_expires_after_s: int = Field(default=30 * 86400, gt=0)
 
 
 class GatewaySettings(_Section):
@@ -365,6 +371,23 @@ class GatewaySettings(_Section):
     # JSON bodies larger than this are refused with 413 while they are read: one request is one
     # Kafka record, and Apache Kafka's default message.max.bytes is 1 MiB (raise both together).
     max_body_bytes: int = Field(default=1_000_000, gt=0)
+    # OpenAI's service_tier -> the priority a synchronous request (/v1/chat/completions,
+    # /v1/responses) runs at; an API key may map tiers its own way (`sluice keys create --tier`).
+    service_tiers: dict[str, str] = Field(
+        default_factory=lambda: {"priority": "high", "default": "normal", "auto": "normal", "flex": "low"}
+    )
+    # How long a synchronous call may wait for its result (a caller may ask for less with the
+    # X-Sluice-Max-Wait header; a key may set its own). Longer estimated waits are refused at once
+    # with 429; a call still unanswered after it is cancelled. OpenAI's flex clients wait 10-15 min.
+    max_wait_s: float = Field(default=600.0, gt=0)
+
+    @field_validator("service_tiers")
+    @classmethod
+    def _tiers(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = {t: p for t, p in v.items() if p not in ("high", "normal", "low")}
+        if bad:
+            raise ValueError(f"service tiers must map to high, normal or low: {bad}")
+        return v
 
 
 class WebhookSettings(_Section):

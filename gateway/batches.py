@@ -19,6 +19,7 @@ import json
 import logging
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import IO, Any, Protocol
@@ -30,13 +31,14 @@ from analytics.results import error_line, output_line
 from core.errors import ConfigError, SluiceError
 from core.settings import Settings
 from core.topics import Topics
-from gateway.files import FileMeta, FileStore, iter_lines
-from gateway.openai_format import CHAT_ENDPOINT, LineError, parse_batch_line
+from gateway.files import FileMeta, FileStore, delete_expired, iter_lines
+from gateway.openai_format import LineError, parse_batch_line
 from schemas import (
     AvroRecord,
     BatchState,
     BatchStatus,
     DeadLetterReason,
+    Endpoint,
     InferenceRequest,
     InferenceResult,
     Priority,
@@ -56,6 +58,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# How often expired files are deleted (an expired file answers 404 at once regardless).
+_SWEEP_S = 10.0
 
 
 class BatchError(SluiceError):
@@ -119,19 +124,20 @@ class BatchService:
         tenant: str,
         input_file_id: str,
         *,
-        endpoint: str = CHAT_ENDPOINT,
+        endpoint: str = Endpoint.CHAT_COMPLETIONS,
         completion_window: str = "24h",
         metadata: dict[str, str] | None = None,
         priority: Priority | str = Priority.LOW,
         webhook_url: str | None = None,
+        output_expires_after_s: int | None = None,
     ) -> BatchStatus:
         meta = self.files.meta(input_file_id)
         if meta is None or meta.tenant != tenant:
             raise BatchNotFound(f"no file {input_file_id}")
         if meta.purpose != "batch":
             raise BatchError(f"file {input_file_id} has purpose {meta.purpose!r}; a batch needs purpose 'batch'")
-        if endpoint != CHAT_ENDPOINT:
-            raise BatchError(f"endpoint {endpoint!r} is not supported; use {CHAT_ENDPOINT}")
+        if endpoint not in Endpoint._value2member_map_:
+            raise BatchError(f"endpoint {endpoint!r} is not supported; use one of {', '.join(Endpoint)}")
         window = parse_window(completion_window)
         try:
             prio = Priority(priority)
@@ -158,6 +164,7 @@ class BatchService:
             priority=prio,
             total=meta.lines,
             webhook_url=webhook_url,
+            output_expires_after_s=output_expires_after_s,
             metadata=dict(metadata or {}),
             created_at=now,
             expires_at=now + window,
@@ -262,11 +269,18 @@ class BatchService:
                 logger.info("took over %d open batch(es)", recovered)
         except SluiceError as exc:
             logger.warning("cannot read open batches yet: %s", exc)
+        swept = 0.0
         while not stop.wait(self.settings.gateway.batch_poll_s):
             try:
                 self.poll_once()
             except SluiceError as exc:
                 logger.warning("batch progress: %s", exc)
+            if time.monotonic() - swept >= _SWEEP_S:
+                swept = time.monotonic()
+                try:
+                    delete_expired(self.files)
+                except (SluiceError, OSError) as exc:
+                    logger.warning("expired files not deleted: %s", exc)
 
     def join(self, timeout: float | None = None) -> None:
         for t in list(self._threads):
@@ -317,6 +331,7 @@ class BatchService:
                     index + 1,
                     tenant=batch.tenant,
                     request_id=rid,
+                    endpoint=Endpoint(batch.endpoint),
                     priority=batch.priority,
                     batch_id=batch.batch_id,
                     deadline=batch.expires_at,
@@ -380,6 +395,8 @@ class BatchService:
                     bytes=size,
                     lines=n,
                 )
+                retention = batch.output_expires_after_s
+                meta.expire_after(retention if retention is not None else self.settings.files.retention_s)
                 self.files.put(meta, fh)
                 ids[key] = meta.id
         with self._lock:
@@ -397,7 +414,7 @@ class BatchService:
             while nxt is not None and nxt.request_id < rid:
                 nxt = next(results, None)  # not a line of this file (cannot happen unless ids were forged)
             if nxt is not None and nxt.request_id == rid:
-                obj = output_line(nxt)
+                obj = output_line(nxt, endpoint=Endpoint(batch.endpoint))
                 nxt = next(results, None)
             else:
                 obj = error_line(

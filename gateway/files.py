@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Protocol
 from urllib.parse import urlparse
@@ -21,7 +21,15 @@ from core.errors import ConfigError, SluiceError
 from core.settings import Settings
 from schemas import new_id, utcnow
 
-__all__ = ["FileMeta", "FileStore", "LocalFileStore", "S3FileStore", "iter_lines", "open_file_store"]
+__all__ = [
+    "FileMeta",
+    "FileStore",
+    "LocalFileStore",
+    "S3FileStore",
+    "delete_expired",
+    "iter_lines",
+    "open_file_store",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +46,16 @@ class FileMeta(BaseModel):
     bytes: int = 0
     lines: int = 0
     created_at: datetime = Field(default_factory=utcnow)
+    # OpenAI's expires_after (anchored at created_at); None: kept until deleted.
+    expires_at: datetime | None = None
+
+    def expire_after(self, seconds: int | None) -> FileMeta:
+        if seconds is not None:
+            self.expires_at = self.created_at + timedelta(seconds=seconds)
+        return self
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (now or utcnow())
 
     def openai(self) -> dict[str, Any]:
         return {
@@ -48,7 +66,7 @@ class FileMeta(BaseModel):
             "filename": self.filename,
             "purpose": self.purpose,
             "status": "processed",
-            "expires_at": None,
+            "expires_at": int(self.expires_at.timestamp()) if self.expires_at else None,
             "status_details": None,
         }
 
@@ -62,9 +80,21 @@ class FileStore(Protocol):
 
     def meta(self, file_id: str) -> FileMeta | None: ...
 
-    def list(self, tenant: str) -> list[FileMeta]: ...
+    def list(self, tenant: str | None) -> list[FileMeta]:
+        """A tenant's files, newest first (``None``: every tenant's)."""
 
     def delete(self, file_id: str) -> bool: ...
+
+
+def delete_expired(store: FileStore, now: datetime | None = None) -> int:
+    """Delete every expired file (data and metadata); the gateway runs this now and then, and
+    answers 404 for an expired file it has not deleted yet."""
+    doomed = [m for m in store.list(None) if m.expired(now)]
+    for meta in doomed:
+        store.delete(meta.id)
+    if doomed:
+        logger.info("deleted %d expired file(s)", len(doomed))
+    return len(doomed)
 
 
 def iter_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -119,9 +149,15 @@ class LocalFileStore:
         except (FileNotFoundError, SluiceError):
             return None
 
-    def list(self, tenant: str) -> list[FileMeta]:
-        metas = (FileMeta.model_validate_json(p.read_text()) for p in (self.root / "meta").glob("*.json"))
-        return sorted((m for m in metas if m.tenant == tenant), key=lambda m: m.created_at, reverse=True)
+    def list(self, tenant: str | None) -> list[FileMeta]:
+        metas = []
+        for p in (self.root / "meta").glob("*.json"):
+            try:
+                metas.append(FileMeta.model_validate_json(p.read_text()))
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+        mine = (m for m in metas if tenant is None or m.tenant == tenant)
+        return sorted(mine, key=lambda m: m.created_at, reverse=True)
 
     def delete(self, file_id: str) -> bool:
         found = False
@@ -189,7 +225,7 @@ class S3FileStore:
             return None
         return FileMeta.model_validate_json(obj["Body"].read())
 
-    def list(self, tenant: str) -> list[FileMeta]:
+    def list(self, tenant: str | None) -> list[FileMeta]:
         out = []
         for page in self._s3.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=f"{self.prefix}meta/"
@@ -198,7 +234,7 @@ class S3FileStore:
                 meta = FileMeta.model_validate_json(
                     self._s3.get_object(Bucket=self.bucket, Key=item["Key"])["Body"].read()
                 )
-                if meta.tenant == tenant:
+                if tenant is None or meta.tenant == tenant:
                     out.append(meta)
         return sorted(out, key=lambda m: m.created_at, reverse=True)
 

@@ -8,13 +8,15 @@ import json
 import os
 import secrets
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from core.errors import ConfigError
 from core.settings import Settings
 from schemas import utcnow
 
-__all__ = ["KeyStore", "hash_key", "keys_path"]
+__all__ = ["KeyInfo", "KeyStore", "hash_key", "keys_path"]
 
 _PREFIX = "sk-sluice-"
 
@@ -28,6 +30,15 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class KeyInfo:
+    """What a key grants: its tenant, and its own service-tier mapping and wait limit, if any."""
+
+    tenant: str
+    service_tiers: dict[str, str] = field(default_factory=dict)
+    max_wait_s: float | None = None
+
+
 class KeyStore:
     """Hashed keys in a JSON file (mode 0600), re-read when it changes, so keys created with
     ``sluice keys create`` work in a running gateway without a restart."""
@@ -36,9 +47,9 @@ class KeyStore:
         self.path = path
         self._lock = threading.Lock()
         self._mtime: float | None = None
-        self._keys: dict[str, dict[str, str]] = {}
+        self._keys: dict[str, dict[str, Any]] = {}
 
-    def _load(self) -> dict[str, dict[str, str]]:
+    def _load(self) -> dict[str, dict[str, Any]]:
         try:
             mtime = self.path.stat().st_mtime
         except FileNotFoundError:
@@ -53,17 +64,41 @@ class KeyStore:
             return self._keys
 
     def tenant_for(self, key: str) -> str | None:
-        entry = self._load().get(hash_key(key))
-        return entry["tenant"] if entry else None
+        info = self.info(key)
+        return info.tenant if info else None
 
-    def create(self, tenant: str, *, name: str = "") -> str:
-        """A new key for ``tenant``; the only time the key is ever returned."""
+    def info(self, key: str) -> KeyInfo | None:
+        entry = self._load().get(hash_key(key))
+        if entry is None:
+            return None
+        return KeyInfo(entry["tenant"], dict(entry.get("service_tiers", {})), entry.get("max_wait_s"))
+
+    def create(
+        self,
+        tenant: str,
+        *,
+        name: str = "",
+        service_tiers: dict[str, str] | None = None,
+        max_wait_s: float | None = None,
+    ) -> str:
+        """A new key for ``tenant``; the only time the key is ever returned. ``service_tiers``
+        (tier -> high|normal|low) and ``max_wait_s`` override the gateway's for this key."""
         if not tenant or len(tenant) > 128:
             raise ConfigError("a tenant name is 1 to 128 characters")
+        bad = {t: p for t, p in (service_tiers or {}).items() if p not in ("high", "normal", "low")}
+        if bad:
+            raise ConfigError(f"service tiers must map to high, normal or low: {bad}")
+        if max_wait_s is not None and max_wait_s <= 0:
+            raise ConfigError("max_wait_s must be positive")
         key = _PREFIX + secrets.token_urlsafe(32)
+        entry: dict[str, Any] = {"tenant": tenant, "name": name, "created_at": utcnow().isoformat()}
+        if service_tiers:
+            entry["service_tiers"] = dict(service_tiers)
+        if max_wait_s is not None:
+            entry["max_wait_s"] = max_wait_s
         with self._lock:
             keys = json.loads(self.path.read_text() or "{}") if self.path.exists() else {}
-            keys[hash_key(key)] = {"tenant": tenant, "name": name, "created_at": utcnow().isoformat()}
+            keys[hash_key(key)] = entry
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

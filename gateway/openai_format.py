@@ -13,12 +13,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from schemas import BatchState, BatchStatus, InferenceRequest, Priority
+from schemas import BatchState, BatchStatus, Endpoint, InferenceRequest, Priority
 from schemas.errors import validation_summary
 
-__all__ = ["CHAT_ENDPOINT", "LineError", "batch_object", "parse_batch_line", "request_from_body", "unix"]
-
-CHAT_ENDPOINT = "/v1/chat/completions"
+__all__ = [
+    "LineError",
+    "batch_object",
+    "parse_batch_line",
+    "request_from_body",
+    "request_from_responses_body",
+    "unix",
+]
 
 # The body fields Sluice honours; anything else is refused by name, so a caller never believes a
 # parameter took effect when it did not.
@@ -162,8 +167,97 @@ def request_from_body(
         raise LineError(validation_summary(exc)) from exc
 
 
+# The Responses API fields Sluice honours (text in, text out); others are refused by name.
+_RESPONSES_FIELDS = {
+    "model",
+    "input",
+    "instructions",
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "text",
+    "metadata",
+    "user",
+    "store",
+}
+
+
+def _input_messages(raw: Any, instructions: Any) -> list[dict[str, Any]]:
+    """Responses ``input`` (a string, or a list of messages whose content is a string or
+    ``input_text`` parts) and ``instructions`` as chat messages."""
+    messages: list[dict[str, Any]] = []
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            raise LineError("instructions must be a string")
+        messages.append({"role": "system", "content": instructions})
+    if isinstance(raw, str):
+        return [*messages, {"role": "user", "content": raw}]
+    if not isinstance(raw, list) or not raw:
+        raise LineError("input must be a string or a non-empty list of messages")
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or item.get("type", "message") != "message":
+            raise LineError(f"input[{i}]: only messages are supported (no tool calls or other items)")
+        content = item.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
+                    raise LineError(f"input[{i}].content: only text parts are supported")
+                parts.append({"type": "text", "text": part["text"]})
+            content = parts
+        messages.append({"role": item.get("role"), "content": content})
+    return messages
+
+
+def _text_format(raw: Any) -> dict[str, Any] | None:
+    """Responses ``text.format`` as a chat ``response_format``."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) - {"format"}:
+        raise LineError("text supports format only")
+    fmt = raw.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise LineError("text.format must be an object")
+    if fmt.get("type") == "json_schema":
+        spec = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+        return {"type": "json_schema", "json_schema": spec}
+    return {"type": fmt.get("type")}
+
+
+def request_from_responses_body(
+    body: Any, *, tenant: str, request_id: str | None = None, priority: Priority | str = Priority.NORMAL, **fields: Any
+) -> InferenceRequest:
+    """The request a Responses API ``body`` asks for (text input and output)."""
+    if not isinstance(body, dict):
+        raise LineError("body must be a JSON object")
+    unknown = sorted(set(body) - _RESPONSES_FIELDS)
+    if unknown:
+        raise LineError(f"unsupported field(s) {', '.join(unknown)}; supported: {', '.join(sorted(_RESPONSES_FIELDS))}")
+    if body.get("store") is False:
+        raise LineError("store=false is not supported: Sluice keeps every result (see its retention settings)")
+    chat: dict[str, Any] = {
+        "messages": _input_messages(body.get("input"), body.get("instructions")),
+        "response_format": _text_format(body.get("text")),
+    }
+    for name in ("model", "temperature", "top_p", "metadata", "user"):
+        if body.get(name) is not None:
+            chat[name] = body[name]
+    if body.get("max_output_tokens") is not None:
+        chat["max_tokens"] = body["max_output_tokens"]
+    return request_from_body(chat, tenant=tenant, request_id=request_id, priority=priority, **fields)
+
+
 def parse_batch_line(
-    line: bytes, line_no: int, *, tenant: str, request_id: str, **fields: Any
+    line: bytes,
+    line_no: int,
+    *,
+    tenant: str,
+    request_id: str,
+    endpoint: Endpoint = Endpoint.CHAT_COMPLETIONS,
+    **fields: Any,
 ) -> tuple[str | None, InferenceRequest]:
     """``(custom_id, request)`` for one line of an OpenAI batch input file (``line_no`` from 1).
 
@@ -183,11 +277,10 @@ def parse_batch_line(
             raise LineError(f"unsupported field(s) {', '.join(unknown)}")
         if obj.get("method", "POST") != "POST":
             raise LineError("method must be POST")
-        if obj.get("url") != CHAT_ENDPOINT:
-            raise LineError(f"url must be {CHAT_ENDPOINT}")
-        request = request_from_body(
-            obj.get("body"), tenant=tenant, request_id=request_id, custom_id=custom_id, **fields
-        )
+        if obj.get("url") != endpoint:
+            raise LineError(f"url must be {endpoint}, the batch's endpoint")
+        parse = request_from_responses_body if endpoint is Endpoint.RESPONSES else request_from_body
+        request = parse(obj.get("body"), tenant=tenant, request_id=request_id, custom_id=custom_id, **fields)
     except LineError as exc:
         cid = custom_id if isinstance(custom_id, str) else None
         raise LineError(f"line {line_no}: {exc}", exc.code, custom_id=cid) from exc

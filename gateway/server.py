@@ -1,5 +1,6 @@
-"""The gateway process: the HTTP API under uvicorn, the batch tracker, the webhook worker and the
-result fan-out, sharing one producer. ``sluice gateway`` runs it; ``sluice up`` starts it too."""
+"""The gateway process: the HTTP API under uvicorn, the batch tracker, the webhook worker, the
+result fan-out, and the result reader and wait estimate of the synchronous tier, sharing one
+producer. ``sluice gateway`` runs it; ``sluice up`` starts it too."""
 
 from __future__ import annotations
 
@@ -9,12 +10,17 @@ import threading
 from collections.abc import Callable
 
 from analytics.query import open_query
+from core import clients
+from core.catalog import load_catalog
+from core.metrics import register_collector
 from core.settings import Settings
 from gateway.api import Services, create_api
 from gateway.batches import BatchService
+from gateway.capacity import Capacity, capacity_gauges
 from gateway.fanout import ResultFanout
 from gateway.files import open_file_store
 from gateway.keys import KeyStore, keys_path
+from gateway.waiting import ResultWaiter
 from gateway.webhooks import WebhookWorker, new_secret
 from producers import SluiceClient
 
@@ -44,6 +50,9 @@ class Gateway:
         self.publisher = SluiceClient(settings)
         query = open_query(settings)
         self.batches = BatchService(settings, open_file_store(settings), self.publisher, query)
+        models = [m.name for m in load_catalog(settings.catalog_path)]
+        self.capacity = Capacity(settings, models)
+        self.waiter = ResultWaiter(settings, clients.serde(settings), on_result=self.capacity.finished)
         self.services = Services(
             settings=settings,
             keys=KeyStore(keys_path(settings)),
@@ -51,6 +60,9 @@ class Gateway:
             batches=self.batches,
             publisher=self.publisher,
             lookups=self.batches.lookups,
+            waiter=self.waiter,
+            capacity=self.capacity,
+            models=models,
         )
         self.app = create_api(self.services)
         self.webhooks = WebhookWorker(settings)
@@ -59,13 +71,20 @@ class Gateway:
         self._threads: list[threading.Thread] = []
 
     def start_workers(self) -> None:
-        workers = [("batches", self.batches.run), ("webhooks", self.webhooks.run)]
+        workers = [
+            ("batches", self.batches.run),
+            ("webhooks", self.webhooks.run),
+            ("results", self.waiter.run),
+            ("capacity", self.capacity.run),
+        ]
         if self.fanout.needed:
             workers.append(("fanout", self.fanout.run))
         for name, target in workers:
             t = threading.Thread(target=self._keep_running, args=(name, target), name=name, daemon=True)
             t.start()
             self._threads.append(t)
+        # A synchronous call registers before it publishes; the reader must be at the end first.
+        self.waiter.ready.wait(30)
 
     def _keep_running(self, name: str, target: Callable[[threading.Event], None]) -> None:
         """A worker that fails is logged and started again: a dead thread would silently stop
@@ -86,6 +105,8 @@ class Gateway:
     def serve(self, host: str | None = None, port: int | None = None) -> None:
         import uvicorn
 
+        # Registered by the serving process only (a registry takes each metric name once).
+        register_collector(lambda: capacity_gauges(self.capacity, lambda: self.waiter.waiting))
         self.start_workers()
         try:
             uvicorn.run(

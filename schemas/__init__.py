@@ -21,7 +21,16 @@ from schemas.models import (
 )
 from schemas.registry import ConfluentSchemaRegistry, LocalSchemaRegistry, SchemaRegistry
 from schemas.serde import AvroDeserializer, AvroSerializer, Serde
-from schemas.vocabulary import BatchState, CacheKind, DeadLetterReason, Priority, RequestState, ResultStatus, Stage
+from schemas.vocabulary import (
+    BatchState,
+    CacheKind,
+    DeadLetterReason,
+    Endpoint,
+    Priority,
+    RequestState,
+    ResultStatus,
+    Stage,
+)
 
 __all__ = [
     "AvroDeserializer",
@@ -36,6 +45,7 @@ __all__ = [
     "CostMetric",
     "DeadLetter",
     "DeadLetterReason",
+    "Endpoint",
     "InferenceRequest",
     "InferenceResult",
     "LocalSchemaRegistry",

@@ -458,6 +458,7 @@ class BatchStatus(AvroRecord):
     finalizing_at: datetime | None = None
     ended_at: datetime | None = None
     cancelling_at: datetime | None = None
+    output_expires_after_s: int | None = None
 
     @property
     def terminal(self) -> bool:

@@ -9,7 +9,23 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["BatchState", "CacheKind", "DeadLetterReason", "Priority", "RequestState", "ResultStatus", "Stage"]
+__all__ = [
+    "BatchState",
+    "CacheKind",
+    "DeadLetterReason",
+    "Endpoint",
+    "Priority",
+    "RequestState",
+    "ResultStatus",
+    "Stage",
+]
+
+
+class Endpoint(StrEnum):
+    """The OpenAI endpoints a batch (and its lines) may name."""
+
+    CHAT_COMPLETIONS = "/v1/chat/completions"
+    RESPONSES = "/v1/responses"
 
 
 class Priority(StrEnum):

@@ -1,6 +1,6 @@
 """Read whole topics without a consumer group: every partition from the beginning, taken in
 without waiting (a local view of a compacted topic, such as the cancellations every GPU consumer
-keeps)."""
+keeps), or from the end (what is written from now on, such as the results a gateway awaits)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ logger = logging.getLogger(__name__)
 
 
 class TopicReader:
-    def __init__(self, consumer: Any, topics: list[str], *, timeout: float = 10.0) -> None:
+    def __init__(self, consumer: Any, topics: list[str], *, timeout: float = 10.0, from_end: bool = False) -> None:
         """``consumer``: a consumer from the client factory (its group is never joined nor
-        committed to) or the stub broker's."""
+        committed to) or the stub broker's. ``from_end``: each partition from its high watermark
+        as the broker reports it now (an exact position, unlike ``auto.offset.reset=latest``, which
+        is resolved at some later fetch: a record written in between would be missed)."""
         self._consumer = consumer
         parts: list[TopicPartition] = []
         for topic in topics:
@@ -31,15 +33,24 @@ class TopicReader:
                 raise BrokerError(f"cannot read {topic}: {exc}") from exc
             if meta.error is not None:
                 raise BrokerError(f"cannot read {topic}: {meta.error}")
-            parts += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions]
+            for p in meta.partitions:
+                start = OFFSET_BEGINNING
+                if from_end:
+                    try:
+                        start = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
+                    except KafkaException as exc:
+                        raise BrokerError(f"cannot read the end of {topic}[{p}]: {exc}") from exc
+                parts.append(TopicPartition(topic, p, start))
         consumer.assign(parts)
 
-    def take(self, limit: int = 1000) -> Iterator[Message]:
-        """Every message fetched so far (none waited for)."""
+    def take(self, limit: int = 1000, *, wait: float = 0.0) -> Iterator[Message]:
+        """Every message fetched so far; ``wait``: how long to wait for a first one."""
+        timeout = wait
         while True:
-            msgs = self._consumer.consume(limit, timeout=0)
+            msgs = self._consumer.consume(limit, timeout=timeout)
             if not msgs:
                 return
+            timeout = 0
             yield from (m for m in msgs if usable(m, logger))
 
     def close(self) -> None:

@@ -266,6 +266,9 @@ class StubConsumer:
         names = [topic] if topic is not None else list(self.broker.topics)
         return _ClusterMeta({n: _Meta({i: object() for i in range(len(self.broker.topics.get(n, [])))}) for n in names})
 
+    def get_watermark_offsets(self, part: TopicPartition, timeout: float = -1, cached: bool = False) -> tuple[int, int]:
+        return 0, len(self.broker.topics[part.topic][part.partition])
+
     # -- fetching -------------------------------------------------------------------------------
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[StubMessage]:
         if not self._assigned_manually:

@@ -194,7 +194,12 @@ def cmd_errors(args: argparse.Namespace) -> int:
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from gateway.keys import KeyStore, keys_path
 
-    key = KeyStore(keys_path(settings_from(args))).create(args.tenant, name=args.name)
+    tiers = {}
+    for spec in args.tier:
+        tier, _, priority = spec.partition("=")
+        tiers[tier] = priority
+    store = KeyStore(keys_path(settings_from(args)))
+    key = store.create(args.tenant, name=args.name, service_tiers=tiers, max_wait_s=args.max_wait)
     # The only time the key is shown: only its hash is stored.
     print(key)
     return 0
@@ -223,6 +228,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     kp = keys_sub.add_parser("create", help="create a key for a tenant; printed once, stored hashed")
     kp.add_argument("--tenant", required=True)
     kp.add_argument("--name", default="", help="a note to recognise the key by")
+    kp.add_argument(
+        "--tier",
+        action="append",
+        default=[],
+        metavar="TIER=PRIORITY",
+        help="map an OpenAI service_tier to a priority for this key (e.g. flex=normal); repeatable",
+    )
+    kp.add_argument("--max-wait", type=float, default=None, help="seconds a synchronous call of this key may wait")
     kp.set_defaults(fn=cmd_keys_create)
 
     batch = sub.add_parser("batch", help="OpenAI-style batch jobs", description="batch jobs through the gateway")

@@ -121,3 +121,22 @@ def test_openai_batch_flow_gives_one_line_per_input_line(gateway_stack: LocalSta
     )
     assert [b.id for b in client.batches.list()] == [batch.id]
     assert list(other.batches.list()) == []
+
+
+def test_responses_create_with_a_json_schema_format_on_the_real_engine(gateway_stack: LocalStack) -> None:
+    """The Responses API, synchronous at the flex tier: vLLM's structured outputs hold the schema."""
+    assert gateway_stack.gateway_url is not None
+    key = KeyStore(keys_path(gateway_stack.settings)).create("team-r")
+    client = OpenAI(base_url=f"{gateway_stack.gateway_url}/v1", api_key=key, max_retries=0)
+    response = client.responses.create(
+        model="tiny",
+        instructions="Answer in JSON.",
+        input="Is the sky blue?",
+        max_output_tokens=40,
+        temperature=0,
+        text={"format": {"type": "json_schema", "name": "answer", "schema": ANSWER, "strict": True}},
+        service_tier="flex",
+    )
+    assert response.status == "completed" and response.model == "tiny" and response.service_tier == "flex"
+    assert response.usage is not None and response.usage.output_tokens > 0
+    jsonschema.validate(json.loads(response.output_text), ANSWER)
