@@ -193,9 +193,20 @@ class ConsumeLoop:
             self.commit()
         return taken
 
+    def _fetch(self, wait: float) -> list[Message]:
+        if wait <= 0 or self.batch < 2:
+            msgs: list[Message] = self.consumer.consume(num_messages=self.batch, timeout=wait)
+            return msgs
+        # poll() returns as soon as one message is there; consume(n, timeout) would hold a message
+        # that arrived until n are there or the whole wait has passed (latency on every idle hop).
+        first = self.consumer.poll(wait)
+        if first is None:
+            return []
+        return [first, *self.consumer.consume(num_messages=self.batch - 1, timeout=0)]
+
     def _intake(self, wait: float) -> int:
         taken = 0
-        msgs = self.consumer.consume(num_messages=self.batch, timeout=wait)
+        msgs = self._fetch(wait)
         for _ in range(self.max_batches):
             for msg in msgs:
                 if not usable(msg, logger):

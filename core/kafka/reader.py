@@ -45,12 +45,18 @@ class TopicReader:
 
     def take(self, limit: int = 1000, *, wait: float = 0.0) -> Iterator[Message]:
         """Every message fetched so far; ``wait``: how long to wait for a first one."""
-        timeout = wait
+        if wait > 0:
+            # poll() returns as soon as one message is there; consume(n, timeout) would wait for n
+            # messages or the whole timeout.
+            first = self._consumer.poll(wait)
+            if first is None:
+                return
+            if usable(first, logger):
+                yield first
         while True:
-            msgs = self._consumer.consume(limit, timeout=timeout)
+            msgs = self._consumer.consume(limit, timeout=0)
             if not msgs:
                 return
-            timeout = 0
             yield from (m for m in msgs if usable(m, logger))
 
     def close(self) -> None:
