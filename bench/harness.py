@@ -94,9 +94,17 @@ class Observer:
         self._thread = threading.Thread(target=self._run, name="observer", daemon=True)
         self._thread.start()
 
+    def _fetch(self) -> list[Any]:
+        # poll() returns the moment a message is there; consume(n, timeout) would hold it until n
+        # messages or the whole timeout (that wait was once measured as pipeline latency).
+        first = self._consumer.poll(0.05)
+        if first is None:
+            return []
+        return [first, *self._consumer.consume(999, timeout=0)]
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            for msg in self._consumer.consume(1000, timeout=0.05):
+            for msg in self._fetch():
                 if msg.error() is not None:
                     continue
                 now = time.perf_counter()

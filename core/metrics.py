@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 from schemas import AvroRecord, CacheKind, CostMetric, DeadLetter, InferenceResult
 
 __all__ = [
+    "AT_RISK",
     "CACHE_HITS",
     "CHILD_RESTARTS",
     "COST",
@@ -77,6 +78,9 @@ LATENCY = Histogram(
 )
 COST = Counter("sluice_cost_usd_total", "Cost of the tokens run, in USD", ["tenant", "model"])
 DEAD_LETTERS = Counter("sluice_dead_letters_total", "Dead letters written", ["reason", "stage"])
+AT_RISK = Counter(
+    "sluice_at_risk_requests_total", "Requests said to be at risk of missing their deadline", ["model", "priority"]
+)
 ROUTED = Counter("sluice_routed_requests_total", "Requests the router sent to a model topic", ["model", "priority"])
 DEDUPLICATED = Counter("sluice_deduplicated_requests_total", "Requests answered with another request's result")
 CACHE_HITS = Counter("sluice_cache_hits_total", "Requests answered from the response cache", ["kind"])

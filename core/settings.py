@@ -233,6 +233,10 @@ class ConsumerSettings(_Section):
     # group.share.max.record.lock.duration.ms (60 s by default: raise it to the longest expected
     # generation). A request still running when its lock runs out may run twice.
     lock_duration_s: float = Field(default=600.0, gt=0)
+    # A request whose deadline is less than this after its expected finish (measured decode speed x
+    # tokens still to generate) is at risk: said once on the status topic, and it goes before
+    # requests of its priority that are not.
+    at_risk_margin_s: float = Field(default=60.0, ge=0)
     # Share mode: deliveries of one request before it is a poison message (a consumer died or
     # stalled with it that many times): the group's share.delivery.count.limit (2 to 10).
     delivery_limit: int = Field(default=5, ge=2, le=10)
@@ -331,6 +335,17 @@ class TenantSettings(_Section):
     # tenant -> glob patterns (fnmatch) a request's reply_to must match, e.g. {"team-a": ["team-a.*"]};
     # a tenant without patterns may not name a reply topic.
     reply_to_patterns: dict[str, list[str]] = Field(default_factory=dict)
+    # tenant -> fair-share weight within a priority (default 1; 0: runs only when no other
+    # tenant of that priority waits), e.g. {"batch-team": 0.5, "search": 2}.
+    weights: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {t: w for t, w in v.items() if w < 0}
+        if bad:
+            raise ValueError(f"tenant weights must be 0 or more: {bad}")
+        return v
 
 
 class FileSettings(_Section):

@@ -73,6 +73,13 @@ def consumer_gauges(worker: GpuWorker) -> Iterator[GaugeMetricFamily]:
             ["model", "kind"],
             [([model, kind], n) for kind, n in worker.acknowledged.items()],
         )
+    speed = worker.pace.tokens_per_second
+    yield gauge_family(
+        "sluice_engine_decode_tokens_per_second",
+        "Measured tokens per second one running request gains (what deadline slack is estimated with)",
+        ["model"],
+        [([model], speed)] if speed is not None else [],
+    )
     paused = [tp for p in worker.flow.paused for tp in worker.flow.assigned.get(p, ())]
     yield gauge_family(
         "sluice_paused_partitions",

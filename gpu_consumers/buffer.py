@@ -1,13 +1,28 @@
-"""Bounded per-priority buffers of fetched requests, taken in priority order with aging.
+"""Bounded per-priority buffers of fetched requests, and the order they go to the engine.
 
 Requests go to the engine from what this consumer has fetched and buffered (never from broker
-lag, which some brokers report wrongly): high first, then normal, then low. A request that has
-waited longer than ``aging_s`` since it was created counts one tier higher per ``aging_s``,
-so low priority is never starved.
+lag, which some brokers report wrongly).
+
+* **Priority, with aging**: high first, then normal, then low. A priority whose oldest request has
+  waited longer than ``aging_s`` since it was created counts one tier higher per ``aging_s``, so
+  low priority is never starved.
+* **Deadlines, by slack**: within a priority each request has a due time, its deadline less its
+  expected service time (``max_tokens`` at the model's measured per-sequence decode speed); a
+  request without a deadline is due ``patience_s`` after it was created, so among themselves such
+  requests keep their arrival order, and a request that can still make a tight deadline goes
+  before one with hours to spare.
+* **Tenants, by fair share**: within a priority, tenants take turns by deficit round robin on
+  tokens (prompt estimate + ``max_tokens``), each tenant's quantum scaled by its weight (default
+  1; a zero-weight tenant runs only when no other tenant of that priority waits), so one tenant's
+  backlog cannot starve another's work of the same priority, and a tenant alone gets every slot.
+  Within a tenant, earliest due first. A request due within ``urgent_s`` (about to miss its
+  deadline) skips the round: it goes first, earliest due first.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +31,10 @@ from datetime import datetime
 from core.headers import Headers
 from schemas import InferenceRequest, Priority
 
-__all__ = ["Buffered", "PriorityBuffer"]
+__all__ = ["Buffered", "PriorityBuffer", "token_cost"]
+
+# Deficit round robin quantum: tokens a weight-1 tenant may take per turn.
+QUANTUM = 1024
 
 
 @dataclass
@@ -30,36 +48,136 @@ class Buffered:
     timestamp_ms: int | None = None  # the record's timestamp (part of a dead letter's id)
     # Its trace context, tenant and correlation id: copied onto everything written about it.
     headers: Headers = field(default_factory=list)
+    # When it should start to make its deadline (or its patience), in epoch seconds; set on add.
+    due: float = 0.0
 
     @property
     def rank(self) -> int:
         return self.request.priority.rank
 
 
-class PriorityBuffer:
-    def __init__(self, capacity_per_priority: int, aging_s: float) -> None:
-        self.capacity = capacity_per_priority
-        self.aging_s = aging_s
-        self._queues: dict[int, deque[Buffered]] = {p.rank: deque() for p in Priority}
+def token_cost(request: InferenceRequest) -> int:
+    """What a request asks of the engine, in tokens: its prompt (about four characters a token)
+    and all the tokens it may generate."""
+    return request.prompt_chars() // 4 + request.max_tokens
+
+
+class _Tier:
+    """One priority's requests: every tenant's in due order, and the round between tenants."""
+
+    def __init__(self) -> None:
+        self.items: dict[int, Buffered] = {}  # by sequence number: arrival order
+        self.heaps: dict[str, list[tuple[float, int]]] = {}  # tenant -> (due, seq)
+        self.ring: deque[str] = deque()  # tenants with requests, in turn order
+        self.deficit: dict[str, float] = {}
 
     def __len__(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+        return len(self.items)
+
+    def add(self, seq: int, item: Buffered) -> None:
+        self.items[seq] = item
+        tenant = item.request.tenant
+        if tenant not in self.heaps:
+            self.heaps[tenant] = []
+            self.ring.append(tenant)
+            self.deficit[tenant] = 0.0
+        heapq.heappush(self.heaps[tenant], (item.due, seq))
+
+    def oldest(self) -> Buffered | None:
+        return next(iter(self.items.values()), None)
+
+    def _pop(self, tenant: str) -> Buffered:
+        _, seq = heapq.heappop(self.heaps[tenant])
+        if not self.heaps[tenant]:
+            # A tenant that leaves loses its credit (deficit round robin).
+            del self.heaps[tenant], self.deficit[tenant]
+            self.ring.remove(tenant)
+        return self.items.pop(seq)
+
+    def take(self, now: float, urgent_s: float, weight: Callable[[str], float]) -> Buffered:
+        heads = {t: h[0] for t, h in self.heaps.items()}
+        urgent = min(heads, key=lambda t: heads[t])
+        if heads[urgent][0] <= now + urgent_s:
+            return self._pop(urgent)
+        weights = {t: max(0.0, weight(t)) for t in self.ring}
+        if not any(weights.values()):
+            # Only zero-weight tenants wait: they run, oldest first.
+            return self._pop(min(heads, key=lambda t: heads[t][1]))
+        while True:
+            tenant = self.ring[0]
+            head = self.items[heads[tenant][1]]
+            cost = token_cost(head.request)
+            if weights[tenant] > 0 and self.deficit[tenant] >= cost:
+                self.deficit[tenant] -= cost
+                return self._pop(tenant)
+            # Not enough credit (or no weight): its quantum, and the next tenant's turn. Credit
+            # grows each round, so a request costlier than one quantum still runs.
+            self.deficit[tenant] += QUANTUM * weights[tenant]
+            self.ring.rotate(-1)
+
+    def rebuild(self, keep: Callable[[Buffered], bool]) -> list[Buffered]:
+        """Remove every item ``keep`` refuses; returns them."""
+        gone = [i for i in self.items.values() if not keep(i)]
+        if not gone:
+            return []
+        kept = [(s, i) for s, i in self.items.items() if keep(i)]
+        deficit, ring = self.deficit, list(self.ring)
+        self.items, self.heaps, self.ring, self.deficit = {}, {}, deque(), {}
+        for seq, item in kept:
+            self.add(seq, item)
+        # Turn order and credit carry over for the tenants still waiting.
+        self.ring = deque([t for t in ring if t in self.heaps] + [t for t in self.ring if t not in ring])
+        self.deficit.update({t: d for t, d in deficit.items() if t in self.deficit})
+        return gone
+
+
+class PriorityBuffer:
+    def __init__(
+        self,
+        capacity_per_priority: int,
+        aging_s: float,
+        *,
+        service_s: Callable[[InferenceRequest], float] | None = None,
+        weight: Callable[[str], float] | None = None,
+        patience_s: float = 600.0,
+        urgent_s: float = 0.0,
+    ) -> None:
+        """``service_s``: a request's expected service time (none: 0); ``weight``: a tenant's
+        fair-share weight (none: 1 each); ``urgent_s``: how close to its due time a request skips
+        the tenants' round."""
+        self.capacity = capacity_per_priority
+        self.aging_s = aging_s
+        self.service_s = service_s or (lambda r: 0.0)
+        self.weight = weight or (lambda t: 1.0)
+        self.patience_s = patience_s
+        self.urgent_s = urgent_s
+        self._tiers: dict[int, _Tier] = {p.rank: _Tier() for p in Priority}
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return sum(len(t) for t in self._tiers.values())
+
+    def due(self, request: InferenceRequest) -> float:
+        if request.deadline is not None:
+            return request.deadline.timestamp() - self.service_s(request)
+        return request.created_at.timestamp() + self.patience_s
 
     def add(self, item: Buffered) -> None:
-        self._queues[item.rank].append(item)
+        item.due = self.due(item.request)
+        self._tiers[item.rank].add(next(self._seq), item)
 
     def depth(self, rank: int) -> int:
-        return len(self._queues[rank])
+        return len(self._tiers[rank])
 
     def full(self, rank: int) -> bool:
-        return len(self._queues[rank]) >= self.capacity
+        return len(self._tiers[rank]) >= self.capacity
 
     def has_room(self, rank: int) -> bool:
         # Hysteresis: resume a paused priority once it drains below half its capacity.
-        return len(self._queues[rank]) < self.capacity // 2 or self.capacity < 2
+        return len(self._tiers[rank]) < self.capacity // 2 or self.capacity < 2
 
     def oldest_arrival(self) -> float | None:
-        heads = [q[0].arrived for q in self._queues.values() if q]
+        heads = [o.arrived for t in self._tiers.values() if (o := t.oldest()) is not None]
         return min(heads) if heads else None
 
     def effective_rank(self, item: Buffered, now: datetime) -> int:
@@ -68,33 +186,36 @@ class PriorityBuffer:
         waited = (now - item.request.created_at).total_seconds()
         return item.rank - max(0, int(waited // self.aging_s))
 
+    def _order(self, now: datetime) -> list[tuple[int, float, int]]:
+        return sorted(
+            (self.effective_rank(o, now), o.arrived, rank)
+            for rank, t in self._tiers.items()
+            if (o := t.oldest()) is not None
+        )
+
     def best_rank(self, now: datetime) -> int | None:
-        """The effective rank of the item :meth:`take` would return next."""
-        ranks = [self.effective_rank(q[0], now) for q in self._queues.values() if q]
-        return min(ranks, default=None)
+        """The effective rank of the priority :meth:`take` takes from next."""
+        order = self._order(now)
+        return order[0][0] if order else None
 
     def take(self, n: int, now: datetime) -> list[Buffered]:
         out: list[Buffered] = []
         while len(out) < n:
-            heads = [(self.effective_rank(q[0], now), q[0].arrived, r) for r, q in self._queues.items() if q]
-            if not heads:
+            order = self._order(now)
+            if not order:
                 break
-            _, _, rank = min(heads)
-            out.append(self._queues[rank].popleft())
+            out.append(self._tiers[order[0][2]].take(now.timestamp(), self.urgent_s, self.weight))
         return out
 
+    def items(self) -> list[Buffered]:
+        return [i for t in self._tiers.values() for i in t.items.values()]
+
     def drop(self, topic_partitions: set[tuple[str, int]]) -> int:
-        dropped = 0
-        for r, q in self._queues.items():
-            keep = deque(i for i in q if (i.topic, i.partition) not in topic_partitions)
-            dropped += len(q) - len(keep)
-            self._queues[r] = keep
-        return dropped
+        return len(self.pop_where(lambda i: (i.topic, i.partition) not in topic_partitions))
 
     def pop_where(self, keep: Callable[[Buffered], bool]) -> list[Buffered]:
         """Remove and return every item ``keep`` refuses."""
         out: list[Buffered] = []
-        for r, q in self._queues.items():
-            out += [i for i in q if not keep(i)]
-            self._queues[r] = deque(i for i in q if keep(i))
+        for t in self._tiers.values():
+            out += t.rebuild(keep)
         return out

@@ -55,7 +55,7 @@ from core.kafka import (
     message_coords,
     prepare_share_group,
 )
-from core.metrics import ENGINE_INFLIGHT, ENGINE_SECONDS, REQUESTS, observe_records
+from core.metrics import AT_RISK, ENGINE_INFLIGHT, ENGINE_SECONDS, REQUESTS, observe_records
 from core.rejections import Source
 from core.settings import Settings
 from core.topics import PRIORITIES, Topics
@@ -65,6 +65,7 @@ from gpu_consumers.engine import Engine, EngineDied, EngineOutput, EngineRequest
 from gpu_consumers.flow import PartitionFlow
 from gpu_consumers.inflight import InFlight, Running
 from gpu_consumers.outcomes import Outcomes
+from gpu_consumers.pace import DecodePace
 from schemas import DeadLetterReason, InferenceRequest, PipelineRejection, Priority, RequestState, Serde, utcnow
 
 __all__ = ["GpuWorker"]
@@ -100,7 +101,16 @@ class GpuWorker(Handler):
         # the engine's priority queue instead of behind the whole buffer.
         self.priority_headroom = max(1, self.max_inflight // 8)
         capacity = es.buffer_per_priority or max(64, 2 * self.max_inflight)
-        self.buffer = PriorityBuffer(capacity_per_priority=capacity, aging_s=aging_s)
+        self.pace = DecodePace(settings.consumer.at_risk_margin_s)
+        weights = settings.tenants.weights
+        self.buffer = PriorityBuffer(
+            capacity_per_priority=capacity,
+            aging_s=aging_s,
+            service_s=self.pace.service_s,
+            weight=lambda tenant: weights.get(tenant, 1.0),
+            urgent_s=settings.consumer.at_risk_margin_s,
+        )
+        self._risk_checked = 0.0
         self.flow = PartitionFlow(self.buffer, self.topics)
         self.inflight = InFlight()
         self.run_id = uuid.uuid4().hex[:16]
@@ -344,6 +354,7 @@ class GpuWorker(Handler):
 
     def _step(self) -> None:
         t0 = time.monotonic()
+        running = len(self.inflight)
         try:
             finished = self.engine.step()
         except EngineDied as exc:
@@ -352,12 +363,40 @@ class GpuWorker(Handler):
             return
         seconds = time.monotonic() - t0
         self.inflight.charge(seconds)
+        self.pace.observe(seconds, running)
         ENGINE_SECONDS.labels(self.entry.name).observe(seconds)
         for out in finished:
             self._completed(out)
 
+    def _risks(self) -> None:
+        """Say, once, which requests (buffered or running) may miss their deadline."""
+        now_s = time.monotonic()
+        if now_s - self._risk_checked < 0.5 or self.pace.step_s is None:
+            return
+        self._risk_checked = now_s
+        now = utcnow()
+        candidates = [(i.request, 0) for i in self.buffer.items() if i.request.deadline is not None]
+        for rid in self.inflight.ids():
+            running = self.inflight.get(rid)
+            if running is not None and running.item.request.deadline is not None:
+                candidates.append((running.item.request, running.steps))
+        for req, generated in candidates:
+            slack = self.pace.at_risk(req, now, generated)
+            if slack is None:
+                continue
+            assert req.deadline is not None
+            AT_RISK.labels(self.entry.name, req.priority).inc()
+            left = (req.deadline - now).total_seconds()
+            need = self.pace.service_s(req, generated)
+            detail = (
+                f"deadline in {left:.0f}s; about {need:.0f}s of generation left "
+                f"({req.max_tokens - generated} tokens at {self.pace.tokens_per_second or 0:.1f} tokens/s)"
+            )
+            self.publisher.advisory(self.outcomes.status(req.request_id, RequestState.AT_RISK, detail))
+
     def _watch(self) -> None:
-        """Abort running requests that were cancelled or ran out of time."""
+        """Abort running requests that were cancelled or ran out of time; say which are at risk."""
+        self._risks()
         if not len(self.inflight):
             return
         if self.cancels is not None:

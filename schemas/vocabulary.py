@@ -57,6 +57,8 @@ class RequestState(StrEnum):
     DEDUPLICATED = "deduplicated"
     CACHED = "cached"
     RUNNING = "running"
+    # Its deadline is close enough that it may be missed (said once, while there is time to act).
+    AT_RISK = "at_risk"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     EXPIRED = "expired"
