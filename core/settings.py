@@ -237,6 +237,10 @@ class ConsumerSettings(_Section):
     # tokens still to generate) is at risk: said once on the status topic, and it goes before
     # requests of its priority that are not.
     at_risk_margin_s: float = Field(default=60.0, ge=0)
+    # Within a priority: requests with deadlines by slack (off: arrival order), and tenants by
+    # weighted fair share (off: one queue for all). Off only to compare (bench P10, P11).
+    deadline_order: bool = True
+    fair_share: bool = True
     # Share mode: deliveries of one request before it is a poison message (a consumer died or
     # stalled with it that many times): the group's share.delivery.count.limit (2 to 10).
     delivery_limit: int = Field(default=5, ge=2, le=10)

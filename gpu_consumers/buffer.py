@@ -16,7 +16,7 @@ lag, which some brokers report wrongly).
   1; a zero-weight tenant runs only when no other tenant of that priority waits), so one tenant's
   backlog cannot starve another's work of the same priority, and a tenant alone gets every slot.
   Within a tenant, earliest due first. A request due within ``urgent_s`` (about to miss its
-  deadline) skips the round: it goes first, earliest due first.
+  deadline, but still able to make it) skips the round: it goes first, earliest due first.
 """
 
 from __future__ import annotations
@@ -70,13 +70,14 @@ class _Tier:
         self.heaps: dict[str, list[tuple[float, int]]] = {}  # tenant -> (due, seq)
         self.ring: deque[str] = deque()  # tenants with requests, in turn order
         self.deficit: dict[str, float] = {}
+        # Whether ring[0] has had its quantum for the turn it is on.
+        self.granted = False
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def add(self, seq: int, item: Buffered) -> None:
+    def add(self, seq: int, item: Buffered, tenant: str) -> None:
         self.items[seq] = item
-        tenant = item.request.tenant
         if tenant not in self.heaps:
             self.heaps[tenant] = []
             self.ring.append(tenant)
@@ -91,29 +92,39 @@ class _Tier:
         if not self.heaps[tenant]:
             # A tenant that leaves loses its credit (deficit round robin).
             del self.heaps[tenant], self.deficit[tenant]
+            if self.ring and self.ring[0] == tenant:
+                self.granted = False
             self.ring.remove(tenant)
         return self.items.pop(seq)
 
     def take(self, now: float, urgent_s: float, weight: Callable[[str], float]) -> Buffered:
         heads = {t: h[0] for t, h in self.heaps.items()}
-        urgent = min(heads, key=lambda t: heads[t])
-        if heads[urgent][0] <= now + urgent_s:
-            return self._pop(urgent)
+        # Urgent: due now or within urgent_s. One already past due cannot make its deadline any
+        # more and gets no precedence (it would only take a slot from one that still can).
+        urgent = [t for t, (due, _) in heads.items() if now <= due <= now + urgent_s]
+        if urgent:
+            return self._pop(min(urgent, key=lambda t: heads[t]))
         weights = {t: max(0.0, weight(t)) for t in self.ring}
         if not any(weights.values()):
             # Only zero-weight tenants wait: they run, oldest first.
             return self._pop(min(heads, key=lambda t: heads[t][1]))
         while True:
             tenant = self.ring[0]
+            if not self.granted:
+                # A tenant's turn starts with its quantum; a tenant without weight passes.
+                self.deficit[tenant] += QUANTUM * weights[tenant]
+                self.granted = True
             head = self.items[heads[tenant][1]]
             cost = token_cost(head.request)
             if weights[tenant] > 0 and self.deficit[tenant] >= cost:
                 self.deficit[tenant] -= cost
+                if len(self.heaps[tenant]) == 1:
+                    self.granted = False  # it leaves: the next tenant's turn
                 return self._pop(tenant)
-            # Not enough credit (or no weight): its quantum, and the next tenant's turn. Credit
-            # grows each round, so a request costlier than one quantum still runs.
-            self.deficit[tenant] += QUANTUM * weights[tenant]
+            # Its credit is spent: the next tenant's turn (credit carries over, so a request
+            # costlier than one quantum runs after a few turns).
             self.ring.rotate(-1)
+            self.granted = False
 
     def rebuild(self, keep: Callable[[Buffered], bool]) -> list[Buffered]:
         """Remove every item ``keep`` refuses; returns them."""
@@ -122,9 +133,10 @@ class _Tier:
             return []
         kept = [(s, i) for s, i in self.items.items() if keep(i)]
         deficit, ring = self.deficit, list(self.ring)
-        self.items, self.heaps, self.ring, self.deficit = {}, {}, deque(), {}
+        tenants = {seq: t for t, heap in self.heaps.items() for _, seq in heap}
+        self.items, self.heaps, self.ring, self.deficit, self.granted = {}, {}, deque(), {}, False
         for seq, item in kept:
-            self.add(seq, item)
+            self.add(seq, item, tenants[seq])
         # Turn order and credit carry over for the tenants still waiting.
         self.ring = deque([t for t in ring if t in self.heaps] + [t for t in self.ring if t not in ring])
         self.deficit.update({t: d for t, d in deficit.items() if t in self.deficit})
@@ -141,16 +153,21 @@ class PriorityBuffer:
         weight: Callable[[str], float] | None = None,
         patience_s: float = 600.0,
         urgent_s: float = 0.0,
+        deadlines: bool = True,
+        fair: bool = True,
     ) -> None:
         """``service_s``: a request's expected service time (none: 0); ``weight``: a tenant's
         fair-share weight (none: 1 each); ``urgent_s``: how close to its due time a request skips
-        the tenants' round."""
+        the tenants' round. ``deadlines`` / ``fair`` off: arrival order / one shared queue (the
+        order before either existed, kept for comparison)."""
         self.capacity = capacity_per_priority
         self.aging_s = aging_s
         self.service_s = service_s or (lambda r: 0.0)
         self.weight = weight or (lambda t: 1.0)
         self.patience_s = patience_s
         self.urgent_s = urgent_s
+        self.deadlines = deadlines
+        self.fair = fair
         self._tiers: dict[int, _Tier] = {p.rank: _Tier() for p in Priority}
         self._seq = itertools.count()
 
@@ -158,13 +175,15 @@ class PriorityBuffer:
         return sum(len(t) for t in self._tiers.values())
 
     def due(self, request: InferenceRequest) -> float:
+        if not self.deadlines:
+            return 0.0  # ties: arrival order
         if request.deadline is not None:
             return request.deadline.timestamp() - self.service_s(request)
         return request.created_at.timestamp() + self.patience_s
 
     def add(self, item: Buffered) -> None:
         item.due = self.due(item.request)
-        self._tiers[item.rank].add(next(self._seq), item)
+        self._tiers[item.rank].add(next(self._seq), item, item.request.tenant if self.fair else "")
 
     def depth(self, rank: int) -> int:
         return len(self._tiers[rank])
@@ -204,7 +223,8 @@ class PriorityBuffer:
             order = self._order(now)
             if not order:
                 break
-            out.append(self._tiers[order[0][2]].take(now.timestamp(), self.urgent_s, self.weight))
+            urgent_s = self.urgent_s if self.deadlines else float("-inf")
+            out.append(self._tiers[order[0][2]].take(now.timestamp(), urgent_s, self.weight))
         return out
 
     def items(self) -> list[Buffered]:

@@ -109,6 +109,8 @@ class GpuWorker(Handler):
             service_s=self.pace.service_s,
             weight=lambda tenant: weights.get(tenant, 1.0),
             urgent_s=settings.consumer.at_risk_margin_s,
+            deadlines=settings.consumer.deadline_order,
+            fair=settings.consumer.fair_share,
         )
         self._risk_checked = 0.0
         self.flow = PartitionFlow(self.buffer, self.topics)

@@ -165,3 +165,32 @@ def test_at_risk_is_said_once_with_the_measured_speed() -> None:
     # Running with most of its tokens done: 40 left take 20 s, 100 s left: not at risk.
     assert pace.at_risk(req("s", deadline_s=100, max_tokens=200), T0, generated=160) is None
     assert pace.at_risk(req("u"), T0) is None  # no deadline: never at risk
+
+
+def test_a_request_past_its_due_time_gets_no_precedence() -> None:
+    pace = DecodePace(margin_s=0)
+    pace.observe(0.1, running=1)
+    buf = PriorityBuffer(100, aging_s=0, service_s=pace.service_s, urgent_s=30)
+    buf.add(item(req("b-first", tenant="b", created_s=-50)))
+    buf.add(item(req("hopeless", tenant="a", deadline_s=5, max_tokens=1000)))  # needs 100 s, has 5
+    buf.add(item(req("savable", tenant="c", deadline_s=20, max_tokens=100)))  # needs 10 s, has 20
+    assert [i.request.request_id for i in buf.take(1, T0)] == ["savable"]
+
+
+def test_with_both_off_it_is_arrival_order_as_before() -> None:
+    buf = PriorityBuffer(100, aging_s=0, deadlines=False, fair=False, urgent_s=60)
+    buf.add(item(req("a1", tenant="a")))
+    buf.add(item(req("a2", tenant="a")))
+    buf.add(item(req("b-tight", tenant="b", deadline_s=10)))
+    assert drain(buf, T0) == ["a1", "a2", "b-tight"]
+
+
+def test_a_tenant_that_arrives_waits_at_most_the_current_turn() -> None:
+    buf = PriorityBuffer(10_000, aging_s=0)
+    for i in range(100):
+        buf.add(item(req(f"a{i}", tenant="a")))
+    taken = [i.request.tenant for i in buf.take(3, T0)]  # A's turn has begun
+    buf.add(item(req("b0", tenant="b")))
+    taken += [i.request.tenant for i in buf.take(12, T0)]
+    # A quantum holds 9 of A's requests (110 tokens each): B runs right after A's turn.
+    assert taken.index("b") <= 9, taken
