@@ -38,13 +38,15 @@ def _scenarios() -> dict[str, Scenario]:
         "p7": ("bench.p7_failover", "run_p7"),
         "p8": ("bench.p8_ingest", "run_p8"),
         "p9": ("bench.p9_semantic", "run_p9"),
+        "p10": ("bench.p10_scheduling", "run_p10"),
+        "p11": ("bench.p10_scheduling", "run_p11"),
         "p12": ("bench.p12_flex", "run_p12"),
         "p13": ("bench.p13_recovery", "run_p13"),
     }
     return {key: getattr(importlib.import_module(module), fn) for key, (module, fn) in modules.items()}
 
 
-SCENARIOS = ("p1", "p1s", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "p9", "p12", "p13")
+SCENARIOS = ("p1", "p1s", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "p9", "p10", "p11", "p12", "p13")
 
 
 def _table(results: list[ScenarioResult], console: Console) -> None:
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description="Sluice benchmarks (ratios measured in one run)")
     p.add_argument("--quick", action="store_true", help="about a minute per scenario")
     p.add_argument(
-        "--only", default=",".join(SCENARIOS), help="comma list of p1, p1s, p2..p9, p12, p13 (p2 and p3 run together)"
+        "--only", default=",".join(SCENARIOS), help="comma list of p1, p1s, p2..p13 (p2 and p3 run together)"
     )
     p.add_argument("--json", type=Path, default=None, help="also write the results here (compare between commits)")
     p.add_argument("--work-dir", type=Path, default=None, help="default: a temporary directory")
