@@ -367,3 +367,27 @@ def test_expires_after_is_checked_and_an_expired_file_is_gone_at_once(tmp_path: 
     assert client.get(f"/v1/files/{meta.id}", headers=auth).status_code == 404
     assert client.get(f"/v1/files/{meta.id}/content", headers=auth).status_code == 404
     assert meta.id not in [f["id"] for f in client.get("/v1/files", headers=auth).json()["data"]]
+
+
+def test_a_batch_status_written_before_output_expires_after_still_reads() -> None:
+    import io
+    import struct
+    from datetime import timedelta
+
+    from fastavro import schemaless_writer
+
+    from schemas import BatchState, BatchStatus
+    from schemas.registry import LocalSchemaRegistry
+
+    old = LocalSchemaRegistry().schema_for(6)  # batch_status as the previous release wrote it
+    batch = BatchStatus(
+        batch_id="b", tenant="t", state=BatchState.COMPLETED, input_file_id="f", expires_at=utcnow() + timedelta(1)
+    )
+    record = batch.to_avro()
+    record.pop("output_expires_after_s")
+    buf = io.BytesIO()
+    buf.write(b"\x00" + struct.pack(">I", 6))
+    schemaless_writer(buf, old, record)
+    decoded = Serde().decode(BatchStatus, buf.getvalue())
+    assert decoded.batch_id == "b" and decoded.output_expires_after_s is None
+    assert Serde().encode(batch)[1:5] == struct.pack(">I", 15)  # this release writes the new id
