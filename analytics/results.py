@@ -45,6 +45,7 @@ _CODES = {
     DeadLetterReason.ENGINE_ERROR: "server_error",
     DeadLetterReason.RETRIES_EXHAUSTED: "server_error",
     DeadLetterReason.REPLY_TO_REFUSED: "reply_to_refused",
+    DeadLetterReason.QUOTA_EXCEEDED: "quota_exceeded",
 }
 
 

@@ -342,6 +342,10 @@ class TenantSettings(_Section):
     # tenant -> fair-share weight within a priority (default 1; 0: runs only when no other
     # tenant of that priority waits), e.g. {"batch-team": 0.5, "search": 2}.
     weights: dict[str, float] = Field(default_factory=dict)
+    # tenant -> most tokens (prompt estimate + max_tokens) it may have queued or running at once,
+    # e.g. {"team-a": 2000000}; a tenant not named has no quota. Over it: 429 at the gateway, a
+    # quota_exceeded dead letter and failed result on the Kafka path.
+    token_quotas: dict[str, int] = Field(default_factory=dict)
 
     @field_validator("weights")
     @classmethod

@@ -98,6 +98,12 @@ class Topics:
     def cancellations(self) -> str:
         return f"{self.prefix}cancellations"
 
+    @property
+    def quota_ledger(self) -> str:
+        """Tokens each queued or running request holds against its tenant's quota, keyed by
+        request id (compacted; a tombstone releases them)."""
+        return f"{self.prefix}quota-ledger"
+
     def retry(self, level: int) -> str:
         return f"{self.prefix}retry.{level}"
 
@@ -136,6 +142,7 @@ class Topics:
         topics[self.semantic_index] = {}
         topics[self.cancellations] = {"cleanup.policy": "compact"}
         topics[self.batches] = {"cleanup.policy": "compact"}
+        topics[self.quota_ledger] = {"cleanup.policy": "compact"}
         for own in tenancy.results_topics.values() if tenancy else ():
             topics[own] = {}
         topics.update({self.retry(level): {} for level in range(retry_levels)})

@@ -25,6 +25,7 @@ from analytics.results import chat_completion, error_code, response_object
 from core.errors import SluiceError
 from core.headers import valid_traceparent
 from core.metrics import HTTP_REQUESTS, HTTP_SECONDS
+from core.quota import QuotaLedger
 from core.settings import Settings
 from gateway.batches import BatchError, BatchNotFound, BatchService, QuotaExceeded, Submitter
 from gateway.capacity import Capacity
@@ -41,7 +42,7 @@ from gateway.openai_format import (
 )
 from gateway.waiting import ResultWaiter
 from gateway.webhooks import TargetRefused, check_target
-from schemas import Endpoint, InferenceRequest, InferenceResult, Priority, ResultStatus
+from schemas import Endpoint, InferenceRequest, InferenceResult, PipelineRejection, Priority, ResultStatus
 
 __all__ = ["ApiError", "Services", "create_api"]
 
@@ -49,9 +50,16 @@ logger = logging.getLogger(__name__)
 
 
 class ApiError(SluiceError):
-    def __init__(self, status: int, message: str, code: str | None = None, kind: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
-        self.status, self.code, self.kind = status, code, kind
+        self.status, self.code, self.kind, self.headers = status, code, kind, headers
 
 
 @dataclass
@@ -69,6 +77,8 @@ class Services:
     capacity: Capacity | None = None
     # The catalog's model names, for /v1/models.
     models: list[str] = field(default_factory=list)
+    # Enqueued-token quotas, as the ledger topic says (None: no tenant has one).
+    quota: QuotaLedger | None = None
 
 
 class _Counting:
@@ -142,7 +152,9 @@ def create_api(services: Services) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(
-            {"error": {"message": str(exc), "type": exc.kind, "param": None, "code": exc.code}}, exc.status
+            {"error": {"message": str(exc), "type": exc.kind, "param": None, "code": exc.code}},
+            exc.status,
+            headers=exc.headers,
         )
 
     @app.exception_handler(RequestValidationError)
@@ -216,6 +228,12 @@ def create_api(services: Services) -> FastAPI:
         queued = s.batches.outstanding(tenant)
         if queued + 1 > s.settings.gateway.max_queued_per_tenant:
             raise ApiError(429, f"tenant {tenant!r} has {queued} requests queued (the limit)", "rate_limit_exceeded")
+        if s.quota is not None:
+            try:
+                s.quota.check(req)
+            except PipelineRejection as exc:
+                # Tokens come back as the tenant's requests finish; a minute is a fair first wait.
+                raise ApiError(429, exc.detail, "quota_exceeded", "rate_limit_error", {"Retry-After": "60"}) from exc
 
     def own_file(tenant: str, file_id: str) -> FileMeta:
         meta = s.files.meta(file_id)

@@ -12,7 +12,9 @@ from collections.abc import Callable
 from analytics.query import open_query
 from core import clients
 from core.catalog import load_catalog
+from core.kafka import TopicReader
 from core.metrics import register_collector
+from core.quota import QuotaLedger, follow_ledger, load_ledger
 from core.settings import Settings
 from gateway.api import Services, create_api
 from gateway.batches import BatchService
@@ -51,6 +53,11 @@ class Gateway:
         query = open_query(settings)
         self.batches = BatchService(settings, open_file_store(settings), self.publisher, query)
         models = [m.name for m in load_catalog(settings.catalog_path)]
+        self.quota: QuotaLedger | None = None
+        self._ledger_reader: TopicReader | None = None
+        if settings.tenants.token_quotas:
+            self.quota = QuotaLedger(settings.tenants.token_quotas)
+            self._ledger_reader = load_ledger(settings, clients.serde(settings), self.quota)
         self.capacity = Capacity(settings, models)
         self.waiter = ResultWaiter(settings, clients.serde(settings), on_result=self.capacity.finished)
         self.services = Services(
@@ -63,6 +70,7 @@ class Gateway:
             waiter=self.waiter,
             capacity=self.capacity,
             models=models,
+            quota=self.quota,
         )
         self.app = create_api(self.services)
         self.webhooks = WebhookWorker(settings)
@@ -77,6 +85,9 @@ class Gateway:
             ("results", self.waiter.run),
             ("capacity", self.capacity.run),
         ]
+        if self.quota is not None and self._ledger_reader is not None:
+            reader, quota, serde = self._ledger_reader, self.quota, clients.serde(self.settings)
+            workers.append(("quota", lambda stop: follow_ledger(reader, serde, quota, stop)))
         if self.fanout.needed:
             workers.append(("fanout", self.fanout.run))
         for name, target in workers:

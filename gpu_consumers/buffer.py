@@ -57,9 +57,7 @@ class Buffered:
 
 
 def token_cost(request: InferenceRequest) -> int:
-    """What a request asks of the engine, in tokens: its prompt (about four characters a token)
-    and all the tokens it may generate."""
-    return request.prompt_chars() // 4 + request.max_tokens
+    return request.enqueued_tokens()
 
 
 class _Tier:

@@ -20,6 +20,7 @@ __all__ = [
     "DeadLetter",
     "InferenceRequest",
     "InferenceResult",
+    "QuotaEntry",
     "RequestIdentity",
     "RequestStatus",
     "Route",
@@ -102,6 +103,11 @@ class InferenceRequest(AvroRecord):
 
     def prompt_chars(self) -> int:
         return sum(len(m.content) for m in self.messages)
+
+    def enqueued_tokens(self) -> int:
+        """What the request asks of an engine, in tokens: its prompt (about four characters a
+        token) and every token it may generate (what quotas and fair share count)."""
+        return self.prompt_chars() // 4 + self.max_tokens
 
 
 class RequestIdentity(BaseModel):
@@ -474,3 +480,19 @@ class BatchStatus(AvroRecord):
         }.get(state, "ended_at" if state.terminal else None)
         extra = {stamp: now} if stamp else {}
         return self.model_copy(update={"state": state, "updated_at": now, **extra, **fields})
+
+
+class QuotaEntry(AvroRecord):
+    """Tokens a queued or running request holds against its tenant's quota (the quota-ledger
+    topic, compacted by request id; a tombstone releases them)."""
+
+    schema_file: ClassVar[str] = "quota_entry.v1.avsc"
+
+    request_id: str
+    tenant: str
+    tokens: int
+    at: datetime = Field(default_factory=utcnow)
+
+    @classmethod
+    def for_request(cls, request: InferenceRequest) -> QuotaEntry:
+        return cls(request_id=request.request_id, tenant=request.tenant, tokens=request.enqueued_tokens())

@@ -134,6 +134,8 @@ class DeadLetterReason(StrEnum):
     BATCH_EXPIRED = "batch_expired"
     # ClickHouse refused a row for good (bad data); the event stays on its topic, the rest go on.
     STORE_REFUSED = "store_refused"
+    # Admitting the request would pass its tenant's quota of enqueued tokens.
+    QUOTA_EXCEEDED = "quota_exceeded"
 
     @property
     def state(self) -> RequestState:

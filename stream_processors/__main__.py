@@ -32,6 +32,21 @@ def _backlog_gauges(app: faust.App) -> Iterator[GaugeMetricFamily]:
         ["model"],
         [([m], backlog.oldest_age(m, now)) for m in models],
     )
+    quota = app.pipeline.quota
+    if quota is not None:
+        usage = quota.usage()
+        yield gauge_family(
+            "sluice_enqueued_tokens",
+            "Tokens (prompt estimate + max_tokens) a tenant has queued or running, against its quota",
+            ["tenant"],
+            [([t], n) for t, n in usage.items()],
+        )
+        yield gauge_family(
+            "sluice_token_quota",
+            "A tenant's quota of enqueued tokens",
+            ["tenant"],
+            [([t], q) for t, q in quota.quotas.items()],
+        )
     if app.semantic is not None:
         yield gauge_family(
             "sluice_semantic_cache_entries",

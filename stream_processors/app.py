@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,6 +31,7 @@ from core.errors import SluiceError
 from core.headers import carried
 from core.kafka import Out
 from core.metrics import ROUTED, observe_records
+from core.quota import QuotaLedger, follow_ledger, load_ledger
 from core.settings import Settings
 from core.topics import Topics
 from schemas import CacheKind, InferenceRequest, InferenceResult, ResultStatus, Serde
@@ -154,6 +156,19 @@ def _semantic_agents(
                 logger.error("semantic index skipped %s@%d: %s", partition, event.message.offset, exc)
 
 
+def _quota_ledger(settings: Settings, serde: Serde) -> QuotaLedger | None:
+    """The quota ledger, rebuilt from its topic before the worker joins its group and then kept
+    following it (other routers' admissions and releases); None when no tenant has a quota."""
+    quotas = settings.tenants.token_quotas
+    if not quotas:
+        return None
+    ledger = QuotaLedger(quotas)
+    reader = load_ledger(settings, serde, ledger)
+    stop = threading.Event()
+    threading.Thread(target=follow_ledger, args=(reader, serde, ledger, stop), name="quota-ledger", daemon=True).start()
+    return ledger
+
+
 def create_app(
     settings: Settings, catalog: Catalog | None = None, *, classifier: Classifier | None = None
 ) -> faust.App:
@@ -162,6 +177,7 @@ def create_app(
     topics = Topics(settings.topic_prefix)
     serde = clients.serde(settings)
     ps = settings.processor
+    quota = _quota_ledger(settings, serde)
     pipeline = RequestPipeline(
         catalog,
         topics,
@@ -170,6 +186,7 @@ def create_app(
         classifier=classifier,
         publish_status=settings.publish_status,
         tenancy=settings.tenants,
+        quota=quota,
     )
     faust_dir = settings.data_dir / "faust"
     faust_dir.mkdir(parents=True, exist_ok=True)
@@ -204,6 +221,7 @@ def create_app(
     source = app.topic(*topics.all_requests(), internal=False, **raw)
     dedupe_topic = app.topic(topics.dedupe, partitions=settings.kafka.partitions, internal=False, **raw)
     results_topic = app.topic(topics.results, internal=False, **raw)
+    ledger_topic = app.topic(topics.quota_ledger, internal=False, **raw)
     table = app.Table(
         "dedupe",
         partitions=settings.kafka.partitions,
@@ -278,6 +296,9 @@ def create_app(
             except SluiceError as exc:
                 logger.error("completions skipped an undecodable result: %s", exc)
                 continue
+            if quota is not None and quota.release(result.request_id):
+                # Any outcome ends what the request held against its tenant's quota.
+                await ledger_topic.send(key=result.request_id.encode(), value=None)
             if result.deduplicated_from is not None and result.cache_kind is not CacheKind.SEMANTIC:
                 continue  # answered by this processor (a duplicate or an exact cache hit)
             if result.engine_run_id:

@@ -14,6 +14,7 @@ from core.catalog import Catalog
 from core.errors import DeadLetterReason, PipelineRejection
 from core.headers import carried
 from core.kafka import Out
+from core.quota import QuotaLedger
 from core.rejections import Source, rejection_records
 from core.settings import ProcessorSettings, TenantSettings
 from core.topics import Topics, reply_to_allowed
@@ -40,8 +41,11 @@ class RequestPipeline:
         classifier: Classifier | None = None,
         publish_status: bool = True,
         tenancy: TenantSettings | None = None,
+        quota: QuotaLedger | None = None,
     ) -> None:
         self.topics = topics
+        # Enqueued-token quotas (None: no tenant has one).
+        self.quota = quota
         self.tenancy = tenancy or TenantSettings()
         self.serde = serde
         self.settings = settings or ProcessorSettings()
@@ -65,6 +69,7 @@ class RequestPipeline:
             request = self.serde.decode(InferenceRequest, value)
             self._validate(request, topic, now)
             route = request.route = self.router.route(request)
+            held = self.quota.admit(request) if self.quota is not None else None
         except PipelineRejection as exc:
             # A readable but invalid request still names its requester: they get a failed result.
             source = Source(topic, partition, offset, value or b"", timestamp_ms)
@@ -78,7 +83,7 @@ class RequestPipeline:
                 publish_status=self.emit.publish_status,
             )
         request.dedupe_key = dedupe_key(request, self.settings)
-        out: list[Out] = []
+        out: list[Out] = [] if held is None else [Out(self.topics.quota_ledger, request.request_id, held)]
         if request.deadline is not None and (request.deadline - now).total_seconds() < self.settings.deadline_warning_s:
             left = (request.deadline - now).total_seconds()
             out += self.emit.status(

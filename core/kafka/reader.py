@@ -25,6 +25,7 @@ class TopicReader:
         as the broker reports it now (an exact position, unlike ``auto.offset.reset=latest``, which
         is resolved at some later fetch: a record written in between would be missed)."""
         self._consumer = consumer
+        self._partitions: dict[str, list[int]] = {}
         parts: list[TopicPartition] = []
         for topic in topics:
             try:
@@ -33,6 +34,7 @@ class TopicReader:
                 raise BrokerError(f"cannot read {topic}: {exc}") from exc
             if meta.error is not None:
                 raise BrokerError(f"cannot read {topic}: {meta.error}")
+            self._partitions[topic] = sorted(meta.partitions)
             for p in meta.partitions:
                 start = OFFSET_BEGINNING
                 if from_end:
@@ -42,6 +44,9 @@ class TopicReader:
                         raise BrokerError(f"cannot read the end of {topic}[{p}]: {exc}") from exc
                 parts.append(TopicPartition(topic, p, start))
         consumer.assign(parts)
+
+    def partitions(self, topic: str) -> list[int]:
+        return list(self._partitions[topic])
 
     def take(self, limit: int = 1000, *, wait: float = 0.0) -> Iterator[Message]:
         """Every message fetched so far; ``wait``: how long to wait for a first one."""

@@ -19,6 +19,7 @@ from schemas import (
     InferenceRequest,
     InferenceResult,
     LocalSchemaRegistry,
+    QuotaEntry,
     RequestStatus,
     Serde,
 )
@@ -166,7 +167,7 @@ def test_fuzz_valid_header_random_body(body: bytes) -> None:
 
 
 @pytest.mark.parametrize(
-    "model", [InferenceRequest, InferenceResult, DeadLetter, CostMetric, RequestStatus, BatchStatus]
+    "model", [InferenceRequest, InferenceResult, DeadLetter, CostMetric, RequestStatus, BatchStatus, QuotaEntry]
 )
 def test_pydantic_models_mirror_the_avro_schemas(model: type) -> None:
     schema = json.loads(resources.files("schemas").joinpath(f"avro/{model.schema_file}").read_text())
