@@ -311,6 +311,15 @@ class ProcessorSettings(_Section):
     """Faust stream processor settings."""
 
     app_id: str = "sluice-router"
+    # A request whose deadline is at risk when routed (see stream_processors/risk.py): "none",
+    # "escalate" (one priority up) or "reroute" (another capable model that would make it).
+    on_risk: str = "escalate"
+
+    @field_validator("on_risk")
+    @classmethod
+    def _on_risk(cls, value: str) -> str:
+        return _one_of("processor.on_risk", value, ("none", "escalate", "reroute"))
+
     max_prompt_chars: int = 200_000
     # Dedupe: requests with the same idempotency key, or the same content (model hint, messages,
     # sampling parameters) while the first is in flight, run once; each still gets its result.
@@ -346,6 +355,17 @@ class TenantSettings(_Section):
     # e.g. {"team-a": 2000000}; a tenant not named has no quota. Over it: 429 at the gateway, a
     # quota_exceeded dead letter and failed result on the Kafka path.
     token_quotas: dict[str, int] = Field(default_factory=dict)
+    # tenant -> what the router does with its requests whose deadline is at risk: "none",
+    # "escalate" (one priority up) or "reroute" (another capable model); default
+    # SLUICE_PROCESSOR__ON_RISK. A request may say it in metadata {"on_risk": ...}.
+    on_risk: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("on_risk")
+    @classmethod
+    def _on_risk(cls, v: dict[str, str]) -> dict[str, str]:
+        for tenant, policy in v.items():
+            _one_of(f"tenants.on_risk[{tenant}]", policy, ("none", "escalate", "reroute"))
+        return v
 
     @field_validator("weights")
     @classmethod

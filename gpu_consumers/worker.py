@@ -383,6 +383,8 @@ class GpuWorker(Handler):
             if running is not None and running.item.request.deadline is not None:
                 candidates.append((running.item.request, running.steps))
         for req, generated in candidates:
+            if "at_risk" in req.metadata:
+                continue  # the router said it already (and acted on its policy)
             slack = self.pace.at_risk(req, now, generated)
             if slack is None:
                 continue

@@ -187,6 +187,7 @@ def create_app(
         publish_status=settings.publish_status,
         tenancy=settings.tenants,
         quota=quota,
+        at_risk_margin_s=settings.consumer.at_risk_margin_s,
     )
     faust_dir = settings.data_dir / "faust"
     faust_dir.mkdir(parents=True, exist_ok=True)
@@ -303,6 +304,7 @@ def create_app(
                 continue  # answered by this processor (a duplicate or an exact cache hit)
             if result.engine_run_id:
                 pipeline.router.backlog.completed(result.model, result.request_id)
+                pipeline.risk.pace.observe(result)
             if result.dedupe_key is not None:
                 # A semantic hit completes its own content key too: its duplicates get the answer.
                 await dedupe_topic.send(key=result.dedupe_key.encode(), value=value, headers=[("kind", b"completed")])

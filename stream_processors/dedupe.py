@@ -165,7 +165,7 @@ class DedupeStage:
             partition = self.semantic.partition_of(request.tenant)
             return [Out(self.emit.topics.semantic, scope, request, kind, partition=partition, encoded=raw)]
         model = request.route.model
-        self.backlog.routed(model, request.request_id)
+        self.backlog.routed(model, request.request_id, priority=request.priority)
         topic = self.emit.topics.model(model, request.priority)
         fwd = Out(topic, request.request_id, request, list(headers or []), encoded=raw)
         return [
@@ -218,7 +218,7 @@ class DedupeStage:
                 logger.warning(
                     "original %s of %s did not complete in time; running it alone", entry["original"], w["request_id"]
                 )
-                self.backlog.routed(request.route.model, request.request_id)
+                self.backlog.routed(request.route.model, request.request_id, priority=request.priority)
                 topic = self.emit.topics.model(request.route.model, request.priority)
                 out.append(Out(topic, request.request_id, request, _headers(w), encoded=base64.b64decode(w["raw"])))
         if doomed:

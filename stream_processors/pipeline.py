@@ -22,6 +22,7 @@ from schemas import InferenceRequest, RequestState, Serde, Stage, utcnow
 from stream_processors.classifier import Classifier, RuleClassifier
 from stream_processors.dedupe import dedupe_key
 from stream_processors.emit import Emitter
+from stream_processors.risk import RiskReview
 from stream_processors.router import Backlog, Router
 
 __all__ = ["RequestPipeline"]
@@ -42,6 +43,7 @@ class RequestPipeline:
         publish_status: bool = True,
         tenancy: TenantSettings | None = None,
         quota: QuotaLedger | None = None,
+        at_risk_margin_s: float = 60.0,
     ) -> None:
         self.topics = topics
         # Enqueued-token quotas (None: no tenant has one).
@@ -51,6 +53,14 @@ class RequestPipeline:
         self.settings = settings or ProcessorSettings()
         self.router = router or Router(catalog, classifier or RuleClassifier(), backlog=Backlog())
         self.emit = Emitter(topics, serde, catalog, publish_status=publish_status)
+        self.risk = RiskReview(
+            self.router,
+            catalog,
+            self.emit,
+            default=self.settings.on_risk,
+            margin_s=at_risk_margin_s,
+            tenancy=self.tenancy,
+        )
 
     def process(
         self,
@@ -84,6 +94,10 @@ class RequestPipeline:
             )
         request.dedupe_key = dedupe_key(request, self.settings)
         out: list[Out] = [] if held is None else [Out(self.topics.quota_ledger, request.request_id, held)]
+        # May move the request up a priority or to another model, once, saying so.
+        out += self.risk.review(request, now)
+        route = request.route
+        assert route is not None
         if request.deadline is not None and (request.deadline - now).total_seconds() < self.settings.deadline_warning_s:
             left = (request.deadline - now).total_seconds()
             out += self.emit.status(
@@ -95,7 +109,7 @@ class RequestPipeline:
             # The request's own headers ride along: the dedupe agent forwards or answers with them.
             fwd_headers = [*carried(headers), ("kind", b"request")]
             return [*out, Out(self.topics.dedupe, key, request, fwd_headers)]
-        self.router.backlog.routed(route.model, request.request_id)
+        self.router.backlog.routed(route.model, request.request_id, priority=request.priority)
         fwd = Out(self.topics.model(route.model, request.priority), request.request_id, request, list(headers or []))
         return [
             *out,

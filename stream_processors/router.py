@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from core.catalog import Catalog, ModelEntry
 from core.errors import DeadLetterReason, PipelineRejection
-from schemas import InferenceRequest, Route, utcnow
+from schemas import InferenceRequest, Priority, Route, utcnow
 from stream_processors.classifier import Classification, Classifier, RuleClassifier
 
 __all__ = ["Backlog", "Router", "expected_cost"]
@@ -50,14 +50,24 @@ class Backlog:
     # beyond it the newest are not tracked, so the oldest stays right.
     _since: dict[str, OrderedDict[str, float]] = field(default_factory=dict)
     max_tracked: int = 100_000
+    # Outstanding per model and priority (what a new request of a priority waits behind), and the
+    # priority each tracked request went out at.
+    _by_priority: Counter[tuple[str, Priority]] = field(default_factory=Counter)
+    _priority_of: dict[str, tuple[str, Priority]] = field(default_factory=dict)
 
-    def routed(self, model: str, request_id: str | None = None, at: float | None = None) -> None:
+    def routed(
+        self, model: str, request_id: str | None = None, at: float | None = None, priority: Priority | None = None
+    ) -> None:
         with self._lock:
             self._inflight[model] += 1
             if request_id is not None:
                 since = self._since.setdefault(model, OrderedDict())
                 if len(since) < self.max_tracked and request_id not in since:
                     since[request_id] = time.time() if at is None else at
+                tracked = priority is not None and len(self._priority_of) < self.max_tracked
+                if tracked and priority is not None and request_id not in self._priority_of:
+                    self._priority_of[request_id] = (model, priority)
+                    self._by_priority[(model, priority)] += 1
 
     def completed(self, model: str, request_id: str | None = None) -> None:
         with self._lock:
@@ -65,9 +75,17 @@ class Backlog:
                 self._inflight[model] -= 1
             if request_id is not None and model in self._since:
                 self._since[model].pop(request_id, None)
+            held = self._priority_of.pop(request_id, None) if request_id is not None else None
+            if held is not None and self._by_priority[held] > 0:
+                self._by_priority[held] -= 1
 
     def get(self, model: str) -> int:
         return self._inflight[model]
+
+    def ahead(self, model: str, priority: Priority) -> int:
+        """Outstanding requests of ``model`` that a new one of ``priority`` waits behind."""
+        with self._lock:
+            return sum(self._by_priority[(model, p)] for p in Priority if p.rank <= priority.rank)
 
     def oldest_age(self, model: str, now: float | None = None) -> float:
         """Seconds since the oldest outstanding request of ``model`` was routed (0 when none)."""
@@ -105,7 +123,9 @@ class Router:
             return self._route(entry, c, f"explicit model requested; {c.reason}")
         return self._cheapest_capable(request, c)
 
-    def _cheapest_capable(self, request: InferenceRequest, c: Classification) -> Route:
+    def candidates(self, request: InferenceRequest, c: Classification | None = None) -> tuple[list[ModelEntry], str]:
+        """The models able to take ``request``, cheapest first, and a note when none reaches its tier."""
+        c = c or self.classifier.classify(request)
         fits = [m for m in self.catalog if m.context_length >= c.required_context]
         if not fits:
             largest = max(m.context_length for m in self.catalog)
@@ -120,6 +140,10 @@ class Router:
             capable = [m for m in fits if m.tier == top]
             note = f"; no model of tier >= {c.required_tier}, best is tier {top}"
         capable.sort(key=lambda m: (expected_cost(m, c, request.max_tokens), m.name))
+        return capable, note
+
+    def _cheapest_capable(self, request: InferenceRequest, c: Classification) -> Route:
+        capable, note = self.candidates(request, c)
         skipped: list[str] = []
         for entry in capable:
             if not entry.available:
@@ -142,6 +166,12 @@ class Router:
         cost = expected_cost(entry, c, request.max_tokens)
         failover = f"; failover past {', '.join(skipped)}" if skipped else ""
         return f"{c.reason}; cheapest capable: {entry.name} (tier {entry.tier}, est ${cost:.6f}){note}{failover}"
+
+    def reroute(self, request: InferenceRequest, entry: ModelEntry, why: str) -> Route:
+        """``request`` routed to ``entry`` instead of the model first chosen (reason kept, ``why`` added)."""
+        c = self.classifier.classify(request)
+        before = request.route.reason if request.route else ""
+        return self._route(entry, c, f"{before}; {why}")
 
     @staticmethod
     def _route(entry: ModelEntry, c: Classification, reason: str) -> Route:

@@ -350,7 +350,7 @@ class SemanticStage:
         r = it.request
         assert r.route is not None
         model = r.route.model
-        self.backlog.routed(model, r.request_id)
+        self.backlog.routed(model, r.request_id, priority=r.priority)
         out = [
             Out(self.emit.topics.model(model, r.priority), r.request_id, r, list(it.headers), encoded=it.raw),
             *self.emit.status(r.request_id, RequestState.ROUTED, model=model, detail=r.route.reason),

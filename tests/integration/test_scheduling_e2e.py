@@ -86,3 +86,52 @@ def test_a_tight_deadline_behind_a_low_backlog_and_a_hopeless_one(
     assert "tokens/s" in (at_risk.detail or "")
     expired = next(s for s in events if s.state == "expired")
     assert at_risk.at < expired.at
+
+
+def test_a_deadline_behind_more_than_the_consumer_fetches_is_escalated_by_the_router(
+    make_stack: Callable[..., LocalStack], serde: Serde
+) -> None:
+    # 200 low requests of 1 s each, 8 at a time: 25 s of work, far more than the consumer fetches
+    # (8 running + 64 buffered): a request written behind them is not seen until the rest is.
+    stack = make_stack(engine={"instant_token_seconds": 0.05}, consumer={"at_risk_margin_s": 2.0})
+    results = TopicCounter(stack.settings, stack.topics.results)
+    try:
+        with SluiceClient(stack.settings) as client:
+            backlog = [
+                client.submit(f"bulk item {i}", model="tiny", priority="low", max_tokens=20, tenant="bulk", cache=False)
+                for i in range(200)
+            ]
+            client.flush()
+            # Three waves finished: the router has measured how fast the model finishes requests.
+            wait_until(results.counts, lambda c: sum(c[r] for r in backlog) >= 24, timeout=60, what="three waves")
+            now = utcnow()
+            deadline = now + timedelta(seconds=10)
+            escalated = client.submit(
+                "tight, escalated", model="tiny", priority="low", max_tokens=10, deadline=deadline, cache=False
+            )
+            left_alone = client.submit(
+                "tight, left alone",
+                model="tiny",
+                priority="low",
+                max_tokens=10,
+                deadline=deadline,
+                metadata={"on_risk": "none"},
+                cache=False,
+            )
+            client.flush()
+        wait_until(
+            results.counts, lambda c: c[escalated] >= 1 and c[left_alone] >= 1, timeout=120, what="both answered"
+        )
+    finally:
+        results.close()
+    answers = {
+        r.request_id: r
+        for r in topic_records(stack.settings, stack.topics.results, InferenceResult, serde)
+        if r.request_id in (escalated, left_alone)
+    }
+    assert answers[escalated].status == "succeeded" and answers[escalated].priority == "normal"
+    assert answers[left_alone].status == "failed" and (answers[left_alone].error or "").startswith("deadline_expired")
+    events = topic_records(stack.settings, stack.topics.status, RequestStatus, serde)
+    said = {s.request_id: s.detail for s in events if s.state == "at_risk"}
+    assert "escalated to normal" in (said[escalated] or "") and "escalated" not in (said[left_alone] or "")
+    assert [s.state for s in events if s.request_id == escalated].count("at_risk") == 1

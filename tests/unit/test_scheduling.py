@@ -4,10 +4,11 @@ tenants by weighted fair share) and the at-risk estimate, on a fake clock."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from gpu_consumers.buffer import QUANTUM, Buffered, PriorityBuffer, token_cost
 from gpu_consumers.pace import DecodePace
-from schemas import InferenceRequest
+from schemas import InferenceRequest, Priority
 
 T0 = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 
@@ -194,3 +195,93 @@ def test_a_tenant_that_arrives_waits_at_most_the_current_turn() -> None:
     taken += [i.request.tenant for i in buf.take(12, T0)]
     # A quantum holds 9 of A's requests (110 tokens each): B runs right after A's turn.
     assert taken.index("b") <= 9, taken
+
+
+# -- at risk when routed ------------------------------------------------------------------------
+
+
+def _review(on_risk: str = "escalate", *, big_backlog: int = 0) -> tuple[Any, Any, Any]:
+    from core.catalog import Catalog
+    from core.settings import TenantSettings
+    from core.topics import Topics
+    from schemas import Serde
+    from stream_processors.emit import Emitter
+    from stream_processors.risk import EnginePace, RiskReview
+    from stream_processors.router import Router
+    from tests.support import model_entry
+
+    catalog = Catalog(models=[model_entry("small", tier=1), model_entry("big", tier=1, input_price_per_1m=5)])
+    router = Router(catalog)
+    clock = [1000.0]
+    pace = EnginePace(clock=lambda: clock[0])
+    for i in range(21):  # small finishes 2 requests a second, 0.1 s a token
+        clock[0] = 1000.0 + i * 0.5
+        pace.observe(_done("small", i))
+        pace.observe(_done("big", i))
+    for i in range(100):
+        router.backlog.routed("small", f"s{i}", priority=Priority.LOW)
+    for i in range(big_backlog):
+        router.backlog.routed("big", f"b{i}", priority=Priority.LOW)
+    emit = Emitter(Topics("r."), Serde(), catalog)
+    review = RiskReview(router, catalog, emit, default=on_risk, margin_s=10, tenancy=TenantSettings(), pace=pace)
+    return review, router, catalog
+
+
+def _done(model: str, i: int) -> Any:
+    from schemas import InferenceResult, ResultStatus
+
+    r = req(f"done{i}")
+    return InferenceResult.for_request(
+        r,
+        model=model,
+        status=ResultStatus.SUCCEEDED,
+        started_at=T0,
+        completed_at=T0 + timedelta(seconds=2),
+        completion_tokens=20,
+        engine_run_id="run",
+    )
+
+
+def _routed(r: InferenceRequest, router: Any) -> InferenceRequest:
+    r.route = router.route(r)
+    return r
+
+
+def test_a_deadline_the_backlog_would_miss_is_escalated_once_and_said() -> None:
+    review, router, _ = _review()
+    # 100 low requests ahead at 2 a second: about 50 s, plus 10 tokens at 0.1 s; 30 s is not enough.
+    r = _routed(req("late", deadline_s=30, max_tokens=10), router)
+    out = review.review(r, T0)
+    assert r.priority is Priority.NORMAL and r.metadata["escalated_from"] == "low"
+    (status,) = [o.record for o in out]
+    assert status.state == "at_risk" and "escalated to normal" in (status.detail or "")
+    assert review.review(r, T0) == []  # once
+    roomy = _routed(req("roomy", deadline_s=3600, max_tokens=10), router)
+    assert review.review(roomy, T0) == [] and roomy.priority is Priority.LOW
+    assert review.review(_routed(req("none", max_tokens=10), router), T0) == []  # no deadline
+
+
+def test_none_only_says_it_and_reroute_takes_a_model_that_would_make_it() -> None:
+    review, router, _ = _review("none")
+    r = _routed(req("late", deadline_s=30, max_tokens=10), router)
+    (status,) = [o.record for o in review.review(r, T0)]
+    assert r.priority is Priority.LOW and r.route is not None and r.route.model == "small"
+    assert "escalated" not in (status.detail or "")
+    review, router, _ = _review("reroute")
+    r = _routed(req("late", deadline_s=30, max_tokens=10), router)
+    (status,) = [o.record for o in review.review(r, T0)]
+    assert r.route is not None and r.route.model == "big" and "rerouted from small" in r.route.reason
+    assert "rerouted to big" in (status.detail or "")
+    # When the other model is as deep in work, nothing is rerouted, and it says so.
+    review, router, _ = _review("reroute", big_backlog=100)
+    r = _routed(req("late", deadline_s=30, max_tokens=10), router)
+    (status,) = [o.record for o in review.review(r, T0)]
+    assert r.route is not None and r.route.model == "small" and "no other capable model" in (status.detail or "")
+
+
+def test_a_request_may_choose_its_policy() -> None:
+    review, router, _ = _review("escalate")
+    r = _routed(req("late", deadline_s=30, max_tokens=10), router)
+    r.metadata["on_risk"] = "none"
+    review.review(r, T0)
+    assert r.priority is Priority.LOW and r.metadata["at_risk"] == "none"
