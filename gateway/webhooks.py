@@ -37,6 +37,7 @@ from analytics.results import chat_completion, error_code
 from core import clients
 from core.errors import SluiceError
 from core.kafka import TP, ConsumeLoop, Handler, LazyProducer, Out, Producer, TrackedPublisher, message_coords
+from core.notices import WEBHOOK_URL_HEADER
 from core.settings import Settings, WebhookSettings
 from core.topics import Topics
 from gateway.openai_format import batch_object
@@ -164,6 +165,20 @@ def result_event(r: InferenceResult) -> WebhookEvent | None:
     return WebhookEvent(r.webhook_url, _msg_id(r.request_id, kind), kind, data, r.request_id, r.tenant)
 
 
+def at_risk_event(s: RequestStatus, url: str) -> WebhookEvent | None:
+    if s.state is not RequestState.AT_RISK:
+        return None
+    data = {
+        "id": s.request_id,
+        "object": "async.request",
+        "status": s.state.value,
+        "model": s.model,
+        "detail": s.detail,
+    }
+    kind = "request.at_risk"
+    return WebhookEvent(url, _msg_id(s.request_id, kind), kind, data, s.request_id, s.tenant)
+
+
 def batch_event(b: BatchStatus) -> WebhookEvent | None:
     if not b.webhook_url or not b.terminal:
         return None
@@ -261,9 +276,15 @@ class WebhookWorker(Handler):
             outs.append(Out(self.topics.status, event.request_id, status))
         return outs
 
-    def _event(self, topic: str, value: bytes) -> WebhookEvent | None:
+    def _event(self, topic: str, value: bytes, headers: Any) -> WebhookEvent | None:
         if topic == self.topics.results:
             return result_event(self.serde.decode(InferenceResult, value))
+        if topic == self.topics.status:
+            # Only records that carry a webhook address concern this worker: the rest are not decoded.
+            url = dict(headers or []).get(WEBHOOK_URL_HEADER)
+            if not isinstance(url, bytes):
+                return None
+            return at_risk_event(self.serde.decode(RequestStatus, value), url.decode())
         return batch_event(self.serde.decode(BatchStatus, value))
 
     # -- the loop -------------------------------------------------------------------------------
@@ -282,7 +303,7 @@ class WebhookWorker(Handler):
         return ConsumeLoop(
             self,
             consumer,
-            [self.topics.results, self.topics.batches],
+            [self.topics.results, self.topics.batches, self.topics.status],
             publisher=TrackedPublisher(self._producer, self.serde),
             batch=self.cfg.concurrency,
             max_batches=1,
@@ -297,7 +318,7 @@ class WebhookWorker(Handler):
         topic, partition, offset = message_coords(msg)
         raw = msg.value() or b""
         try:
-            event = self._event(topic, raw)
+            event = self._event(topic, raw, msg.headers())
         except SluiceError as exc:
             logger.error("webhooks skipped %s[%d]@%d: %s", topic, partition, offset, exc)
             event = None

@@ -56,6 +56,7 @@ from core.kafka import (
     prepare_share_group,
 )
 from core.metrics import AT_RISK, ENGINE_INFLIGHT, ENGINE_SECONDS, REQUESTS, observe_records
+from core.notices import at_risk_records
 from core.rejections import Source
 from core.settings import Settings
 from core.topics import PRIORITIES, Topics
@@ -396,7 +397,11 @@ class GpuWorker(Handler):
                 f"deadline in {left:.0f}s; about {need:.0f}s of generation left "
                 f"({req.max_tokens - generated} tokens at {self.pace.tokens_per_second or 0:.1f} tokens/s)"
             )
-            self.publisher.advisory(self.outcomes.status(req.request_id, RequestState.AT_RISK, detail))
+            self.publisher.advisory(
+                at_risk_records(
+                    self.topics, req, model=self.entry.name, detail=detail, publish_status=self.settings.publish_status
+                )
+            )
 
     def _watch(self) -> None:
         """Abort running requests that were cancelled or ran out of time; say which are at risk."""

@@ -29,8 +29,9 @@ from datetime import datetime
 from core.catalog import Catalog
 from core.kafka import Out
 from core.metrics import AT_RISK
+from core.notices import at_risk_records
 from core.settings import TenantSettings
-from schemas import InferenceRequest, InferenceResult, Priority, RequestState
+from schemas import InferenceRequest, InferenceResult, Priority
 from stream_processors.emit import Emitter
 from stream_processors.router import Backlog, Router
 
@@ -136,7 +137,9 @@ class RiskReview:
         request.metadata["at_risk"] = policy
         AT_RISK.labels(model, priority).inc()
         logger.info("%s at risk: %s", request.request_id, detail)
-        return self.emit.status(request.request_id, RequestState.AT_RISK, model=request.route.model, detail=detail)
+        return at_risk_records(
+            self.emit.topics, request, model=request.route.model, detail=detail, publish_status=self.emit.publish_status
+        )
 
     def _reroute(self, request: InferenceRequest, left: float) -> str:
         assert request.route is not None

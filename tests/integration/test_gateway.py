@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from core.topics import ensure_topics
 from gateway.keys import KeyStore, keys_path
 from gateway.webhooks import new_secret
 from producers import SluiceClient
-from schemas import InferenceResult, Serde
+from schemas import InferenceResult, Serde, utcnow
 from sluice.local.stack import LocalStack
 from tests.integration.helpers import topic_records
 from tests.support import run_cli, wait_until
@@ -230,6 +231,28 @@ def test_webhooks_are_signed_retried_then_marked_failed_and_private_targets_refu
         json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "webhook_url": "http://192.168.0.1/"},
     )
     assert refused.status_code == 400
+
+
+def test_a_request_at_risk_is_announced_by_a_signed_webhook_before_it_ends(gw: LocalStack, receiver: Receiver) -> None:
+    a = _client(gw, "team-a")
+    # 400 tokens at 20 ms: 8 s of generation against a 4 s deadline.
+    body = {
+        "messages": [{"role": "user", "content": "a long answer, please"}],
+        "max_tokens": 400,
+        "deadline": (utcnow() + timedelta(seconds=4)).isoformat(),
+        "webhook_url": f"{receiver.url}/ok/risk",
+    }
+    rid = a.post("/async/chat/completions", json=body).json()["id"]
+    events = wait_until(
+        lambda: receiver.events("/ok/risk"),
+        lambda e: any(x["type"] == "request.failed" for x in e),
+        timeout=60,
+        what="the at-risk and failed webhooks",
+    )
+    types = [e["type"] for e in events]
+    assert types.count("request.at_risk") == 1 and types.index("request.at_risk") < types.index("request.failed")
+    at_risk = events[types.index("request.at_risk")]["data"]
+    assert at_risk["id"] == rid and at_risk["status"] == "at_risk" and "tokens/s" in at_risk["detail"]
 
 
 def test_results_reach_the_tenants_topic_and_an_allowed_reply_topic(gw: LocalStack, serde: Serde) -> None:

@@ -5,6 +5,7 @@ answered or given up, and ``follow_results`` hands every result over."""
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 
@@ -21,6 +22,7 @@ from schemas import (
     DeadLetter,
     InferenceRequest,
     InferenceResult,
+    RequestState,
     RequestStatus,
     ResultStatus,
     Serde,
@@ -110,6 +112,39 @@ def test_a_webhook_is_committed_once_answered() -> None:
     wait_until(lambda: (loop.run_once(wait=0), worker.delivered)[1], lambda n: n == 1, timeout=10, interval=0.01)
     loop.finish()
     assert receiver.posts == 1 and broker.committed["d.webhooks"][(TOPICS.results, 0)] == 2
+
+
+def test_an_at_risk_status_with_a_webhook_address_is_posted_and_others_are_skipped() -> None:
+    from core.notices import at_risk_records
+
+    broker, worker, receiver = _webhooks(204)
+    seen: list[httpx.Request] = []
+    handle = receiver.handle_request
+
+    def keep(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return handle(request)
+
+    receiver.handle_request = keep  # type: ignore[method-assign]
+    hooked = InferenceRequest(
+        request_id="r0", messages=[{"role": "user", "content": "x"}], webhook_url="http://127.0.0.1:9/hook"
+    )
+    for out in at_risk_records(TOPICS, hooked, model="m", detail="deadline in 5s", publish_status=True):
+        assert isinstance(out.record, RequestStatus)
+        broker.append(
+            out.topic, SERDE.encode(out.record), b"r0", headers=[(k, bytes(v or b"")) for k, v in out.headers]
+        )
+    plain = RequestStatus.of("r1", RequestState.RUNNING)  # no webhook address: not even decoded
+    broker.append(TOPICS.status, SERDE.encode(plain), b"r1")
+    loop = worker.loop(broker.consumer("d.webhooks"))
+    wait_until(lambda: (loop.run_once(wait=0), worker.delivered)[1], lambda n: n == 1, timeout=10, interval=0.01)
+    loop.finish()
+    assert receiver.posts == 1
+    body = json.loads(seen[0].content)
+    assert (
+        body["type"] == "request.at_risk" and body["data"]["id"] == "r0" and body["data"]["detail"] == "deadline in 5s"
+    )
+    assert seen[0].headers["webhook-id"] and broker.committed["d.webhooks"][(TOPICS.status, 0)] == 2
 
 
 def test_a_webhook_given_up_is_dead_lettered_and_marked_then_committed() -> None:
