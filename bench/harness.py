@@ -38,6 +38,19 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+def paced(n: int, rate: float) -> Iterator[tuple[int, float]]:
+    """``(i, t)`` for ``n`` sends at ``rate`` per second: each yielded at its time (slept until
+    then), ``t`` the perf_counter time it was yielded."""
+    interval = 1.0 / rate
+    next_at = time.perf_counter()
+    for i in range(n):
+        now = time.perf_counter()
+        if next_at > now:
+            time.sleep(next_at - now)
+        next_at += interval
+        yield i, time.perf_counter()
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 from openai import AsyncOpenAI, OpenAI
 
-from bench.harness import BenchEnv, Observer, ScenarioResult, instant_catalog, percentile
+from bench.harness import BenchEnv, Observer, ScenarioResult, instant_catalog, paced, percentile
 from bench.p5_latency import steady_latencies
 from gateway.keys import KeyStore, keys_path
 from producers import SluiceClient
@@ -38,14 +38,7 @@ def _gateway_pid(stack: LocalStack) -> int:
 
 def _http_latencies(client: OpenAI, n: int, rate: float, tag: str) -> list[float]:
     out = []
-    interval = 1.0 / rate
-    next_at = time.perf_counter()
-    for i in range(n):
-        now = time.perf_counter()
-        if next_at > now:
-            time.sleep(next_at - now)
-        next_at += interval
-        t = time.perf_counter()
+    for i, t in paced(n, rate):
         client.chat.completions.create(
             model="bench", messages=[{"role": "user", "content": f"{tag} request {i}"}], max_tokens=8
         )

@@ -3,10 +3,9 @@ with the instant test engine at a steady rate, so the pipeline's own overhead is
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from bench.harness import BenchEnv, Observer, ScenarioResult, instant_catalog, kafka_unavailable, percentile
+from bench.harness import BenchEnv, Observer, ScenarioResult, instant_catalog, kafka_unavailable, paced, percentile
 from producers import SluiceClient
 
 __all__ = ["run_p5", "steady_latencies"]
@@ -18,14 +17,7 @@ def steady_latencies(
     """Submit ``n`` requests at ``rate``/s (each flushed, as an online producer would); return
     the submit→result latency of each in milliseconds."""
     sent: dict[str, float] = {}
-    interval = 1.0 / rate
-    next_at = time.perf_counter()
-    for i in range(n):
-        now = time.perf_counter()
-        if next_at > now:
-            time.sleep(next_at - now)
-        next_at += interval
-        t = time.perf_counter()
+    for i, t in paced(n, rate):
         fields: dict[str, object] = {"tenant": "bench", "max_tokens": 8, "cache": False, **submit}
         rid = client.submit(f"{tag} request {i}", **fields)  # type: ignore[arg-type]
         client.flush(5)
