@@ -91,19 +91,21 @@ def test_a_tight_deadline_behind_a_low_backlog_and_a_hopeless_one(
 def test_a_deadline_behind_more_than_the_consumer_fetches_is_escalated_by_the_router(
     make_stack: Callable[..., LocalStack], serde: Serde
 ) -> None:
-    # 200 low requests of 1 s each, 8 at a time: 25 s of work, far more than the consumer fetches
-    # (8 running + 64 buffered): a request written behind them is not seen until the rest is.
+    # 400 low requests of 1 s each, 8 at a time: 50 s of work, far more than the consumer fetches
+    # (8 running + 64 buffered): a request written behind them is not seen for half a minute or
+    # more (its partition's share of the backlog ahead of it has to be fetched first).
     stack = make_stack(engine={"instant_token_seconds": 0.05}, consumer={"at_risk_margin_s": 2.0})
     results = TopicCounter(stack.settings, stack.topics.results)
     try:
         with SluiceClient(stack.settings) as client:
             backlog = [
                 client.submit(f"bulk item {i}", model="tiny", priority="low", max_tokens=20, tenant="bulk", cache=False)
-                for i in range(200)
+                for i in range(400)
             ]
             client.flush()
-            # Three waves finished: the router has measured how fast the model finishes requests.
-            wait_until(results.counts, lambda c: sum(c[r] for r in backlog) >= 24, timeout=60, what="three waves")
+            # Five waves finished (over four seconds): the router has measured how fast the model
+            # finishes requests (it needs ten results spread over two seconds at least).
+            wait_until(results.counts, lambda c: sum(c[r] for r in backlog) >= 40, timeout=60, what="five waves")
             now = utcnow()
             deadline = now + timedelta(seconds=10)
             escalated = client.submit(
