@@ -19,7 +19,7 @@ from collections import Counter
 from typing import Any
 
 from core import clients
-from core.errors import BrokerError
+from core.errors import BrokerError, SluiceError
 from core.kafka import TopicReader
 from core.settings import Settings
 from core.topics import Topics
@@ -108,9 +108,13 @@ class QuotaLedger:
 
 
 def _apply(ledger: QuotaLedger, serde: Serde, msg: Any) -> str:
-    key = (msg.key() or b"").decode()
+    key = (msg.key() or b"").decode(errors="replace")
     value = msg.value()
-    ledger.apply(key, None if value is None else serde.decode(QuotaEntry, value))
+    try:
+        ledger.apply(key, None if value is None else serde.decode(QuotaEntry, value))
+    except SluiceError as exc:
+        # One unreadable record must not stop the ledger (and with it every quota check) for good.
+        logger.error("quota ledger record %s skipped: %s", key, exc)
     return key
 
 

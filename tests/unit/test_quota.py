@@ -111,3 +111,23 @@ def test_the_gateway_answers_429_with_retry_after_before_publishing(tmp_path: Pa
     assert over.json()["error"]["code"] == "quota_exceeded" and len(pub.requests) == 1
     ledger.release(pub.requests[0].request_id)
     assert client.post("/v1/async/chat/completions", headers=auth, json=body).status_code == 202
+
+
+def test_an_unreadable_ledger_record_is_skipped_and_the_rest_applied() -> None:
+    from core.quota import _apply
+
+    class Msg:
+        def __init__(self, key: bytes, value: bytes | None) -> None:
+            self._k, self._v = key, value
+
+        def key(self) -> bytes:
+            return self._k
+
+        def value(self) -> bytes | None:
+            return self._v
+
+    serde, ledger = Serde(), QuotaLedger({"a": 1000})
+    good = QuotaEntry.for_request(req())
+    _apply(ledger, serde, Msg(b"bad", b"\x00\x00\x00\x00\x99garbage"))
+    _apply(ledger, serde, Msg(good.request_id.encode(), serde.encode(good)))
+    assert ledger.used("a") == good.tokens
