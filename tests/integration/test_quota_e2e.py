@@ -14,7 +14,7 @@ from analytics.store import Store
 from core.settings import Settings
 from gateway.keys import KeyStore, keys_path
 from producers import SluiceClient
-from schemas import DeadLetter, InferenceResult, Serde
+from schemas import DeadLetter, InferenceResult, RequestStatus, Serde
 from sluice.local.stack import LocalStack
 from tests.integration.helpers import TopicCounter, topic_records
 from tests.support import wait_until
@@ -61,6 +61,18 @@ def test_quota_breaches_through_the_sdk_and_http_survive_a_router_restart(
                 client.submit(_prompt(i), model="tiny", tenant="quota-t", max_tokens=50, cache=False) for i in range(4)
             ]
             client.flush()
+            # The four are admitted first: the router takes partitions in no fixed order, so the
+            # fifth is sent only once all four are routed.
+            wait_until(
+                lambda: {
+                    s.request_id
+                    for s in topic_records(stack.settings, stack.topics.status, RequestStatus, serde, quiet_s=0.5)
+                    if s.state == "routed"
+                },
+                lambda routed: set(held) <= routed,
+                timeout=60,
+                what="the four routed",
+            )
             over = client.submit(_prompt(4), model="tiny", tenant="quota-t", max_tokens=50, cache=False)
             client.flush()
             # The SDK path: a failed result and a typed dead letter, at once (not after the others).
