@@ -121,6 +121,7 @@ TABLES: dict[str, str] = {
         ended_at Nullable({_TS}),
         cancelling_at Nullable({_TS}),
         output_expires_after_s Nullable(Int64),
+        at_risk UInt32 DEFAULT 0,
         ingested_at {_TS} DEFAULT now64(3)
     """,
 }

@@ -76,6 +76,17 @@ class Lookups:
         ).dicts()
         return {r["batch_id"]: (int(r["ok"]), int(r["bad"])) for r in rows}
 
+    def batch_at_risk(self, batch_ids: list[str]) -> dict[str, int]:
+        """Lines said at_risk per batch (a line's request id is its batch id, a dash, its index)."""
+        rows = self.query(
+            "SELECT replaceRegexpOne(request_id, '-[0-9]+$', '') AS batch_id, "
+            "uniqExact(request_id) AS n "
+            f"FROM {self.db}.request_status WHERE state = 'at_risk' AND batch_id IN {{ids:Array(String)}} "
+            "GROUP BY batch_id",
+            {"ids": batch_ids},
+        ).dicts()
+        return {r["batch_id"]: int(r["n"]) for r in rows}
+
     def batch_results(self, batch_id: str) -> Iterator[InferenceResult]:
         """The batch's results in request-id order, a page at a time."""
         last = ""

@@ -33,6 +33,7 @@ def _scenarios() -> dict[str, Scenario]:
         "p1s": ("bench.p1_processor", "run_p1s"),
         "p2": ("bench.p2_engine", "run_p2_p3"),
         "p4": ("bench.p4_priority", "run_p4"),
+        "p4b": ("bench.p4_priority", "run_p4_burst"),
         "p5": ("bench.p5_latency", "run_p5"),
         "p6": ("bench.p6_memory", "run_p6"),
         "p7": ("bench.p7_failover", "run_p7"),
@@ -46,7 +47,7 @@ def _scenarios() -> dict[str, Scenario]:
     return {key: getattr(importlib.import_module(module), fn) for key, (module, fn) in modules.items()}
 
 
-SCENARIOS = ("p1", "p1s", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "p9", "p10", "p11", "p12", "p13")
+SCENARIOS = ("p1", "p1s", "p2", "p3", "p4", "p4b", "p5", "p6", "p7", "p8", "p9", "p10", "p11", "p12", "p13")
 
 
 def _table(results: list[ScenarioResult], console: Console) -> None:

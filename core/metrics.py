@@ -38,6 +38,7 @@ __all__ = [
     "HTTP_SECONDS",
     "KAFKA_CLIENT_ERRORS",
     "LATENCY",
+    "PREEMPTED",
     "QUEUE_WAIT",
     "REQUESTS",
     "ROUTED",
@@ -57,6 +58,9 @@ _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 
 
 REQUESTS = Counter("sluice_requests_total", "Requests finished by a GPU consumer", ["model", "status"])
 ENGINE_INFLIGHT = Gauge("sluice_engine_inflight_requests", "Requests in the engine", ["model"])
+PREEMPTED = Counter(
+    "sluice_engine_preemptions_total", "Running requests aborted and re-queued for a higher priority", ["model"]
+)
 ENGINE_SECONDS = Histogram(
     "sluice_engine_step_seconds",
     "Engine time per step",

@@ -241,6 +241,16 @@ class ConsumerSettings(_Section):
     # weighted fair share (off: one queue for all). Off only to compare (bench P10, P11).
     deadline_order: bool = True
     fair_share: bool = True
+    # Room for a request that outranks everything running when the engine is full (vLLM preempts
+    # only under KV-cache pressure, never at max_num_seqs, so without this it waits for the first
+    # running request to finish): "preempt" aborts the lowest-priority, least-advanced running
+    # request and re-queues it at the head of its priority (its tokens are recomputed; the engine
+    # time already spent stays on its bill); "reserve" keeps ``reserved_slots`` of the engine's
+    # slots for high priority (lower priorities use the rest); "queue" only puts it at the head of
+    # the engine's waiting queue (the behaviour before either; bench P4 burst compares the three).
+    room: str = "preempt"
+    # "reserve": slots held back from normal and low priority (none: an eighth of max_inflight).
+    reserved_slots: int | None = Field(default=None, ge=0)
     # Share mode: deliveries of one request before it is a poison message (a consumer died or
     # stalled with it that many times): the group's share.delivery.count.limit (2 to 10).
     delivery_limit: int = Field(default=5, ge=2, le=10)
@@ -253,6 +263,11 @@ class ConsumerSettings(_Section):
     @classmethod
     def _group(cls, value: str) -> str:
         return _one_of("consumer.group", value, ("auto", "share", "classic"))
+
+    @field_validator("room")
+    @classmethod
+    def _room(cls, value: str) -> str:
+        return _one_of("consumer.room", value, ("preempt", "reserve", "queue"))
 
 
 class RetrySettings(_Section):

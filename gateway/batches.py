@@ -244,13 +244,19 @@ class BatchService:
             ]
         if not open_batches or self.lookups is None:
             return
-        counts = self.lookups.batch_counts([b.batch_id for b in open_batches])
+        ids = [b.batch_id for b in open_batches]
+        counts, risky = self.lookups.batch_counts(ids), self.lookups.batch_at_risk(ids)
         now = utcnow()
         grace = timedelta(seconds=self.settings.gateway.expiry_grace_s)
         for batch in open_batches:
             ok, bad = counts.get(batch.batch_id, (0, 0))
-            if (ok, bad) != (batch.completed, batch.failed):
-                batch = self._save(batch.model_copy(update={"completed": ok, "failed": bad, "updated_at": now}))
+            at_risk = max(batch.at_risk, risky.get(batch.batch_id, 0))
+            if (ok, bad, at_risk) != (batch.completed, batch.failed, batch.at_risk):
+                if at_risk > batch.at_risk:
+                    logger.warning("batch %s: %d line(s) at risk of missing its window", batch.batch_id, at_risk)
+                batch = self._save(
+                    batch.model_copy(update={"completed": ok, "failed": bad, "at_risk": at_risk, "updated_at": now})
+                )
             done = ok + bad >= batch.total
             if batch.state is BatchState.CANCELLING:
                 assert batch.cancelling_at is not None

@@ -317,7 +317,8 @@ def batch_object(b: BatchStatus) -> dict[str, Any]:
         "expired_at": ended if b.state is BatchState.EXPIRED else None,
         "cancelling_at": unix(b.cancelling_at),
         "cancelled_at": ended if b.state is BatchState.CANCELLED else None,
-        "request_counts": {"total": b.total, "completed": b.completed, "failed": b.failed},
+        # at_risk (Sluice's): lines whose deadline, the end of the window, may be missed.
+        "request_counts": {"total": b.total, "completed": b.completed, "failed": b.failed, "at_risk": b.at_risk},
         "metadata": b.metadata or None,
         "priority": b.priority.value,
     }

@@ -4,8 +4,8 @@ Requests go to the engine from what this consumer has fetched and buffered (neve
 lag, which some brokers report wrongly).
 
 * **Priority, with aging**: high first, then normal, then low. A priority whose oldest request has
-  waited longer than ``aging_s`` since it was created counts one tier higher per ``aging_s``, so
-  low priority is never starved.
+  waited longer than ``aging_s`` since it was created counts one tier higher per ``aging_s``, up
+  to normal, so normal never starves low and high always outranks what waits.
 * **Deadlines, by slack**: within a priority each request has a due time, its deadline less its
   expected service time (``max_tokens`` at the model's measured per-sequence decode speed); a
   request without a deadline is due ``patience_s`` after it was created, so among themselves such
@@ -33,6 +33,8 @@ from schemas import InferenceRequest, Priority
 
 __all__ = ["Buffered", "PriorityBuffer", "token_cost"]
 
+# The highest rank aging reaches: one below high.
+AGED_CEILING = Priority.HIGH.rank + 1
 # Deficit round robin quantum: tokens a weight-1 tenant may take per turn.
 QUANTUM = 1024
 
@@ -50,6 +52,10 @@ class Buffered:
     headers: Headers = field(default_factory=list)
     # When it should start to make its deadline (or its patience), in epoch seconds; set on add.
     due: float = 0.0
+    # Engine time of runs preempted for higher priority (billed with the run that finishes it),
+    # and how many there were: a request is preempted at most once.
+    spent_ms: float = 0.0
+    preempted: int = 0
 
     @property
     def rank(self) -> int:
@@ -74,7 +80,8 @@ class _Tier:
     def __len__(self) -> int:
         return len(self.items)
 
-    def add(self, seq: int, item: Buffered, tenant: str) -> None:
+    def add(self, seq: int, item: Buffered, tenant: str, *, first: bool = False) -> None:
+        self.items = {seq: item, **self.items} if first else self.items
         self.items[seq] = item
         if tenant not in self.heaps:
             self.heaps[tenant] = []
@@ -168,6 +175,7 @@ class PriorityBuffer:
         self.fair = fair
         self._tiers: dict[int, _Tier] = {p.rank: _Tier() for p in Priority}
         self._seq = itertools.count()
+        self._requeued = itertools.count(1)  # negative sequence numbers: ahead of every arrival
 
     def __len__(self) -> int:
         return sum(len(t) for t in self._tiers.values())
@@ -182,6 +190,15 @@ class PriorityBuffer:
     def add(self, item: Buffered) -> None:
         item.due = self.due(item.request)
         self._tiers[item.rank].add(next(self._seq), item, item.request.tenant if self.fair else "")
+
+    def requeue(self, item: Buffered) -> None:
+        """Put back a request taken from here (preempted in the engine) at the head of its
+        priority: before everything that arrived after it, its tenant refunded its tokens."""
+        tenant = item.request.tenant if self.fair else ""
+        tier = self._tiers[item.rank]
+        if tenant in tier.deficit:
+            tier.deficit[tenant] += token_cost(item.request)
+        tier.add(-next(self._requeued), item, tenant, first=True)
 
     def depth(self, rank: int) -> int:
         return len(self._tiers[rank])
@@ -201,7 +218,10 @@ class PriorityBuffer:
         if self.aging_s <= 0:
             return item.rank
         waited = (now - item.request.created_at).total_seconds()
-        return item.rank - max(0, int(waited // self.aging_s))
+        # Aging lifts a request to at most the tier below high: normal cannot starve low, and a
+        # high-priority request still outranks a backlog of any age (the room kept for it in the
+        # engine depends on that).
+        return max(item.rank - int(waited // self.aging_s), min(item.rank, AGED_CEILING))
 
     def _order(self, now: datetime) -> list[tuple[int, float, int]]:
         return sorted(

@@ -43,7 +43,7 @@ class InFlight:
         return request_id in self._running
 
     def add(self, item: Buffered, started: datetime, rank: int) -> None:
-        self._running[item.request.request_id] = Running(item, started, rank)
+        self._running[item.request.request_id] = Running(item, started, rank, engine_ms=item.spent_ms)
 
     def get(self, request_id: str) -> Running | None:
         return self._running.get(request_id)
@@ -81,6 +81,12 @@ class InFlight:
 
     def worst_rank(self) -> int | None:
         return max((r.rank for r in self._running.values()), default=None)
+
+    def victim(self, outranked_by: int) -> Running | None:
+        """The request to preempt for one of rank ``outranked_by``: the lowest-priority, least
+        advanced of those it outranks that were not preempted before (none: leave them be)."""
+        candidates = [r for r in self._running.values() if r.rank > outranked_by and not r.item.preempted]
+        return max(candidates, key=lambda r: (r.rank, -r.steps), default=None)
 
     def ids(self) -> list[str]:
         return list(self._running)

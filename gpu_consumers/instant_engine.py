@@ -3,7 +3,9 @@
 It answers with a deterministic echo so tests can check routing, admission, offsets and sinks
 without loading a model. Like a real engine it runs many requests at once and emits one token per
 running request per step, with a simulated time per step (``instant_token_seconds``), so requests
-with different ``max_tokens`` finish at different times. A prompt containing ``POISON_PILL`` makes
+with different ``max_tokens`` finish at different times. Like vLLM's priority scheduler it runs at
+most ``max_inflight`` requests; the rest wait, lowest priority value first, and a waiting request
+never displaces a running one (vLLM preempts only under KV-cache pressure). A prompt containing ``POISON_PILL`` makes
 every step fail while it runs, as a request that crashes a real engine would; one containing
 ``FLAKY`` does so on its first attempt only, as a transient failure would; one containing
 ``PROCESS_KILLER`` ends the whole process at once (exit code 137), as a request that makes a
@@ -58,6 +60,8 @@ class InstantTestEngine:
         self.max_model_len = max_model_len
         self._max_inflight = max_inflight
         self._running: dict[str, _Running] = {}
+        self._waiting: dict[str, tuple[int, int, _Running]] = {}  # (priority, arrival, request)
+        self._arrivals = 0
         self._dead = False
         self.steps = 0
         self.restarts = 0
@@ -81,10 +85,19 @@ class InstantTestEngine:
                 f"exceeds the {self.max_model_len}-token context",
                 error_kind=DeadLetterReason.CONTEXT_OVERFLOW,
             )
-        self._running[request.request_id] = _Running(request, words, prompt_tokens)
+        self._arrivals += 1
+        self._waiting[request.request_id] = (request.priority, self._arrivals, _Running(request, words, prompt_tokens))
         return None
 
+    def _schedule(self) -> None:
+        free = self._max_inflight - len(self._running)
+        if free <= 0 or not self._waiting:
+            return
+        for rid in sorted(self._waiting, key=lambda r: self._waiting[r][:2])[:free]:
+            self._running[rid] = self._waiting.pop(rid)[2]
+
     def step(self) -> list[EngineOutput]:
+        self._schedule()
         if not self._running:
             return []
         for r in self._running.values():
@@ -111,20 +124,24 @@ class InstantTestEngine:
         out = []
         for rid in request_ids:
             r = self._running.pop(rid, None)
+            if r is None and rid in self._waiting:
+                r = self._waiting.pop(rid)[2]
             if r is not None:
                 out.append(r.output("abort"))
         return out
 
     def has_unfinished(self) -> bool:
-        return bool(self._running)
+        return bool(self._running or self._waiting)
 
     def restart(self) -> None:
         self._running.clear()
+        self._waiting.clear()
         self._dead = False
         self.restarts += 1
 
     def close(self) -> None:
         self._running.clear()
+        self._waiting.clear()
 
 
 def create(settings: EngineSettings, model: ModelEntry, data_dir: Path) -> InstantTestEngine:

@@ -55,7 +55,7 @@ from core.kafka import (
     message_coords,
     prepare_share_group,
 )
-from core.metrics import AT_RISK, ENGINE_INFLIGHT, ENGINE_SECONDS, REQUESTS, observe_records
+from core.metrics import AT_RISK, ENGINE_INFLIGHT, ENGINE_SECONDS, PREEMPTED, REQUESTS, observe_records
 from core.notices import at_risk_records
 from core.rejections import Source
 from core.settings import Settings
@@ -98,9 +98,14 @@ class GpuWorker(Handler):
         self.serde = serde or clients.serde(settings)
         es = settings.engine
         self.max_inflight = es.max_inflight or engine.max_inflight
-        # A few extra slots for requests that outrank everything running: they wait at the head of
-        # the engine's priority queue instead of behind the whole buffer.
-        self.priority_headroom = max(1, self.max_inflight // 8)
+        # Room for requests that outrank everything running (settings.consumer.room): "queue" lets
+        # a few more than the engine runs wait at the head of its priority queue; "reserve" keeps
+        # as many of its slots free for high priority.
+        self.room = settings.consumer.room
+        reserved = settings.consumer.reserved_slots
+        self.priority_headroom = max(1, self.max_inflight // 8) if reserved is None else reserved
+        if self.room == "reserve":
+            self.priority_headroom = min(self.priority_headroom, self.max_inflight - 1)
         capacity = es.buffer_per_priority or max(64, 2 * self.max_inflight)
         self.pace = DecodePace(settings.consumer.at_risk_margin_s)
         weights = settings.tenants.weights
@@ -327,15 +332,49 @@ class GpuWorker(Handler):
                 for item in self._suspects.popleft():
                     self._start(item, now)
             return
+        top = Priority.HIGH.rank
+        lower = self.max_inflight - self.priority_headroom if self.room == "reserve" else self.max_inflight
         while len(self.buffer) and len(self.inflight) < self.max_inflight:
+            best = self.buffer.best_rank(now)
+            if len(self.inflight) >= lower and (best is None or best > top):
+                break  # the rest is kept for high priority
             for item in self.buffer.take(1, now):
                 self._start(item, now)
-        # Headroom: a request that outranks everything running waits at the head of the engine's
+        if self.room == "preempt":
+            self._preempt(now)
+            return
+        if self.room != "queue":
+            return
+        # Queue: a request that outranks everything running waits at the head of the engine's
         # priority queue, so it starts at the next free slot.
         while len(self.buffer) and len(self.inflight) < self.max_inflight + self.priority_headroom:
             best, worst = self.buffer.best_rank(now), self.inflight.worst_rank()
             if best is None or worst is None or best >= worst:
                 return
+            for item in self.buffer.take(1, now):
+                self._start(item, now)
+
+    def _preempt(self, now: datetime) -> None:
+        """The engine is full and a buffered request outranks something running: abort the
+        lowest-priority, least advanced running request, put it back at the head of its priority
+        (it starts over; the engine time it used stays on its bill) and start the higher one."""
+        while len(self.buffer) and len(self.inflight) >= self.max_inflight:
+            best = self.buffer.best_rank(now)
+            victim = self.inflight.victim(best) if best is not None else None
+            if victim is None:
+                return
+            rid = victim.item.request.request_id
+            self.engine.abort([rid])
+            self.inflight.pop(rid)
+            victim.item.spent_ms += victim.engine_ms
+            victim.item.preempted += 1
+            self.buffer.requeue(victim.item)
+            PREEMPTED.labels(self.entry.name).inc()
+            self.publisher.advisory(
+                self.outcomes.status(
+                    rid, RequestState.QUEUED, f"preempted after {victim.steps} step(s) for a higher priority"
+                )
+            )
             for item in self.buffer.take(1, now):
                 self._start(item, now)
 

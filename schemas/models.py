@@ -465,6 +465,8 @@ class BatchStatus(AvroRecord):
     ended_at: datetime | None = None
     cancelling_at: datetime | None = None
     output_expires_after_s: int | None = None
+    # Lines said at_risk so far (their deadline, the end of the completion window, may be missed).
+    at_risk: int = 0
 
     @property
     def terminal(self) -> bool:

@@ -38,9 +38,13 @@ class MemoryResults:
 
     def __init__(self) -> None:
         self.rows: dict[str, InferenceResult] = {}
+        self.at_risk: set[str] = set()  # request ids said at_risk
 
     def __call__(self, sql: str, params: dict[str, Any] | None) -> QueryResult:
         params = params or {}
+        if "'at_risk'" in sql:
+            counts = {b: sum(1 for rid in self.at_risk if rid.rsplit("-", 1)[0] == b) for b in params["ids"]}
+            return QueryResult(["batch_id", "n"], [[b, n] for b, n in counts.items() if n])
         if "countIf" in sql:
             ids = params["ids"]
             rows = [

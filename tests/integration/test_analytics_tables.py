@@ -174,3 +174,25 @@ def test_tables_of_an_earlier_release_are_migrated_to_the_new_keys(scratch: Stor
     assert tables["results"].replace(" ", "") == "toDate(created_at),tenant,model,request_id"
     assert [t for t in tables if t.startswith("results__before_")]
     assert scratch.query(f"SELECT count() FROM {db}.results").rows == [[14]]
+
+
+def test_a_batchs_at_risk_lines_are_counted_once_each(scratch: Store) -> None:
+    from analytics.lookups import Lookups
+    from gateway.batches import request_id_for
+    from schemas import RequestState, RequestStatus
+
+    scratch.ensure_schema()
+    a, b = "batch_aaa", "batch_bbb"
+    said = [RequestStatus.of(request_id_for(a, i), RequestState.AT_RISK, detail="slack -3 s") for i in (0, 1, 7)]
+    _insert(
+        scratch,
+        [
+            *said,
+            said[0],  # redelivered: still one line
+            RequestStatus.of(request_id_for(a, 2), RequestState.RUNNING),
+            RequestStatus.of(request_id_for(b, 0), RequestState.QUEUED),
+            RequestStatus.of("req-not-in-a-batch", RequestState.AT_RISK),
+        ],
+    )
+    counts = Lookups(scratch.query, scratch.database).batch_at_risk([a, b])
+    assert counts == {a: 3}

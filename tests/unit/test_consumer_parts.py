@@ -36,10 +36,10 @@ def test_batches_take_high_then_normal_then_low() -> None:
 
 def test_aging_promotes_starved_low_priority() -> None:
     buf = PriorityBuffer(capacity_per_priority=10, aging_s=10)
-    buf.add(item("low", 0, age_s=25))  # two tiers up: ranks with high, earlier arrival
+    buf.add(item("low", 0, age_s=25))  # two aging periods: up to normal (no higher), earlier arrival
     buf.add(item("high", 5))
     buf.add(item("normal", 6, age_s=5))
-    assert [b.request.request_id for b in buf.take(3, utcnow())] == ["low0", "high5", "normal6"]
+    assert [b.request.request_id for b in buf.take(3, utcnow())] == ["high5", "low0", "normal6"]
 
 
 def test_buffer_capacity_and_hysteresis() -> None:

@@ -17,8 +17,10 @@ from core.kafka import ConsumeLoop
 from core.kafka.stub import StubBroker
 from core.settings import Settings
 from core.topics import Topics
+from gpu_consumers.buffer import Buffered
 from gpu_consumers.cancellations import CancelWatch
 from gpu_consumers.engine import EngineOutput, EngineRequest
+from gpu_consumers.inflight import InFlight
 from gpu_consumers.instant_engine import POISON_PILL, InstantTestEngine
 from gpu_consumers.worker import GpuWorker
 from schemas import (
@@ -99,9 +101,15 @@ class Rig:
         raise AssertionError("the loop did not settle")
 
 
-def _rig(max_inflight: int = 4, *, cancels: bool = False, **engine_kw: Any) -> Rig:
+def _rig(
+    max_inflight: int = 4, *, cancels: bool = False, consumer: dict[str, Any] | None = None, **engine_kw: Any
+) -> Rig:
     settings = Settings(
-        topic_prefix=PREFIX, publish_status=True, engine={"kind": "instant"}, retry={"backoff_ms": [100, 200]}
+        topic_prefix=PREFIX,
+        publish_status=True,
+        engine={"kind": "instant"},
+        retry={"backoff_ms": [100, 200]},
+        consumer=consumer or {},
     )
     catalog = Catalog(models=[model_entry("m", context_length=100_000)])
     broker = StubBroker()
@@ -168,7 +176,7 @@ def test_offsets_move_only_up_to_the_lowest_unfinished_request() -> None:
 
 
 def test_high_priority_reaches_the_engine_ahead_of_a_full_low_backlog() -> None:
-    rig = _rig(max_inflight=4)
+    rig = _rig(max_inflight=4, consumer={"room": "queue"})
     _feed(rig, [_request(f"low{i}", 20) for i in range(12)])
     rig.cycles(3)
     assert len(rig.worker.inflight) == 4 and len(rig.worker.buffer) == 8
@@ -178,6 +186,68 @@ def test_high_priority_reaches_the_engine_ahead_of_a_full_low_backlog() -> None:
     assert "high" in rig.worker.inflight and len(rig.worker.inflight) == 5
     added = {r.request_id: r.priority for r in rig.engine.added}
     assert added["high"] == Priority.HIGH.rank < added["low0"] == Priority.LOW.rank
+    # ...but the engine is full, and it does not preempt: it waits for a low one to finish.
+    rig.cycles(10)
+    assert "high" not in _finished_order(rig)
+
+
+def _steps_to_finish(rig: Rig, request_id: str, limit: int = 500) -> int:
+    for n in range(limit):
+        if request_id in _finished_order(rig):
+            return n
+        rig.loop.run_once(wait=0)
+        rig.loop.publisher.flush()  # type: ignore[union-attr]
+    raise AssertionError(f"{request_id} did not finish")
+
+
+def test_preempt_aborts_the_least_advanced_lowest_request_for_a_high_one() -> None:
+    rig = _rig(max_inflight=4)  # room: preempt (the default)
+    lengths = {f"low{i}": 40 + i for i in range(4)} | {f"low{i}": 40 for i in range(4, 8)}
+    _feed(rig, [_request(rid, n) for rid, n in lengths.items()])
+    rig.cycles(3)
+    # low0-3 run, a few steps in; a normal one arrives and takes a low one's slot.
+    _feed(rig, [_request("normal", 30, Priority.NORMAL)])
+    rig.cycles(1)
+    buffered = {i.request.request_id for i in rig.worker.buffer.items()}
+    (first_victim,) = buffered & {"low0", "low1", "low2", "low3"}
+    assert "normal" in rig.worker.inflight and len(rig.worker.inflight) == 4
+    _feed(rig, [_request("high", 2, Priority.HIGH)])
+    # The high one starts at once and finishes in its own 2 tokens, not after 40.
+    assert _steps_to_finish(rig, "high") <= 4
+    preempted = [s for s in rig.of(RequestStatus) if "preempted" in (s.detail or "")]
+    victims = [s.request_id for s in preempted]
+    assert all(s.state is RequestState.QUEUED for s in preempted)
+    # "high" took another low one's slot: never one of the same or a higher priority than low.
+    assert len(victims) == 2 and victims[0] == first_victim and set(victims) <= set(lengths)
+    rig.settle()
+    results = {r.request_id: r for r in rig.of(InferenceResult)}
+    assert len(results) == 10 and all(r.status == "succeeded" for r in results.values())
+    # A preempted request starts over, once, and finishes whole.
+    for rid in victims:
+        assert results[rid].completion_tokens == lengths[rid]
+        assert sum(1 for r in rig.engine.added if r.request_id == rid) == 2
+    assert rig.committed() == len(lengths)
+
+
+def test_a_preempted_runs_engine_time_stays_on_its_bill() -> None:
+    item = Buffered("t", 0, 0, b"", _request("r", 4), 0.0, spent_ms=12.5)
+    inflight = InFlight()
+    inflight.add(item, utcnow(), Priority.LOW.rank)
+    inflight.charge(0.01)
+    running = inflight.get("r")
+    assert running is not None and running.usage.engine_ms == pytest.approx(22.5)
+
+
+def test_reserve_keeps_slots_free_for_high_priority() -> None:
+    rig = _rig(max_inflight=8, consumer={"room": "reserve", "reserved_slots": 2})
+    _feed(rig, [_request(f"low{i}", 30) for i in range(20)])
+    rig.cycles(3)
+    assert len(rig.worker.inflight) == 6  # 8 slots, 2 kept back
+    _feed(rig, [_request("high", 2, Priority.HIGH)])
+    assert _steps_to_finish(rig, "high") <= 4
+    assert not [s for s in rig.of(RequestStatus) if "preempted" in (s.detail or "")]
+    rig.settle()
+    assert rig.engine.peak_running == 7
     rig.settle()
     order = _finished_order(rig)
     assert order.index("high") < order.index("low4")
@@ -202,7 +272,8 @@ def test_aging_raises_the_priority_the_engine_sees() -> None:
     rig = _rig(max_inflight=4)
     _feed(rig, [_request("old-low", 1, created_at=utcnow() - timedelta(seconds=65))])
     rig.settle()
-    assert rig.engine.added[0].priority == Priority.LOW.rank - 2  # two aging periods (30 s each)
+    # Two aging periods (30 s each) would lift it to high; aging stops at normal.
+    assert rig.engine.added[0].priority == Priority.NORMAL.rank
 
 
 def test_cancelled_and_expired_running_requests_are_aborted_and_billed() -> None:

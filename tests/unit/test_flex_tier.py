@@ -385,9 +385,18 @@ def test_a_batch_status_written_before_output_expires_after_still_reads() -> Non
     )
     record = batch.to_avro()
     record.pop("output_expires_after_s")
+    record.pop("at_risk")
     buf = io.BytesIO()
     buf.write(b"\x00" + struct.pack(">I", 6))
     schemaless_writer(buf, old, record)
     decoded = Serde().decode(BatchStatus, buf.getvalue())
-    assert decoded.batch_id == "b" and decoded.output_expires_after_s is None
-    assert Serde().encode(batch)[1:5] == struct.pack(">I", 15)  # this release writes the new id
+    assert decoded.batch_id == "b" and decoded.output_expires_after_s is None and decoded.at_risk == 0
+    # And as the release before this one wrote it (id 15: no at_risk count).
+    record = batch.model_copy(update={"output_expires_after_s": 3600}).to_avro()
+    record.pop("at_risk")
+    buf = io.BytesIO()
+    buf.write(b"\x00" + struct.pack(">I", 15))
+    schemaless_writer(buf, LocalSchemaRegistry().schema_for(15), record)
+    decoded = Serde().decode(BatchStatus, buf.getvalue())
+    assert decoded.output_expires_after_s == 3600 and decoded.at_risk == 0
+    assert Serde().encode(batch)[1:5] == struct.pack(">I", 18)  # this release writes the new id

@@ -87,8 +87,10 @@ def test_priority_stays_above_deadlines_and_aging_lifts_a_waiting_tier() -> None
     assert drain(buf, T0) == ["high", "low-urgent"]
     buf.add(item(req("low-old", priority="low", created_s=-70), arrived=0))
     buf.add(item(req("high-new", priority="high", created_s=0), arrived=1))
-    # 70 s old: two tiers up, level with high; the earlier arrival goes first.
-    assert drain(buf, T0) == ["low-old", "high-new"]
+    buf.add(item(req("normal-new", priority="normal", created_s=0), arrived=2))
+    # 70 s old: two aging periods, but aging stops at normal: level with normal (the earlier
+    # arrival goes first), never above high.
+    assert drain(buf, T0) == ["high-new", "low-old", "normal-new"]
 
 
 def test_a_tenants_backlog_does_not_starve_another_tenant_of_the_same_priority() -> None:
