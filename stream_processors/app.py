@@ -303,8 +303,8 @@ def create_app(
             if result.deduplicated_from is not None and result.cache_kind is not CacheKind.SEMANTIC:
                 continue  # answered by this processor (a duplicate or an exact cache hit)
             if result.engine_run_id:
-                pipeline.router.backlog.completed(result.model, result.request_id)
-                pipeline.risk.pace.observe(result)
+                mine = pipeline.router.backlog.completed(result.model, result.request_id)
+                pipeline.risk.pace.observe(result, mine=mine)
             if result.dedupe_key is not None:
                 # A semantic hit completes its own content key too: its duplicates get the answer.
                 await dedupe_topic.send(key=result.dedupe_key.encode(), value=value, headers=[("kind", b"completed")])

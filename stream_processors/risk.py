@@ -52,10 +52,13 @@ class EnginePace:
         self._finished: dict[str, deque[float]] = {}
         self._token_s: dict[str, float] = {}
 
-    def observe(self, result: InferenceResult) -> None:
+    def observe(self, result: InferenceResult, *, mine: bool = True) -> None:
+        """``mine``: the request was routed by this router. Only those count toward the finish
+        rate, which is set against this router's backlog (its share, with several workers)."""
         if result.engine_run_id is None or result.deduplicated_from is not None:
             return
-        self._finished.setdefault(result.model, deque()).append(self.clock())
+        if mine:
+            self._finished.setdefault(result.model, deque()).append(self.clock())
         if result.completion_tokens > 0:
             per_token = max(0.0, (result.completed_at - result.started_at).total_seconds()) / result.completion_tokens
             old = self._token_s.get(result.model)

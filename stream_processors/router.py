@@ -54,6 +54,8 @@ class Backlog:
     # priority each tracked request went out at.
     _by_priority: Counter[tuple[str, Priority]] = field(default_factory=Counter)
     _priority_of: dict[str, tuple[str, Priority]] = field(default_factory=dict)
+    # Routed past the tracking cap: only counted.
+    _untracked: Counter[str] = field(default_factory=Counter)
 
     def routed(
         self, model: str, request_id: str | None = None, at: float | None = None, priority: Priority | None = None
@@ -64,20 +66,30 @@ class Backlog:
                 since = self._since.setdefault(model, OrderedDict())
                 if len(since) < self.max_tracked and request_id not in since:
                     since[request_id] = time.time() if at is None else at
+                elif request_id not in since:
+                    self._untracked[model] += 1
                 tracked = priority is not None and len(self._priority_of) < self.max_tracked
                 if tracked and priority is not None and request_id not in self._priority_of:
                     self._priority_of[request_id] = (model, priority)
                     self._by_priority[(model, priority)] += 1
 
-    def completed(self, model: str, request_id: str | None = None) -> None:
+    def completed(self, model: str, request_id: str | None = None) -> bool:
+        """A result of ``model``; True when it answers a request this router routed (with several
+        router workers, each counts only its own share)."""
         with self._lock:
-            if self._inflight[model] > 0:
+            since = self._since.get(model)
+            mine = request_id is None or (since is not None and request_id in since) or request_id in self._priority_of
+            if not mine and self._untracked[model] > 0:
+                self._untracked[model] -= 1  # past the tracking cap: counted, not named
+                mine = True
+            if mine and self._inflight[model] > 0:
                 self._inflight[model] -= 1
-            if request_id is not None and model in self._since:
-                self._since[model].pop(request_id, None)
+            if request_id is not None and since is not None:
+                since.pop(request_id, None)
             held = self._priority_of.pop(request_id, None) if request_id is not None else None
             if held is not None and self._by_priority[held] > 0:
                 self._by_priority[held] -= 1
+            return mine
 
     def get(self, model: str) -> int:
         return self._inflight[model]

@@ -37,6 +37,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         embedded_broker=not args.external_kafka,
         broker_port=int(port) if port and not args.external_kafka else None,
         replicas=args.replicas,
+        routers=args.routers,
         durable=not args.ephemeral,
         run_gateway=not args.no_gateway,
         broker=args.broker,
@@ -80,6 +81,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sp = add_command(sub, "up", cmd_up, "run the local stack in the foreground until Ctrl-C")
     sp.add_argument("--engine", choices=engine_names(), default=None)
     sp.add_argument("--replicas", type=int, default=1, help="GPU consumers per model, in one consumer group")
+    sp.add_argument(
+        "--routers",
+        type=int,
+        default=1,
+        help="router workers, in one group: they share the request and dedupe-table partitions",
+    )
     sp.add_argument(
         "--ephemeral",
         action="store_true",

@@ -151,6 +151,7 @@ class LocalStack(StartStop):
         run_sink: bool = True,
         store: Store | None = None,
         replicas: int = 1,
+        routers: int = 1,
         durable: bool = False,
         supervise: bool = True,
         max_restarts: int = 5,
@@ -178,6 +179,8 @@ class LocalStack(StartStop):
         self.run_sink = run_sink
         # GPU consumers per model, in one consumer group (partitions are shared among them).
         self.replicas = replicas
+        # Router workers: one Faust app, one group; request and table partitions are shared.
+        self.routers = routers
         self.run_gateway = run_gateway
         self.gateway_url: str | None = None
         self.durable = durable
@@ -293,15 +296,17 @@ class LocalStack(StartStop):
                 )
             )
         if self.run_processor:
-            self.children.append(
-                Child(
-                    "processor",
-                    [py, "-m", "stream_processors"],
-                    self._env(env, "processor"),
-                    self.log_dir / "processor.log",
-                    pid_dir=self.pid_dir,
+            for worker in range(self.routers):
+                name = "processor" if self.routers == 1 else f"processor-{worker}"
+                self.children.append(
+                    Child(
+                        name,
+                        [py, "-m", "stream_processors"],
+                        self._env(env, name),
+                        self.log_dir / f"{name}.log",
+                        pid_dir=self.pid_dir,
+                    )
                 )
-            )
         if self.run_consumers:
             for m in self.catalog:
                 if not m.available:

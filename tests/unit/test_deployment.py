@@ -55,7 +55,7 @@ def test_every_reference_in_compose_resolves() -> None:
         for dep in service.get("depends_on", {}):
             assert dep in SERVICES, f"{name} depends on unknown service {dep}"
         for port in service.get("ports", []):
-            assert re.fullmatch(r"\d+:\d+", port), port
+            assert re.fullmatch(r"\d+(-\d+)?:\d+", port), port
         for volume in service.get("volumes", []):
             assert volume.split(":")[0] in COMPOSE["volumes"], volume
         if "build" in service:
@@ -132,5 +132,11 @@ def test_the_scaling_example_queries_series_sluice_serves() -> None:
     source = (ROOT / "stream_processors" / "__main__.py").read_text()
     assert all(f'"{n}"' in source for n in names)
     scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
-    targets = {t for job in scrape["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    jobs = scrape["scrape_configs"]
+    targets = {t for job in jobs for sc in job.get("static_configs", []) for t in sc["targets"]}
+    targets |= {f"{n}:{sd['port']}" for job in jobs for sd in job.get("dns_sd_configs", []) for n in sd["names"]}
     assert targets == {f"{s}:9400" for s in ("processor", "sink", "gpu-smollm2", "gateway")}
+    # Router workers scale with deploy.replicas, each with a host port of the published range.
+    router = COMPOSE["services"]["processor"]
+    low, high = (int(p) for p in router["ports"][0].split(":")[0].split("-"))
+    assert router["deploy"]["replicas"] <= high - low + 1

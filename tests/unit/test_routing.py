@@ -6,7 +6,7 @@ import pytest
 
 from core.catalog import Catalog, ModelEntry
 from core.errors import DeadLetterReason, PipelineRejection
-from schemas import ChatMessage, InferenceRequest
+from schemas import ChatMessage, InferenceRequest, Priority
 from stream_processors.classifier import RuleClassifier
 from stream_processors.router import Backlog, Router
 
@@ -128,3 +128,23 @@ def test_router_rejections(request_: InferenceRequest, catalog: Catalog, reason:
     with pytest.raises(PipelineRejection) as err:
         Router(catalog).route(request_)
     assert err.value.reason is reason
+
+
+def test_a_router_counts_only_its_own_share_of_the_results() -> None:
+    # With two router workers each sees every result; only those of requests it routed count.
+    backlog = Backlog()
+    backlog.routed("m", "a", priority=Priority.LOW)
+    backlog.routed("m", "b", priority=Priority.LOW)
+    assert not backlog.completed("m", "routed-by-the-other-worker")
+    assert backlog.get("m") == 2 and backlog.ahead("m", Priority.LOW) == 2
+    assert backlog.completed("m", "a") and backlog.get("m") == 1
+    assert not backlog.completed("m", "a")  # a redelivered result counts once
+    assert backlog.completed("m", "b") and backlog.get("m") == 0
+
+
+def test_requests_past_the_tracking_cap_are_still_counted_out() -> None:
+    backlog = Backlog(max_tracked=1)
+    backlog.routed("m", "a")
+    backlog.routed("m", "b")  # past the cap
+    assert backlog.get("m") == 2
+    assert backlog.completed("m", "b") and backlog.completed("m", "a") and backlog.get("m") == 0
