@@ -1,4 +1,4 @@
-"""Enqueued-token quotas per tenant: the tokens (prompt estimate + ``max_tokens``) of everything a
+"""Enqueued-token quotas per tenant (and per API key): the tokens (prompt estimate + ``max_tokens``) of everything a
 tenant has queued or running, against ``SLUICE_TENANTS__TOKEN_QUOTAS``.
 
 The router admits a request of a tenant with a quota only if its tokens fit, and writes a
@@ -23,20 +23,38 @@ from core.errors import BrokerError, SluiceError
 from core.kafka import TopicReader
 from core.settings import Settings
 from core.topics import Topics
-from schemas import DeadLetterReason, InferenceRequest, PipelineRejection, QuotaEntry, Serde
+from schemas import (
+    QUOTA_KEY,
+    QUOTA_KEY_TOKENS,
+    DeadLetterReason,
+    InferenceRequest,
+    PipelineRejection,
+    QuotaEntry,
+    Serde,
+)
 
-__all__ = ["QuotaLedger", "follow_ledger", "load_ledger"]
+__all__ = ["QuotaLedger", "follow_ledger", "key_quota", "ledger_wanted", "load_ledger"]
 
 logger = logging.getLogger(__name__)
 
 _MARKER = "marker-"
 
 
+def key_quota(request: InferenceRequest) -> tuple[str, int] | None:
+    """The API key a request came with and that key's token quota (set by the gateway), if any."""
+    key, limit = request.metadata.get(QUOTA_KEY), request.metadata.get(QUOTA_KEY_TOKENS)
+    if not key or not limit or not limit.isdigit():
+        return None
+    return key, int(limit)
+
+
 class QuotaLedger:
     def __init__(self, quotas: dict[str, int]) -> None:
         self.quotas = dict(quotas)
-        self._entries: dict[str, tuple[str, int]] = {}
+        self._entries: dict[str, tuple[str, int, str | None]] = {}
         self._used: Counter[str] = Counter()
+        self._used_by_key: Counter[str] = Counter()
+        self._key_quotas: dict[str, int] = {}  # the last quota seen per key (for the gauges)
         self._lock = threading.Lock()
 
     @property
@@ -47,34 +65,56 @@ class QuotaLedger:
         with self._lock:
             return self._used[tenant]
 
+    def used_by_key(self, key: str) -> int:
+        with self._lock:
+            return self._used_by_key[key]
+
     def usage(self) -> dict[str, int]:
         """Tokens held per tenant with a quota."""
         with self._lock:
             return {t: self._used[t] for t in self.quotas}
 
+    def key_usage(self) -> dict[str, tuple[int, int]]:
+        """(tokens held, quota) per API key with a quota seen by this ledger."""
+        with self._lock:
+            return {k: (self._used_by_key[k], q) for k, q in self._key_quotas.items()}
+
     def check(self, request: InferenceRequest) -> None:
-        """Raise a ``quota_exceeded`` rejection if ``request`` does not fit its tenant's quota."""
+        """Raise a ``quota_exceeded`` rejection if ``request`` does not fit its tenant's quota or
+        its API key's."""
         quota = self.quotas.get(request.tenant)
-        if quota is None:
+        keyed = key_quota(request)
+        if quota is None and keyed is None:
             return
         tokens = request.enqueued_tokens()
         with self._lock:
             if request.request_id in self._entries:
                 return  # already counted (a redelivery)
             used = self._used[request.tenant]
-        if used + tokens > quota:
+            key_used = self._used_by_key[keyed[0]] if keyed is not None else 0
+        if quota is not None and used + tokens > quota:
             raise PipelineRejection(
                 DeadLetterReason.QUOTA_EXCEEDED,
                 f"tenant {request.tenant!r} has {used} tokens queued or running; this request's {tokens} "
                 f"would pass its quota of {quota}",
             )
+        if keyed is not None and key_used + tokens > keyed[1]:
+            raise PipelineRejection(
+                DeadLetterReason.QUOTA_EXCEEDED,
+                f"API key {keyed[0]} has {key_used} tokens queued or running; this request's {tokens} "
+                f"would pass its quota of {keyed[1]}",
+            )
 
     def admit(self, request: InferenceRequest) -> QuotaEntry | None:
-        """Count ``request`` against its tenant's quota (raising if it does not fit); the entry to
-        write to the ledger topic, or None when there is nothing to write."""
-        if request.tenant not in self.quotas:
+        """Count ``request`` against its tenant's and its API key's quota (raising if it does not
+        fit); the entry to write to the ledger topic, or None when there is nothing to write."""
+        keyed = key_quota(request)
+        if request.tenant not in self.quotas and keyed is None:
             return None
         self.check(request)
+        if keyed is not None:
+            with self._lock:
+                self._key_quotas[keyed[0]] = keyed[1]
         entry = QuotaEntry.for_request(request)
         return entry if self._add(entry) else None
 
@@ -82,8 +122,10 @@ class QuotaLedger:
         with self._lock:
             if entry.request_id in self._entries:
                 return False
-            self._entries[entry.request_id] = (entry.tenant, entry.tokens)
+            self._entries[entry.request_id] = (entry.tenant, entry.tokens, entry.key)
             self._used[entry.tenant] += entry.tokens
+            if entry.key is not None:
+                self._used_by_key[entry.key] += entry.tokens
             return True
 
     def release(self, request_id: str) -> bool:
@@ -91,10 +133,14 @@ class QuotaLedger:
             held = self._entries.pop(request_id, None)
             if held is None:
                 return False
-            tenant, tokens = held
+            tenant, tokens, key = held
             self._used[tenant] -= tokens
             if self._used[tenant] <= 0:
                 del self._used[tenant]
+            if key is not None:
+                self._used_by_key[key] -= tokens
+                if self._used_by_key[key] <= 0:
+                    del self._used_by_key[key]
             return True
 
     def apply(self, request_id: str, entry: QuotaEntry | None) -> None:
@@ -105,6 +151,11 @@ class QuotaLedger:
             self.release(request_id)
         else:
             self._add(entry)
+
+
+def ledger_wanted(settings: Settings) -> bool:
+    """Whether routers and gateways keep the ledger: a tenant has a quota, or API keys may."""
+    return bool(settings.tenants.token_quotas) or settings.tenants.key_quotas
 
 
 def _apply(ledger: QuotaLedger, serde: Serde, msg: Any) -> str:

@@ -370,6 +370,9 @@ class TenantSettings(_Section):
     # e.g. {"team-a": 2000000}; a tenant not named has no quota. Over it: 429 at the gateway, a
     # quota_exceeded dead letter and failed result on the Kafka path.
     token_quotas: dict[str, int] = Field(default_factory=dict)
+    # Enforce the token quotas of API keys (`sluice keys create --token-quota N`): routers and
+    # gateways keep the quota ledger even when no tenant has a quota. Set it on both.
+    key_quotas: bool = False
     # tenant -> what the router does with its requests whose deadline is at risk: "none",
     # "escalate" (one priority up) or "reroute" (another capable model); default
     # SLUICE_PROCESSOR__ON_RISK. A request may say it in metadata {"on_risk": ...}.

@@ -42,7 +42,16 @@ from gateway.openai_format import (
 )
 from gateway.waiting import ResultWaiter
 from gateway.webhooks import TargetRefused, check_target
-from schemas import Endpoint, InferenceRequest, InferenceResult, PipelineRejection, Priority, ResultStatus
+from schemas import (
+    QUOTA_KEY,
+    QUOTA_KEY_TOKENS,
+    Endpoint,
+    InferenceRequest,
+    InferenceResult,
+    PipelineRejection,
+    Priority,
+    ResultStatus,
+)
 
 __all__ = ["ApiError", "Services", "create_api"]
 
@@ -216,6 +225,25 @@ def create_api(services: Services) -> FastAPI:
     Key = Annotated[KeyInfo, Depends(key_of)]
     Tenant = Annotated[str, Depends(tenant_of)]
 
+    def key_metadata(key: KeyInfo) -> dict[str, str]:
+        """What a request carries of its key's quota (the router counts it)."""
+        if key.token_quota is None:
+            return {}
+        if s.quota is None:
+            raise ApiError(
+                503,
+                "this API key has a token quota, and key quotas are not enabled on this gateway "
+                "(SLUICE_TENANTS__KEY_QUOTAS=true on the gateway and the routers)",
+                "unavailable",
+            )
+        return {QUOTA_KEY: key.key_id, QUOTA_KEY_TOKENS: str(key.token_quota)}
+
+    def stamp_key(key: KeyInfo, req: InferenceRequest) -> None:
+        """A caller's own values of the quota fields are dropped; the key's are set."""
+        req.metadata.pop(QUOTA_KEY, None)
+        req.metadata.pop(QUOTA_KEY_TOKENS, None)
+        req.metadata.update(key_metadata(key))
+
     def admit(tenant: str, req: InferenceRequest) -> None:
         """The checks every single request meets before it is queued, whichever endpoint took it."""
         limit = s.settings.processor.max_prompt_chars
@@ -307,7 +335,8 @@ def create_api(services: Services) -> FastAPI:
 
     # -- batches ----------------------------------------------------------------------------
     @app.post("/v1/batches", openapi_extra={"requestBody": _body_schema(BATCH_BODY)})
-    async def create_batch(tenant: Tenant, request: Request) -> Any:
+    async def create_batch(key: Key, request: Request) -> Any:
+        tenant = key.tenant
         body = await _json(request, s.settings.gateway.max_body_bytes)
         known = {
             "input_file_id",
@@ -345,6 +374,7 @@ def create_api(services: Services) -> FastAPI:
             priority=body.get("priority", Priority.LOW),
             webhook_url=webhook,
             output_expires_after_s=output_ttl,
+            request_metadata=key_metadata(key),
         )
         return batch_object(batch)
 
@@ -370,7 +400,8 @@ def create_api(services: Services) -> FastAPI:
 
     # -- one request at a time, asynchronously ---------------------------------------------
     @app.post("/v1/async/chat/completions", status_code=202, openapi_extra={"requestBody": _body_schema(CHAT_BODY)})
-    async def submit(tenant: Tenant, request: Request) -> Any:
+    async def submit(key: Key, request: Request) -> Any:
+        tenant = key.tenant
         body = await _json(request, s.settings.gateway.max_body_bytes)
         if body.get("metadata") is not None:
             check_metadata(body["metadata"])
@@ -378,6 +409,7 @@ def create_api(services: Services) -> FastAPI:
             req = request_from_body(body, tenant=tenant, allow_sluice_fields=True)
         except LineError as exc:
             raise ApiError(400, str(exc), exc.code) from exc
+        stamp_key(key, req)
         admit(tenant, req)
         # The caller's W3C trace context continues through the pipeline (a bad one starts a new trace).
         trace = request.headers.get("traceparent")
@@ -409,6 +441,7 @@ def create_api(services: Services) -> FastAPI:
     ) -> Any:
         call = sync_call()
         max_wait = call.max_wait(request, key, s.settings.gateway.max_wait_s)
+        stamp_key(key, req)
         admit(key.tenant, req)
         call.admit(req, max_wait)
         req = call.prepare(req, max_wait)

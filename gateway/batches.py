@@ -34,6 +34,8 @@ from core.topics import Topics
 from gateway.files import FileMeta, FileStore, delete_expired, iter_lines
 from gateway.openai_format import LineError, parse_batch_line
 from schemas import (
+    QUOTA_KEY,
+    QUOTA_KEY_TOKENS,
     AvroRecord,
     BatchState,
     BatchStatus,
@@ -117,6 +119,9 @@ class BatchService:
         self._lock = threading.Lock()
         self._batches: dict[str, BatchStatus] = {}
         self._threads: list[threading.Thread] = []
+        # Metadata every line's request carries (the API key's quota), while this gateway ingests
+        # the batch (a batch taken over after a restart is ingested without it).
+        self._line_metadata: dict[str, dict[str, str]] = {}
 
     # -- the calls --------------------------------------------------------------------------
     def create(
@@ -130,6 +135,7 @@ class BatchService:
         priority: Priority | str = Priority.LOW,
         webhook_url: str | None = None,
         output_expires_after_s: int | None = None,
+        request_metadata: dict[str, str] | None = None,
     ) -> BatchStatus:
         meta = self.files.meta(input_file_id)
         if meta is None or meta.tenant != tenant:
@@ -178,6 +184,8 @@ class BatchService:
             with self._lock:
                 self._batches.pop(batch.batch_id, None)
             raise
+        if request_metadata:
+            self._line_metadata[batch.batch_id] = dict(request_metadata)
         self._spawn(self._ingest, batch, meta)
         return batch
 
@@ -346,6 +354,10 @@ class BatchService:
                 if custom_id in seen:
                     raise LineError(f"line {index + 1}: duplicate custom_id {custom_id!r}", custom_id=custom_id)
                 seen.add(custom_id or "")
+                # Quota fields come from the key, never from the line.
+                request.metadata.pop(QUOTA_KEY, None)
+                request.metadata.pop(QUOTA_KEY_TOKENS, None)
+                request.metadata.update(self._line_metadata.get(batch.batch_id, {}))
                 self.publisher.submit_request(request)
             except LineError as exc:
                 if exc.custom_id is not None:
@@ -354,6 +366,7 @@ class BatchService:
             if (index + 1) % chunk == 0:
                 # Bounded: the producer never holds more than a chunk of a large file.
                 self.publisher.flush()
+        self._line_metadata.pop(batch.batch_id, None)
         return count
 
     def _reject_line(self, batch: BatchStatus, request_id: str, exc: LineError) -> None:

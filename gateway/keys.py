@@ -16,7 +16,7 @@ from core.errors import ConfigError
 from core.settings import Settings
 from schemas import utcnow
 
-__all__ = ["KeyInfo", "KeyStore", "hash_key", "keys_path"]
+__all__ = ["KeyInfo", "KeyStore", "hash_key", "key_id", "keys_path"]
 
 _PREFIX = "sk-sluice-"
 
@@ -30,6 +30,11 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def key_id(key: str) -> str:
+    """A key's public id: ``key_`` and the first 16 hex digits of its hash (never the key)."""
+    return "key_" + hash_key(key)[:16]
+
+
 @dataclass(frozen=True)
 class KeyInfo:
     """What a key grants: its tenant, and its own service-tier mapping and wait limit, if any."""
@@ -37,6 +42,10 @@ class KeyInfo:
     tenant: str
     service_tiers: dict[str, str] = field(default_factory=dict)
     max_wait_s: float | None = None
+    # Most tokens (prompt estimate + max_tokens) this key's requests may have queued or running.
+    token_quota: int | None = None
+    # A stable, non-secret id of the key (a prefix of its hash): what the quota ledger counts by.
+    key_id: str = ""
 
 
 class KeyStore:
@@ -71,7 +80,13 @@ class KeyStore:
         entry = self._load().get(hash_key(key))
         if entry is None:
             return None
-        return KeyInfo(entry["tenant"], dict(entry.get("service_tiers", {})), entry.get("max_wait_s"))
+        return KeyInfo(
+            entry["tenant"],
+            dict(entry.get("service_tiers", {})),
+            entry.get("max_wait_s"),
+            entry.get("token_quota"),
+            key_id(key),
+        )
 
     def create(
         self,
@@ -80,6 +95,7 @@ class KeyStore:
         name: str = "",
         service_tiers: dict[str, str] | None = None,
         max_wait_s: float | None = None,
+        token_quota: int | None = None,
     ) -> str:
         """A new key for ``tenant``; the only time the key is ever returned. ``service_tiers``
         (tier -> high|normal|low) and ``max_wait_s`` override the gateway's for this key."""
@@ -90,12 +106,16 @@ class KeyStore:
             raise ConfigError(f"service tiers must map to high, normal or low: {bad}")
         if max_wait_s is not None and max_wait_s <= 0:
             raise ConfigError("max_wait_s must be positive")
+        if token_quota is not None and token_quota <= 0:
+            raise ConfigError("token_quota must be positive")
         key = _PREFIX + secrets.token_urlsafe(32)
         entry: dict[str, Any] = {"tenant": tenant, "name": name, "created_at": utcnow().isoformat()}
         if service_tiers:
             entry["service_tiers"] = dict(service_tiers)
         if max_wait_s is not None:
             entry["max_wait_s"] = max_wait_s
+        if token_quota is not None:
+            entry["token_quota"] = token_quota
         with self._lock:
             keys = json.loads(self.path.read_text() or "{}") if self.path.exists() else {}
             keys[hash_key(key)] = entry

@@ -14,7 +14,7 @@ from core import clients
 from core.catalog import load_catalog
 from core.kafka import TopicReader
 from core.metrics import register_collector
-from core.quota import QuotaLedger, follow_ledger, load_ledger
+from core.quota import QuotaLedger, follow_ledger, ledger_wanted, load_ledger
 from core.settings import Settings
 from gateway.api import Services, create_api
 from gateway.batches import BatchService
@@ -55,7 +55,7 @@ class Gateway:
         models = [m.name for m in load_catalog(settings.catalog_path)]
         self.quota: QuotaLedger | None = None
         self._ledger_reader: TopicReader | None = None
-        if settings.tenants.token_quotas:
+        if ledger_wanted(settings):
             self.quota = QuotaLedger(settings.tenants.token_quotas)
             self._ledger_reader = load_ledger(settings, clients.serde(settings), self.quota)
         self.capacity = Capacity(settings, models)

@@ -8,6 +8,8 @@ This package imports nothing from the rest of Sluice: every service shares it.
 from schemas.errors import ConfigError, PipelineRejection, SerializationError, SluiceError
 from schemas.ids import dead_letter_id, new_id, utcnow
 from schemas.models import (
+    QUOTA_KEY,
+    QUOTA_KEY_TOKENS,
     AvroRecord,
     BatchStatus,
     ChatMessage,
@@ -34,6 +36,8 @@ from schemas.vocabulary import (
 )
 
 __all__ = [
+    "QUOTA_KEY",
+    "QUOTA_KEY_TOKENS",
     "AvroDeserializer",
     "AvroRecord",
     "AvroSerializer",

@@ -13,6 +13,8 @@ from schemas.ids import dead_letter_id, new_id, utcnow
 from schemas.vocabulary import BatchState, CacheKind, DeadLetterReason, Priority, RequestState, ResultStatus, Stage
 
 __all__ = [
+    "QUOTA_KEY",
+    "QUOTA_KEY_TOKENS",
     "AvroRecord",
     "BatchStatus",
     "ChatMessage",
@@ -25,6 +27,11 @@ __all__ = [
     "RequestStatus",
     "Route",
 ]
+
+# Request metadata the gateway sets (a caller's own values are dropped): the id of the API key a
+# request came with and that key's quota of enqueued tokens, for keys that have one.
+QUOTA_KEY = "quota_key"
+QUOTA_KEY_TOKENS = "quota_key_tokens"
 
 
 class AvroRecord(BaseModel):
@@ -494,7 +501,10 @@ class QuotaEntry(AvroRecord):
     tenant: str
     tokens: int
     at: datetime = Field(default_factory=utcnow)
+    # The API key it came with, where that key has a token quota of its own.
+    key: str | None = None
 
     @classmethod
     def for_request(cls, request: InferenceRequest) -> QuotaEntry:
-        return cls(request_id=request.request_id, tenant=request.tenant, tokens=request.enqueued_tokens())
+        key = request.metadata.get(QUOTA_KEY)
+        return cls(request_id=request.request_id, tenant=request.tenant, tokens=request.enqueued_tokens(), key=key)

@@ -47,6 +47,19 @@ def _backlog_gauges(app: faust.App) -> Iterator[GaugeMetricFamily]:
             ["tenant"],
             [([t], q) for t, q in quota.quotas.items()],
         )
+        keys = quota.key_usage()
+        yield gauge_family(
+            "sluice_key_enqueued_tokens",
+            "Tokens an API key with a quota has queued or running (key: its public id, never the key)",
+            ["key"],
+            [([k], used) for k, (used, _) in keys.items()],
+        )
+        yield gauge_family(
+            "sluice_key_token_quota",
+            "An API key's quota of enqueued tokens",
+            ["key"],
+            [([k], q) for k, (_, q) in keys.items()],
+        )
     if app.semantic is not None:
         yield gauge_family(
             "sluice_semantic_cache_entries",

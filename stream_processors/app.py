@@ -31,7 +31,7 @@ from core.errors import SluiceError
 from core.headers import carried
 from core.kafka import Out
 from core.metrics import ROUTED, observe_records
-from core.quota import QuotaLedger, follow_ledger, load_ledger
+from core.quota import QuotaLedger, follow_ledger, ledger_wanted, load_ledger
 from core.settings import Settings
 from core.topics import Topics
 from schemas import CacheKind, InferenceRequest, InferenceResult, ResultStatus, Serde
@@ -158,11 +158,10 @@ def _semantic_agents(
 
 def _quota_ledger(settings: Settings, serde: Serde) -> QuotaLedger | None:
     """The quota ledger, rebuilt from its topic before the worker joins its group and then kept
-    following it (other routers' admissions and releases); None when no tenant has a quota."""
-    quotas = settings.tenants.token_quotas
-    if not quotas:
+    following it (other routers' admissions and releases); None when no tenant or key has a quota."""
+    if not ledger_wanted(settings):
         return None
-    ledger = QuotaLedger(quotas)
+    ledger = QuotaLedger(settings.tenants.token_quotas)
     reader = load_ledger(settings, serde, ledger)
     stop = threading.Event()
     threading.Thread(target=follow_ledger, args=(reader, serde, ledger, stop), name="quota-ledger", daemon=True).start()

@@ -198,10 +198,19 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     for spec in args.tier:
         tier, _, priority = spec.partition("=")
         tiers[tier] = priority
-    store = KeyStore(keys_path(settings_from(args)))
-    key = store.create(args.tenant, name=args.name, service_tiers=tiers, max_wait_s=args.max_wait)
+    settings = settings_from(args)
+    store = KeyStore(keys_path(settings))
+    key = store.create(
+        args.tenant, name=args.name, service_tiers=tiers, max_wait_s=args.max_wait, token_quota=args.token_quota
+    )
     # The only time the key is shown: only its hash is stored.
     print(key)
+    if args.token_quota is not None and not settings.tenants.key_quotas:
+        print(
+            "note: this key's token quota is enforced only where SLUICE_TENANTS__KEY_QUOTAS=true "
+            "(gateway and routers); until then the gateway refuses its calls with 503",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -236,6 +245,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="map an OpenAI service_tier to a priority for this key (e.g. flex=normal); repeatable",
     )
     kp.add_argument("--max-wait", type=float, default=None, help="seconds a synchronous call of this key may wait")
+    kp.add_argument(
+        "--token-quota",
+        type=int,
+        default=None,
+        help="most tokens (prompt estimate + max_tokens) this key's requests may have queued or running",
+    )
     kp.set_defaults(fn=cmd_keys_create)
 
     batch = sub.add_parser("batch", help="OpenAI-style batch jobs", description="batch jobs through the gateway")

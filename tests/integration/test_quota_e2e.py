@@ -121,3 +121,60 @@ def test_quota_breaches_through_the_sdk_and_http_survive_a_router_restart(
     finally:
         http.close()
         results.close()
+
+
+def test_an_api_keys_token_quota_through_the_gateway_and_router(
+    settings: Settings, clickhouse_store: Store, serde: Serde
+) -> None:
+    from gateway.keys import key_id
+    from schemas import QuotaEntry
+
+    # 50 tokens of 200 ms: each request runs 10 s. Two of 60 tokens fit the key's 130.
+    settings = settings.evolve(engine={"instant_token_seconds": 0.2}, tenants={"key_quotas": True})
+    stack = LocalStack(settings, store=clickhouse_store, run_gateway=True).start()
+    keys = KeyStore(keys_path(stack.settings))
+    limited, free = keys.create("key-t", token_quota=130), keys.create("key-t")
+    results = TopicCounter(stack.settings, stack.topics.results)
+    base = f"{stack.gateway_url}/v1"
+    http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {limited}"}, timeout=30)
+    other = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {free}"}, timeout=30)
+
+    def body(i: int) -> dict[str, object]:
+        return {"model": "tiny", "messages": [{"role": "user", "content": _prompt(i)}], "max_tokens": 50}
+
+    try:
+        held = [http.post("/async/chat/completions", json=body(i)) for i in range(2)]
+        assert all(r.status_code == 202 for r in held), [r.text for r in held]
+        ids = [r.json()["id"] for r in held]
+        refused = wait_until(
+            lambda: http.post("/async/chat/completions", json=body(2)),
+            lambda r: r.status_code == 429,
+            timeout=30,
+            what="the gateway to see the key's held tokens",
+        )
+        assert refused.json()["error"]["code"] == "quota_exceeded" and "API key key_" in refused.json()["error"][
+            "message"
+        ]
+        assert not any(results.counts()[rid] for rid in ids)  # refused while the two still run
+        # The tenant's other key is not held back by it.
+        assert other.post("/async/chat/completions", json=body(3)).status_code == 202
+        entries = [
+            e
+            for e in topic_records(stack.settings, stack.topics.quota_ledger, QuotaEntry, serde, quiet_s=1.0)
+            if e.request_id in ids
+        ]
+        assert {e.key for e in entries} == {key_id(limited)}
+        # The two finish: their tokens come back and the key is admitted again.
+        wait_until(results.counts, lambda c: all(c[rid] for rid in ids), timeout=120, what="the two")
+        accepted = wait_until(
+            lambda: http.post("/async/chat/completions", json=body(4)),
+            lambda r: r.status_code == 202,
+            timeout=30,
+            what="the key admitted again",
+        )
+        assert accepted.status_code == 202
+    finally:
+        http.close()
+        other.close()
+        results.close()
+        stack.stop()

@@ -131,3 +131,89 @@ def test_an_unreadable_ledger_record_is_skipped_and_the_rest_applied() -> None:
     _apply(ledger, serde, Msg(b"bad", b"\x00\x00\x00\x00\x99garbage"))
     _apply(ledger, serde, Msg(good.request_id.encode(), serde.encode(good)))
     assert ledger.used("a") == good.tokens
+
+
+def test_an_api_keys_quota_travels_with_its_requests_and_is_counted_on_its_own() -> None:
+    from schemas import QUOTA_KEY, QUOTA_KEY_TOKENS
+
+    ledger = QuotaLedger({})  # no tenant quota: only the key's counts
+    keyed = {QUOTA_KEY: "key_1", QUOTA_KEY_TOKENS: "250"}
+    r1, r2 = req(metadata=dict(keyed)), req(metadata=dict(keyed))
+    e1 = ledger.admit(r1)
+    assert e1 is not None and e1.key == "key_1" and ledger.admit(r2) is not None
+    assert ledger.used_by_key("key_1") == 220
+    with pytest.raises(PipelineRejection) as refused:
+        ledger.admit(req(metadata=dict(keyed)))
+    assert "API key key_1" in refused.value.detail and "quota of 250" in refused.value.detail
+    # Another key of the same tenant, and the tenant itself, are not held back by it.
+    assert ledger.admit(req(metadata={QUOTA_KEY: "key_2", QUOTA_KEY_TOKENS: "250"})) is not None
+    assert ledger.admit(req()) is None
+    assert ledger.key_usage() == {"key_1": (220, 250), "key_2": (110, 250)}
+    # Released with its result; rebuilt from the topic with the key it was written with.
+    assert ledger.release(r1.request_id) and ledger.used_by_key("key_1") == 110
+    rebuilt = QuotaLedger({})
+    rebuilt.apply(e1.request_id, Serde().decode(QuotaEntry, Serde().encode(e1)))
+    assert rebuilt.used_by_key("key_1") == 110
+
+
+def test_a_quota_entry_written_before_keys_had_quotas_still_reads() -> None:
+    import io
+    import struct
+
+    from fastavro import schemaless_writer
+
+    from schemas.registry import LocalSchemaRegistry
+
+    entry = QuotaEntry.for_request(req())
+    record = entry.to_avro()
+    record.pop("key")
+    buf = io.BytesIO()
+    buf.write(b"\x00" + struct.pack(">I", 17))
+    schemaless_writer(buf, LocalSchemaRegistry().schema_for(17), record)
+    decoded = Serde().decode(QuotaEntry, buf.getvalue())
+    assert decoded.tokens == entry.tokens and decoded.key is None
+    assert Serde().encode(entry)[1:5] == struct.pack(">I", 19)
+
+
+def test_the_gateway_stamps_a_keys_quota_and_refuses_past_it(tmp_path: Path) -> None:
+    from schemas import QUOTA_KEY, QUOTA_KEY_TOKENS
+
+    settings = Settings(data_dir=tmp_path)
+    keys = KeyStore(tmp_path / "keys.json")
+    files = LocalFileStore(tmp_path / "files")
+    pub = MemoryPublisher()
+    ledger = QuotaLedger({})
+    services = Services(settings, keys, files, BatchService(settings, files, pub, None), pub, None, quota=ledger)
+    client = TestClient(create_api(services))
+    limited = {"Authorization": f"Bearer {keys.create('acme', token_quota=150)}"}
+    other = {"Authorization": f"Bearer {keys.create('acme')}"}
+    # A caller cannot set its own quota: its values are replaced by the key's.
+    body = {
+        "messages": [{"role": "user", "content": "x" * 40}],
+        "max_tokens": 100,
+        "metadata": {QUOTA_KEY: "key_forged", QUOTA_KEY_TOKENS: "99999999"},
+    }
+    assert client.post("/v1/async/chat/completions", headers=limited, json=body).status_code == 202
+    stamped = pub.requests[0].metadata
+    assert stamped[QUOTA_KEY].startswith("key_") and stamped[QUOTA_KEY] != "key_forged"
+    assert stamped[QUOTA_KEY_TOKENS] == "150"
+    ledger.admit(pub.requests[0])  # the router counted it
+    over = client.post("/v1/async/chat/completions", headers=limited, json=body)
+    assert over.status_code == 429 and over.json()["error"]["code"] == "quota_exceeded"
+    # The tenant's other key has no quota: the same request goes through, without quota fields.
+    assert client.post("/v1/async/chat/completions", headers=other, json=body).status_code == 202
+    assert QUOTA_KEY not in pub.requests[-1].metadata and QUOTA_KEY_TOKENS not in pub.requests[-1].metadata
+
+
+def test_a_key_with_a_quota_is_refused_where_key_quotas_are_off(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    keys = KeyStore(tmp_path / "keys.json")
+    files = LocalFileStore(tmp_path / "files")
+    pub = MemoryPublisher()
+    services = Services(settings, keys, files, BatchService(settings, files, pub, None), pub, None, quota=None)
+    client = TestClient(create_api(services))
+    limited = {"Authorization": f"Bearer {keys.create('acme', token_quota=150)}"}
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+    refused = client.post("/v1/async/chat/completions", headers=limited, json=body)
+    assert refused.status_code == 503 and "SLUICE_TENANTS__KEY_QUOTAS" in refused.json()["error"]["message"]
+    assert not pub.requests  # not a silent pass
