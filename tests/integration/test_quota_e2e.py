@@ -152,9 +152,9 @@ def test_an_api_keys_token_quota_through_the_gateway_and_router(
             timeout=30,
             what="the gateway to see the key's held tokens",
         )
-        assert refused.json()["error"]["code"] == "quota_exceeded" and "API key key_" in refused.json()["error"][
-            "message"
-        ]
+        assert (
+            refused.json()["error"]["code"] == "quota_exceeded" and "API key key_" in refused.json()["error"]["message"]
+        )
         assert not any(results.counts()[rid] for rid in ids)  # refused while the two still run
         # The tenant's other key is not held back by it.
         assert other.post("/async/chat/completions", json=body(3)).status_code == 202
