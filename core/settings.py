@@ -197,6 +197,9 @@ class EngineSettings(_Section):
     enforce_eager: bool | None = None
     # CPU hosts only: the KV cache in GiB (VLLM_CPU_KVCACHE_SPACE; unset, vLLM takes most of RAM).
     kv_cache_gib: int = 1
+    # CPU hosts only: cores (the first ones this process may use) left out of vLLM's OpenMP
+    # binding, for the broker, router and sink beside it (VLLM_CPU_OMP_THREADS_BIND wins).
+    cpu_reserved_cores: int = Field(default=0, ge=0)
     gpu_memory_utilization: float = 0.85
     # Requests kept in the engine at once; None: the engine's own max_num_seqs.
     max_inflight: int | None = Field(default=None, gt=0)

@@ -56,9 +56,12 @@ def configure_cpu_env(settings: EngineSettings) -> None:
     """Defaults that keep vLLM small and fast on a few CPU cores; explicit env vars win.
 
     In-process engine core (no extra process re-importing vLLM), a bounded KV cache (unset,
-    vLLM reserves most of RAM), and OpenMP bound to the cores this process may use.
+    vLLM reserves most of RAM), and OpenMP bound to the cores this process may use (less
+    ``cpu_reserved_cores``, left to the services beside it).
     """
     cores = sorted(os.sched_getaffinity(0))
+    if 0 < settings.cpu_reserved_cores < len(cores):
+        cores = cores[settings.cpu_reserved_cores :]
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
