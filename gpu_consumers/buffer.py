@@ -235,6 +235,11 @@ class PriorityBuffer:
         order = self._order(now)
         return order[0][0] if order else None
 
+    def best_tier(self, now: datetime) -> int | None:
+        """The priority (its own rank, not aged) :meth:`take` takes from next."""
+        order = self._order(now)
+        return order[0][2] if order else None
+
     def take(self, n: int, now: datetime) -> list[Buffered]:
         out: list[Buffered] = []
         while len(out) < n:

@@ -83,10 +83,11 @@ class InFlight:
         return max((r.rank for r in self._running.values()), default=None)
 
     def victim(self, outranked_by: int) -> Running | None:
-        """The request to preempt for one of rank ``outranked_by``: the lowest-priority, least
-        advanced of those it outranks that were not preempted before (none: leave them be)."""
-        candidates = [r for r in self._running.values() if r.rank > outranked_by and not r.item.preempted]
-        return max(candidates, key=lambda r: (r.rank, -r.steps), default=None)
+        """The request to preempt for one of priority rank ``outranked_by``: the lowest-priority,
+        least advanced of those of a lower priority (their own, not aged: a request that only
+        aged never displaces one of its own priority) not preempted before (none: leave them be)."""
+        candidates = [r for r in self._running.values() if r.item.rank > outranked_by and not r.item.preempted]
+        return max(candidates, key=lambda r: (r.item.rank, -r.steps), default=None)
 
     def ids(self) -> list[str]:
         return list(self._running)

@@ -359,7 +359,7 @@ class GpuWorker(Handler):
         lowest-priority, least advanced running request, put it back at the head of its priority
         (it starts over; the engine time it used stays on its bill) and start the higher one."""
         while len(self.buffer) and len(self.inflight) >= self.max_inflight:
-            best = self.buffer.best_rank(now)
+            best = self.buffer.best_tier(now)
             victim = self.inflight.victim(best) if best is not None else None
             if victim is None:
                 return

@@ -229,6 +229,18 @@ def test_preempt_aborts_the_least_advanced_lowest_request_for_a_high_one() -> No
     assert rig.committed() == len(lengths)
 
 
+def test_a_request_that_only_aged_preempts_nothing() -> None:
+    rig = _rig(max_inflight=2)
+    _feed(rig, [_request(f"fresh{i}", 30) for i in range(2)])
+    rig.cycles(2)
+    assert len(rig.worker.inflight) == 2
+    # 65 s old: aged to normal's rank, but a low request among running low ones.
+    _feed(rig, [_request("old-low", 2, created_at=utcnow() - timedelta(seconds=65))])
+    rig.cycles(3)
+    assert "old-low" not in rig.worker.inflight
+    assert not [s for s in rig.of(RequestStatus) if "preempted" in (s.detail or "")]
+
+
 def test_a_preempted_runs_engine_time_stays_on_its_bill() -> None:
     item = Buffered("t", 0, 0, b"", _request("r", 4), 0.0, spent_ms=12.5)
     inflight = InFlight()
