@@ -169,7 +169,7 @@ def test_tenants_see_only_their_own_and_limits_are_clear_4xx(gw: LocalStack) -> 
     assert first.status_code == 200
     second = a.post("/batches", json={"input_file_id": slow["id"], "endpoint": "/v1/chat/completions"})
     assert second.status_code == 429 and "limit of 30" in second.json()["error"]["message"]
-    assert _done(a, batch["id"])["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+    assert _done(a, batch["id"])["request_counts"] == {"total": 3, "completed": 3, "failed": 0, "at_risk": 0}
     cancelled = a.post(f"/batches/{first.json()['id']}/cancel").json()
     assert cancelled["status"] in ("cancelling", "cancelled")
     end = _done(a, first.json()["id"])

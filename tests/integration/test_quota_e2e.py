@@ -129,8 +129,9 @@ def test_an_api_keys_token_quota_through_the_gateway_and_router(
     from gateway.keys import key_id
     from schemas import QuotaEntry
 
-    # 50 tokens of 200 ms: each request runs 10 s. Two of 60 tokens fit the key's 130.
-    settings = settings.evolve(engine={"instant_token_seconds": 0.2}, tenants={"key_quotas": True})
+    # 50 tokens of 1 s: each request runs 50 s, so the two hold their tokens while the third is
+    # tried, however slow the host. Two of 60 tokens fit the key's 130.
+    settings = settings.evolve(engine={"instant_token_seconds": 1.0}, tenants={"key_quotas": True})
     stack = LocalStack(settings, store=clickhouse_store, run_gateway=True).start()
     keys = KeyStore(keys_path(stack.settings))
     limited, free = keys.create("key-t", token_quota=130), keys.create("key-t")
@@ -146,6 +147,16 @@ def test_an_api_keys_token_quota_through_the_gateway_and_router(
         held = [http.post("/async/chat/completions", json=body(i)) for i in range(2)]
         assert all(r.status_code == 202 for r in held), [r.text for r in held]
         ids = [r.json()["id"] for r in held]
+        wait_until(
+            lambda: {
+                s.request_id
+                for s in topic_records(stack.settings, stack.topics.status, RequestStatus, serde, quiet_s=0.5)
+                if s.state == "routed"
+            },
+            lambda routed: set(ids) <= routed,
+            timeout=60,
+            what="the two routed",
+        )
         refused = wait_until(
             lambda: http.post("/async/chat/completions", json=body(2)),
             lambda r: r.status_code == 429,
@@ -165,7 +176,7 @@ def test_an_api_keys_token_quota_through_the_gateway_and_router(
         ]
         assert {e.key for e in entries} == {key_id(limited)}
         # The two finish: their tokens come back and the key is admitted again.
-        wait_until(results.counts, lambda c: all(c[rid] for rid in ids), timeout=120, what="the two")
+        wait_until(results.counts, lambda c: all(c[rid] for rid in ids), timeout=180, what="the two")
         accepted = wait_until(
             lambda: http.post("/async/chat/completions", json=body(4)),
             lambda r: r.status_code == 202,
