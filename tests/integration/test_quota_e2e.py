@@ -41,6 +41,20 @@ def quota_stack(settings: Settings, clickhouse_store: Store) -> Iterator[LocalSt
     stack.stop()
 
 
+def _wait_routed(stack: LocalStack, serde: Serde, ids: list[str], what: str) -> None:
+    """Until every one of ``ids`` has a ``routed`` status (the router has counted its tokens)."""
+    wait_until(
+        lambda: {
+            s.request_id
+            for s in topic_records(stack.settings, stack.topics.status, RequestStatus, serde, quiet_s=0.5)
+            if s.state == "routed"
+        },
+        lambda routed: set(ids) <= routed,
+        timeout=60,
+        what=what,
+    )
+
+
 def _failed(stack: LocalStack, serde: Serde, rid: str) -> InferenceResult | None:
     for r in topic_records(stack.settings, stack.topics.results, InferenceResult, serde, quiet_s=1.0):
         if r.request_id == rid:
@@ -63,16 +77,7 @@ def test_quota_breaches_through_the_sdk_and_http_survive_a_router_restart(
             client.flush()
             # The four are admitted first: the router takes partitions in no fixed order, so the
             # fifth is sent only once all four are routed.
-            wait_until(
-                lambda: {
-                    s.request_id
-                    for s in topic_records(stack.settings, stack.topics.status, RequestStatus, serde, quiet_s=0.5)
-                    if s.state == "routed"
-                },
-                lambda routed: set(held) <= routed,
-                timeout=60,
-                what="the four routed",
-            )
+            _wait_routed(stack, serde, held, "the four routed")
             over = client.submit(_prompt(4), model="tiny", tenant="quota-t", max_tokens=50, cache=False)
             client.flush()
             # The SDK path: a failed result and a typed dead letter, at once (not after the others).
@@ -147,16 +152,7 @@ def test_an_api_keys_token_quota_through_the_gateway_and_router(
         held = [http.post("/async/chat/completions", json=body(i)) for i in range(2)]
         assert all(r.status_code == 202 for r in held), [r.text for r in held]
         ids = [r.json()["id"] for r in held]
-        wait_until(
-            lambda: {
-                s.request_id
-                for s in topic_records(stack.settings, stack.topics.status, RequestStatus, serde, quiet_s=0.5)
-                if s.state == "routed"
-            },
-            lambda routed: set(ids) <= routed,
-            timeout=60,
-            what="the two routed",
-        )
+        _wait_routed(stack, serde, ids, "the two routed")
         refused = wait_until(
             lambda: http.post("/async/chat/completions", json=body(2)),
             lambda r: r.status_code == 429,
