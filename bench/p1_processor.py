@@ -21,10 +21,10 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.harness import BenchEnv, Observer, ScenarioResult, instant_catalog, kafka_unavailable, produce_all
+from core.placement import dedupe_key
 from core.settings import Settings
 from core.topics import ensure_topics
 from schemas import ChatMessage, InferenceRequest, InferenceResult, ResultStatus, Serde, utcnow
-from stream_processors.dedupe import dedupe_key
 
 __all__ = ["run_p1", "run_p1s"]
 

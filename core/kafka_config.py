@@ -65,6 +65,10 @@ def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
             "enable.idempotence": True,
             "linger.ms": kafka.linger_ms,
             "compression.type": kafka.compression_type,
+            # Kafka's Java partitioner (librdkafka's default is CRC32): a key lands on the same
+            # partition whichever client wrote it, which is what co-partitions a request with its
+            # dedupe-table entry (core.placement).
+            "partitioner": "murmur2_random",
         }
     )
     conf.update(overrides)

@@ -31,6 +31,7 @@ __all__ = [
     "CHILD_RESTARTS",
     "COST",
     "DEAD_LETTERS",
+    "DEDUPE_PATH",
     "DEDUPLICATED",
     "ENGINE_INFLIGHT",
     "ENGINE_SECONDS",
@@ -86,6 +87,12 @@ AT_RISK = Counter(
     "sluice_at_risk_requests_total", "Requests said to be at risk of missing their deadline", ["model", "priority"]
 )
 ROUTED = Counter("sluice_routed_requests_total", "Requests the router sent to a model topic", ["model", "priority"])
+DEDUPE_PATH = Counter(
+    "sluice_dedupe_requests_total",
+    "Requests the router deduplicated, by path: on the partition they arrived on (local) or after "
+    "the repartition hop (repartitioned: a key from another producer)",
+    ["path"],
+)
 DEDUPLICATED = Counter("sluice_deduplicated_requests_total", "Requests answered with another request's result")
 CACHE_HITS = Counter("sluice_cache_hits_total", "Requests answered from the response cache", ["kind"])
 KAFKA_CLIENT_ERRORS = Counter(

@@ -1,8 +1,9 @@
 """The producer client: ``submit(...) -> request_id``.
 
-Requests are keyed by request id (so a request's events stay ordered on one partition) and
-published with ``acks=all`` and idempotence on, through the runtime's tracked publisher
-(``core.kafka.TrackedPublisher``). Delivery is asynchronous, as with confluent-kafka;
+Requests are keyed by their dedupe key (their request id when they have none), so each lands on
+the partition of its dedupe-table entry and the router settles it without a repartition hop
+(``core.placement``). They are published with ``acks=all`` and idempotence on, through the
+runtime's tracked publisher (``core.kafka.TrackedPublisher``). Delivery is asynchronous, as with confluent-kafka;
 :meth:`SluiceClient.flush` waits for every acknowledgement and raises if any request was not
 acknowledged, so a caller never believes a lost request was queued.
 """
@@ -22,6 +23,7 @@ from core import clients
 from core.errors import BrokerError, ConfigError
 from core.headers import new_traceparent, valid_traceparent
 from core.kafka import Out, Producer, TrackedPublisher
+from core.placement import placement_key
 from core.settings import Settings
 from core.topics import Topics
 from schemas import AvroRecord, ChatMessage, InferenceRequest, Priority, RequestState, RequestStatus, Serde
@@ -127,7 +129,7 @@ class SluiceClient:
         if tracestate:
             headers.append(("tracestate", tracestate.encode()))
         topic = self.topics.requests(request.priority)
-        outs = [Out(topic, request.request_id, request, headers)]
+        outs = [Out(topic, placement_key(request, self.settings.processor), request, headers)]
         if self.settings.publish_status:
             status = RequestStatus.of(
                 request.request_id, RequestState.QUEUED, detail=f"on {topic}", tenant=request.tenant

@@ -36,12 +36,13 @@ from core.settings import Settings
 from core.topics import Topics
 from schemas import CacheKind, InferenceRequest, InferenceResult, ResultStatus, Serde
 from stream_processors.classifier import Classifier
+from stream_processors.colocate import Colocated
 from stream_processors.dedupe import DedupeStage
 from stream_processors.embedding import MiniLMEmbedder
 from stream_processors.pipeline import RequestPipeline
 from stream_processors.security import faust_credentials
 from stream_processors.semantic import SemanticStage
-from stream_processors.transport import App
+from stream_processors.transport import App, acting_on
 
 __all__ = ["create_app", "faust_broker_urls"]
 
@@ -156,6 +157,20 @@ def _semantic_agents(
                 logger.error("semantic index skipped %s@%d: %s", partition, event.message.offset, exc)
 
 
+def _local_dedupe(app: faust.App, table: Any, dedupe_topic: str) -> tuple[int, dict[str, frozenset[int]]]:
+    """The dedupe table's partition count (0 when the hop must always be taken) and, per request
+    topic, the partitions this worker may deduplicate in place now (``Colocated``)."""
+    n = app.consumer.topic_partitions(table.changelog_topic_name)
+    if not n or app.consumer.topic_partitions(dedupe_topic) != n:
+        return 0, {}
+    actives = app.assignor.assigned_actives()
+    owned = {tp.partition for tp in actives if tp.topic == table.changelog_topic_name} & {
+        tp.partition for tp in actives if tp.topic == dedupe_topic
+    }
+    topics = {tp.topic for tp in actives} - {dedupe_topic, table.changelog_topic_name}
+    return n, {t: Colocated.local_partitions(n, app.consumer.topic_partitions(t), owned) for t in topics}
+
+
 def _quota_ledger(settings: Settings, serde: Serde) -> QuotaLedger | None:
     """The quota ledger, rebuilt from its topic before the worker joins its group and then kept
     following it (other routers' admissions and releases); None when no tenant or key has a quota."""
@@ -230,6 +245,7 @@ def create_app(
     semantic = _semantic_stage(app, settings, catalog, pipeline) if ps.semantic.enabled else None
     app.semantic = semantic
     stage = DedupeStage(table, pipeline.emit, ps, pipeline.router.backlog, semantic=semantic)
+    colocated = Colocated(topics.dedupe, stage, serde)
     out_topics: dict[str, faust.TopicT] = {}
 
     model_topics = {t for m in catalog for t in topics.model_topics(m.name)}
@@ -252,21 +268,28 @@ def create_app(
     async def route(stream: faust.StreamT[bytes]) -> None:
         """Decode, validate, classify and route; keyed requests go on to the dedupe agent."""
         # Batches amortise the per-event async overhead; Faust acks a batch's events only after
-        # the body has handled (and sent) all of them. No table is written here, so batching
-        # cannot misdirect a changelog write.
+        # the body has handled (and sent) all of them. A request settled in place writes the
+        # table as its own event (acting_on), so its changelog entry goes to its own partition.
         async for events in stream.take_events(1000, within=0.005):
+            n, local = _local_dedupe(app, table, topics.dedupe)
             for event in events:
                 msg = event.message
-                await send(
-                    pipeline.process(
-                        event.value,
-                        topic=msg.topic,
-                        partition=msg.partition,
-                        offset=msg.offset,
-                        headers=list(msg.headers or []),
-                        timestamp_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
-                    )
+                outs = pipeline.process(
+                    event.value,
+                    topic=msg.topic,
+                    partition=msg.partition,
+                    offset=msg.offset,
+                    headers=list(msg.headers or []),
+                    timestamp_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
                 )
+                if n:
+
+                    def settle(out: Out, event: Any = event) -> list[Out]:
+                        with acting_on(event):
+                            return colocated.on_request(out, event.message.partition)
+
+                    outs = colocated.split(outs, msg.partition, n, local.get(msg.topic, ()), settle)
+                await send(outs)
 
     @app.agent(dedupe_topic, name="dedupe")  # type: ignore[untyped-decorator,misc]
     async def dedupe(stream: faust.StreamT[bytes]) -> None:

@@ -22,8 +22,6 @@ event being processed: a sweep only touches entries of the tick's own partition.
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 import logging
 import time
 from collections.abc import MutableMapping
@@ -37,36 +35,11 @@ from stream_processors.emit import Emitter
 from stream_processors.router import Backlog
 from stream_processors.semantic import SemanticStage
 
-__all__ = ["DedupeStage", "dedupe_key"]
+__all__ = ["DedupeStage"]
 
 logger = logging.getLogger(__name__)
 
 Entry = dict[str, Any]
-
-
-def dedupe_key(request: InferenceRequest, settings: ProcessorSettings) -> str | None:
-    """``idem:<tenant>:<key>`` for an idempotency key; else ``content:<scope>:<sha256>`` of what
-    determines the answer (model hint, messages, sampling parameters), unless the request opts out
-    of the cache; ``None`` when the request is not deduplicated at all."""
-    if not settings.dedupe_enabled:
-        return None
-    if request.idempotency_key:
-        return f"idem:{request.tenant}:{request.idempotency_key}"
-    if not (request.cache and settings.cache_enabled):
-        return None
-    content = {
-        "model": request.model,
-        "messages": [[m.role, m.content] for m in request.messages],
-        "max_tokens": request.max_tokens,
-        "temperature": request.temperature,
-        "top_p": request.top_p,
-        "seed": request.seed,
-        "stop": request.stop,
-        "response_format": request.response_format,
-    }
-    digest = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    scope = "*" if settings.cache_shared_across_tenants else request.tenant
-    return f"content:{scope}:{digest}"
 
 
 def _attached(request: InferenceRequest, raw: bytes, headers: Headers | None) -> Entry:

@@ -14,13 +14,13 @@ from core.catalog import Catalog
 from core.errors import DeadLetterReason, PipelineRejection
 from core.headers import carried
 from core.kafka import Out
+from core.placement import dedupe_key
 from core.quota import QuotaLedger
 from core.rejections import Source, rejection_records
 from core.settings import ProcessorSettings, TenantSettings
 from core.topics import Topics, reply_to_allowed
 from schemas import InferenceRequest, RequestState, Serde, Stage, utcnow
 from stream_processors.classifier import Classifier, RuleClassifier
-from stream_processors.dedupe import dedupe_key
 from stream_processors.emit import Emitter
 from stream_processors.risk import RiskReview
 from stream_processors.router import Backlog, Router

@@ -17,13 +17,28 @@ when there is one, else to its beginning (``auto_offset_reset=earliest``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import faust
+from faust import streams as faust_streams
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
-__all__ = ["App"]
+__all__ = ["App", "acting_on"]
+
+
+@contextmanager
+def acting_on(event: Any) -> Iterator[None]:
+    """Make ``event`` Faust's current event: a table write goes to the changelog partition of the
+    current event, and in a batch taken with ``take_events`` that is the batch's last event, not
+    the one being handled."""
+    token = faust_streams._current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        faust_streams._current_event.reset(token)
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):  # type: ignore[misc]

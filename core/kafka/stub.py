@@ -5,7 +5,6 @@ acknowledged when polled (or refused, per topic). Not a Kafka: no replication, n
 
 from __future__ import annotations
 
-import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from core.kafka.coords import TP
+from core.placement import partition_for
 
 __all__ = ["StubBroker", "StubConsumer", "StubMessage", "StubProducer", "StubShareConsumer"]
 
@@ -100,7 +100,7 @@ class StubBroker:
     ) -> StubMessage:
         parts = self.topics[topic]
         if partition is None or partition < 0:
-            partition = zlib.crc32(key) % len(parts) if key is not None else 0
+            partition = partition_for(key, len(parts)) if key is not None else 0
         log = parts[partition]
         msg = StubMessage(topic, partition, len(log), value, key, list(headers or []))
         log.append(msg)

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import signal
 import time
+import uuid
 from collections import Counter
 
 import httpx
 import pytest
 
 from analytics.store import Store
+from core import clients
 from core.settings import Settings
 from producers import SluiceClient
-from schemas import InferenceResult, Serde
+from schemas import ChatMessage, InferenceRequest, InferenceResult, Serde
 from sluice.local.stack import LocalStack
 from tests.integration.helpers import TopicCounter, topic_records
 from tests.integration.test_metrics import scrape, value
@@ -37,6 +39,27 @@ def _routed(url: str) -> float:
         return value(scrape(url), "sluice_routed_requests_total")
     except httpx.TransportError:
         return 0.0  # not serving yet
+
+
+def _foreign_copies(stack: LocalStack, prompt: str, n: int) -> list[str]:
+    """``n`` copies of ``prompt`` from a producer that keys by request id, one per partition in turn."""
+    serde = Serde()
+    topic = stack.topics.requests("normal")
+    producer = clients.producer(stack.settings.kafka, "foreign")
+    ids = []
+    for i in range(n):
+        r = InferenceRequest(
+            request_id=f"foreign-{uuid.uuid4().hex[:8]}",
+            tenant="default",
+            messages=[ChatMessage(role="user", content=prompt)],
+            max_tokens=60,
+        )
+        producer.produce(
+            topic, key=r.request_id.encode(), value=serde.encode(r), partition=i % stack.settings.kafka.partitions
+        )
+        ids.append(r.request_id)
+    assert producer.flush(30) == 0
+    return ids
 
 
 def test_two_router_workers_share_the_work_and_survive_one_killed(settings: Settings, clickhouse_store: Store) -> None:
@@ -62,11 +85,13 @@ def test_two_router_workers_share_the_work_and_survive_one_killed(settings: Sett
         client.flush()
         wait_until(lambda: counter.counts(), lambda c: all(c[r] for r in originals), timeout=120, what="originals")
 
-        # Duplicates of one prompt while its original runs: keyed by their own ids, so they arrive
-        # on partitions of both workers, and meet on the one dedupe partition of their content.
+        # Duplicates of one prompt while its original runs. Sluice's producer puts them all on the
+        # partition of their table entry; a foreign producer's copies (keyed by their own ids, one
+        # per partition in turn) arrive on partitions of both workers and meet on that one.
         slow = client.submit("one slow question", max_tokens=60)
-        dupes = [client.submit("one slow question", max_tokens=60) for _ in range(12)]
+        dupes = [client.submit("one slow question", max_tokens=60) for _ in range(4)]
         client.flush()
+        dupes += _foreign_copies(stack, "one slow question", 8)
 
         # Traffic, and one worker killed in the middle of it.
         traffic = [client.submit(f"traffic {i}", max_tokens=3, cache=False) for i in range(200)]

@@ -6,10 +6,11 @@ from typing import Any
 
 from core.catalog import Catalog
 from core.kafka import Out
+from core.placement import dedupe_key
 from core.settings import ProcessorSettings
 from core.topics import Topics
 from schemas import ChatMessage, CostMetric, InferenceRequest, InferenceResult, RequestStatus, Route, Serde, utcnow
-from stream_processors.dedupe import DedupeStage, dedupe_key
+from stream_processors.dedupe import DedupeStage
 from stream_processors.emit import Emitter
 from tests.support import model_entry
 

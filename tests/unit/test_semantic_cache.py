@@ -14,6 +14,7 @@ import pytest
 
 from core.catalog import Catalog
 from core.kafka import Out
+from core.placement import dedupe_key
 from core.settings import ProcessorSettings
 from core.topics import Topics
 from schemas import (
@@ -27,7 +28,7 @@ from schemas import (
     Serde,
     utcnow,
 )
-from stream_processors.dedupe import DedupeStage, dedupe_key
+from stream_processors.dedupe import DedupeStage
 from stream_processors.embedding import Vectors
 from stream_processors.emit import Emitter
 from stream_processors.semantic import SemanticStage

@@ -12,6 +12,7 @@ from core.catalog import Catalog
 from core.errors import ConfigError
 from core.headers import carried, header, valid_traceparent
 from core.kafka.stub import StubBroker
+from core.placement import dedupe_key
 from core.settings import ProcessorSettings, RetrySettings, Settings
 from core.topics import Topics
 from gpu_consumers.buffer import Buffered
@@ -19,7 +20,7 @@ from gpu_consumers.engine import EngineOutput
 from gpu_consumers.outcomes import Outcomes, Usage
 from producers import SluiceClient
 from schemas import ChatMessage, InferenceRequest, InferenceResult, ResultStatus, Route, Serde, utcnow
-from stream_processors.dedupe import DedupeStage, dedupe_key
+from stream_processors.dedupe import DedupeStage
 from stream_processors.emit import Emitter
 from stream_processors.pipeline import RequestPipeline
 from tests.support import model_entry
