@@ -21,8 +21,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.harness import BenchEnv, Observer, ScenarioResult, instant_catalog, kafka_unavailable, produce_all
-from core.placement import dedupe_key
-from core.settings import Settings
+from core.placement import dedupe_key, placement_key
+from core.settings import ProcessorSettings, Settings
 from core.topics import ensure_topics
 from schemas import ChatMessage, InferenceRequest, InferenceResult, ResultStatus, Serde, utcnow
 
@@ -39,8 +39,12 @@ def _request(rid: str, text: str) -> InferenceRequest:
     )
 
 
-def _requests(n: int, tag: str, reworded_every: int = 0) -> list[tuple[bytes, bytes]]:
+def _requests(n: int, tag: str, reworded_every: int = 0, keyed: bool = True) -> list[tuple[bytes, bytes]]:
+    """Encoded requests, keyed as Sluice's producers key them (by dedupe key: each lands on its
+    table partition) or, ``keyed=False``, by request id as a foreign producer might (most then
+    take the router's repartition hop)."""
     serde = Serde()
+    ps = ProcessorSettings()
     out = []
     for i in range(n):
         text = _TICKET.format(f"{tag}-{i}")
@@ -49,7 +53,8 @@ def _requests(n: int, tag: str, reworded_every: int = 0) -> list[tuple[bytes, by
             # exact duplicate (attached to its first copy, not a semantic lookup).
             text = _REWORDED.format(f"warm-{i // reworded_every}")
         r = _request(f"{tag}-{i}", text)
-        out.append((r.request_id.encode(), serde.encode(r)))
+        key = placement_key(r, ps) if keyed else r.request_id
+        out.append((key.encode(), serde.encode(r)))
     return out
 
 
@@ -74,12 +79,14 @@ class Rate:
     cpu_s_per_1k: float  # CPU seconds of the measured processes per 1,000 requests
 
 
-def _measure(settings: Settings, in_topic: str, observer: Observer, n: int, tag: str, pids: list[int]) -> Rate:
+def _measure(
+    settings: Settings, in_topic: str, observer: Observer, n: int, tag: str, pids: list[int], keyed: bool = True
+) -> Rate:
     """Requests/s from the first produce to the last output, and the CPU ``pids`` used meanwhile."""
     base = observer.count
     produce_all(settings, in_topic, _requests(1, f"{tag}-warm"))
     observer.wait_for(base + 1, timeout=120)  # the processor is up and has routed a request
-    batch = _requests(n, tag)
+    batch = _requests(n, tag, keyed=keyed)
     cpu0 = cpu_seconds(pids)
     t0 = time.perf_counter()
     produce_all(settings, in_topic, batch)
@@ -89,7 +96,14 @@ def _measure(settings: Settings, in_topic: str, observer: Observer, n: int, tag:
 
 
 def _faust_rate(
-    env: BenchEnv, name: str, n: int, lean: bool, broker: str = "tansu", routers: int = 1, partitions: int | None = None
+    env: BenchEnv,
+    name: str,
+    n: int,
+    lean: bool,
+    broker: str = "tansu",
+    routers: int = 1,
+    partitions: int | None = None,
+    keyed: bool = True,
 ) -> Rate:
     settings = env.settings(name, instant_catalog())
     if lean:
@@ -105,7 +119,7 @@ def _faust_rate(
                 # Every worker holds partitions before the clock starts (no rebalance mid-run).
                 _until_all_route(stack.settings, stack.topics.requests("normal"), observer, workers, stack)
             pids = [c.popen.pid for c in workers]
-            return _measure(stack.settings, stack.topics.requests("normal"), observer, n, name, pids)
+            return _measure(stack.settings, stack.topics.requests("normal"), observer, n, name, pids, keyed=keyed)
         finally:
             observer.close()
 
@@ -285,6 +299,8 @@ def run_p1(env: BenchEnv, quick: bool) -> ScenarioResult:
         tag = "" if broker == "tansu" else "kafka_"
         one = _faust_rate(env, f"p1-{broker}", n, lean=False, broker=broker)
         two = _faust_rate(env, f"p1-{broker}-2w", n, lean=False, broker=broker, routers=2, partitions=4)
+        # Before co-partitioning: keyed by request id, as every request was until now.
+        hop = _faust_rate(env, f"p1-{broker}-hop", n, lean=False, broker=broker, keyed=False)
         raw = _passthrough_rate(env, n, broker=broker)
         measured.update(
             {
@@ -292,6 +308,8 @@ def run_p1(env: BenchEnv, quick: bool) -> ScenarioResult:
                 f"{tag}faust_cpu_s_per_1k": one.cpu_s_per_1k,
                 f"{tag}faust_2_workers_req_s": two.req_s,
                 f"{tag}faust_2_workers_cpu_s_per_1k": two.cpu_s_per_1k,
+                f"{tag}faust_foreign_keys_req_s": hop.req_s,
+                f"{tag}faust_foreign_keys_cpu_s_per_1k": hop.cpu_s_per_1k,
                 f"{tag}passthrough_req_s": raw.req_s,
                 f"{tag}passthrough_cpu_s_per_1k": raw.cpu_s_per_1k,
                 f"{tag}cpu_ratio": one.cpu_s_per_1k / raw.cpu_s_per_1k,
@@ -303,8 +321,9 @@ def run_p1(env: BenchEnv, quick: bool) -> ScenarioResult:
     cpu_ratio, throughput_ratio = measured["cpu_ratio"], measured["throughput_ratio"]
     notes = (
         "cpu_s_per_1k: CPU seconds (every thread, /proc schedstat) of every router worker / of the passthrough per "
-        "1,000 requests; 2_workers: two router workers on 4 partitions; faust_lean = dedupe and status "
-        "events off; tansu in memory"
+        "1,000 requests; requests keyed as Sluice's producers key them (dedupe on arrival); foreign_keys: "
+        "keyed by request id (the repartition hop, as before); 2_workers: two router workers on 4 partitions; "
+        "faust_lean = dedupe and status events off; tansu in memory"
     )
     notes += "; kafka_* = the same on Apache Kafka" if why_not is None else f"; Apache Kafka not measured: {why_not}"
     return ScenarioResult(

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import faust
 
@@ -29,7 +29,7 @@ from core import clients
 from core.catalog import Catalog, load_catalog
 from core.errors import SluiceError
 from core.headers import carried
-from core.kafka import Out
+from core.kafka import Out, Producer
 from core.metrics import ROUTED, observe_records
 from core.quota import QuotaLedger, follow_ledger, ledger_wanted, load_ledger
 from core.settings import Settings
@@ -42,6 +42,7 @@ from stream_processors.embedding import MiniLMEmbedder
 from stream_processors.pipeline import RequestPipeline
 from stream_processors.security import faust_credentials
 from stream_processors.semantic import SemanticStage
+from stream_processors.sender import KafkaSender
 from stream_processors.transport import App, acting_on
 
 __all__ = ["create_app", "faust_broker_urls"]
@@ -246,7 +247,7 @@ def create_app(
     app.semantic = semantic
     stage = DedupeStage(table, pipeline.emit, ps, pipeline.router.backlog, semantic=semantic)
     colocated = Colocated(topics.dedupe, stage, serde)
-    out_topics: dict[str, faust.TopicT] = {}
+    sender = app.sender = KafkaSender(cast(Producer, clients.producer(settings.kafka, "router")))
 
     model_topics = {t for m in catalog for t in topics.model_topics(m.name)}
 
@@ -258,11 +259,7 @@ def create_app(
                     ROUTED.labels(record.route.model, record.priority).inc()
             elif not isinstance(record, bytes):
                 observe_records((record,), source="router")
-            if out.topic not in out_topics:
-                out_topics[out.topic] = app.topic(out.topic, **raw)
-            await out_topics[out.topic].send(
-                key=out.key_bytes(), value=out.value(serde), headers=list(out.headers), partition=out.partition
-            )
+            sender.send(out.topic, out.key_bytes(), out.value(serde), out.headers, out.partition)
 
     @app.agent(source, name="route")  # type: ignore[untyped-decorator,misc]
     async def route(stream: faust.StreamT[bytes]) -> None:

@@ -17,6 +17,9 @@ when there is one, else to its beginning (``auto_offset_reset=earliest``).
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -26,7 +29,11 @@ import faust
 from faust import streams as faust_streams
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
+from core.errors import BrokerError
+
 __all__ = ["App", "acting_on"]
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -74,6 +81,22 @@ class _Consumer(faust_aiokafka.Consumer):  # type: ignore[misc]
     def _new_consumer_thread(self) -> Any:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    async def _commit(self, offsets: Mapping[Any, int]) -> bool:
+        # Faust has flushed its own producer by now; the agents' records went out through the
+        # librdkafka sender, so they too must be on the broker before any offset moves.
+        sender = getattr(self.app, "sender", None)
+        if sender is not None:
+            try:
+                await asyncio.to_thread(sender.settle)
+            except BrokerError as exc:
+                # Stop at once, committing nothing: a restart handles again every event whose
+                # records were not delivered (at-least-once). Raising here would leave Faust
+                # running with a crashed commit task.
+                logger.critical("router stopping without committing offsets: %s", exc)
+                os._exit(70)
+        result: bool = await super()._commit(offsets)
+        return result
+
 
 class _Transport(faust_aiokafka.Transport):  # type: ignore[misc]
     Consumer = _Consumer
@@ -86,6 +109,8 @@ class App(faust.App):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self.fetch_max_wait_ms = fetch_max_wait_ms
         self.pipeline: Any = None
+        # The agents' librdkafka producer (stream_processors.sender), settled before each commit.
+        self.sender: Any = None
 
     def _new_transport(self) -> Any:
         return _Transport(self.conf.broker_consumer, self, loop=self.loop)
