@@ -5,6 +5,7 @@ which requests the router answers from the cache and which reach a model topic."
 from __future__ import annotations
 
 import signal
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,9 @@ def test_paraphrases_hit_near_misses_and_other_tenants_run(
 ) -> None:
     stack = make_stack(**_SEMANTIC_ON)
     client = SluiceClient(stack.settings)
-    originals = [client.submit(text, tenant="acme", max_tokens=8) for text in (FRANCE, REVIEW, FRENCH)]
+    # Its own tenant: the cost ledger below is read from the session's ClickHouse, shared by tests.
+    tenant = f"acme-{uuid.uuid4().hex[:6]}"
+    originals = [client.submit(text, tenant=tenant, max_tokens=8) for text in (FRANCE, REVIEW, FRENCH)]
     client.flush()
     wait_until(
         lambda: results(clickhouse_store, originals),
@@ -73,9 +76,9 @@ def test_paraphrases_hit_near_misses_and_other_tenants_run(
     )
     _indexed(stack, originals)
 
-    hit = client.submit(FRANCE_PARAPHRASE, tenant="acme", max_tokens=8)
-    reversed_review = client.submit(REVIEW_REVERSED, tenant="acme", max_tokens=8)
-    german = client.submit(GERMAN, tenant="acme", max_tokens=8)
+    hit = client.submit(FRANCE_PARAPHRASE, tenant=tenant, max_tokens=8)
+    reversed_review = client.submit(REVIEW_REVERSED, tenant=tenant, max_tokens=8)
+    german = client.submit(GERMAN, tenant=tenant, max_tokens=8)
     other_tenant = client.submit(FRANCE_PARAPHRASE, tenant="globex", max_tokens=8)
     client.flush()
     later = [hit, reversed_review, german, other_tenant]
@@ -105,14 +108,14 @@ def test_paraphrases_hit_near_misses_and_other_tenants_run(
     assert ("cached", f"semantic match of {originals[0]} (similarity {rows[hit]['similarity']:.3f})") in [
         tuple(r) for r in history
     ]
-    ledger = clickhouse_store.query(savings_sql("sluice", "tenant = 'acme'")).dicts()
+    ledger = clickhouse_store.query(savings_sql("sluice", f"tenant = '{tenant}'")).dicts()
     assert (ledger[0]["semantic_hits"], ledger[0]["cache_hits"], ledger[0]["duplicates"]) == (1, 0, 0)
     assert ledger[0]["saved_semantic_usd"] > 0
 
     # The index survives the router: killed, restarted by the stack, it still answers.
     router = next(c for c in stack.children if c.name == "processor")
     router.proc.send_signal(signal.SIGKILL)
-    again = client.submit("Tell me the capital city of France.", tenant="acme", max_tokens=8)
+    again = client.submit("Tell me the capital city of France.", tenant=tenant, max_tokens=8)
     client.flush()
     row = wait_until(
         lambda: results(clickhouse_store, [again]),
