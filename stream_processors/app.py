@@ -1,16 +1,19 @@
 """The Faust app: three agents and one table.
 
 * ``route`` over the three priority topics: decode, validate, classify, route; bad events become
-  dead letters; requests with a dedupe key are repartitioned by it onto the dedupe topic.
-* ``dedupe`` over the dedupe topic, owning the ``dedupe`` table (changelogged): first requests go
+  dead letters. A request with a dedupe key that arrived on its table partition (as Sluice's
+  producers place it) is deduplicated there (``colocate``); any other is repartitioned by its key
+  onto the dedupe topic.
+* ``dedupe`` over the dedupe topic, with the ``dedupe`` table (changelogged): first requests go
   to their model topic, duplicates attach, repeats are answered from the cache.
 * ``completions`` over the results topic: original results go back to ``dedupe`` by key.
 * ``retry-<n>`` over each retry topic: hold a transiently failed request for that topic's backoff,
   then put it back on the model topic it came from.
 
 Values are taken as raw bytes and decoded by the pipeline, so an undecodable event becomes a
-dead letter instead of a Faust decode error. ``at_least_once`` is the guarantee: Faust flushes
-the producer before it commits the source offsets, so every acknowledged request is forwarded
+dead letter instead of a Faust decode error. ``at_least_once`` is the guarantee: the agents
+publish through a librdkafka producer (``sender``) that is settled, like Faust's own (table
+changelogs), before source offsets are committed, so every acknowledged request is forwarded
 before its offset moves; the downstream sinks are idempotent by request id.
 """
 

@@ -3,8 +3,10 @@
 The Faust app keeps the table (a ``faust.Table`` with a compacted changelog, so it survives
 restarts); this module is the logic over any ``MutableMapping``, so unit tests use a dict.
 
-Events reach it on the dedupe topic, keyed by the dedupe key, so every event about one key is on
-one partition and is seen in order by one worker:
+Events about one key meet on one table partition and are seen in order by one worker: requests
+on the request-topic partition of that number (where Sluice's producers put them,
+``stream_processors.colocate``) or, from other producers, on the dedupe topic keyed by the dedupe
+key, and completions on the dedupe topic:
 
 * a routed **request**: the first with its key runs (forwarded to its model topic); later ones
   while it is in flight are attached to it; later ones after it succeeded are answered from the
