@@ -32,7 +32,7 @@ from core import clients
 from core.catalog import Catalog, load_catalog
 from core.errors import SluiceError
 from core.headers import carried
-from core.kafka import Out, Producer
+from core.kafka import LazyProducer, Out, Producer
 from core.metrics import ROUTED, observe_records
 from core.quota import QuotaLedger, follow_ledger, ledger_wanted, load_ledger
 from core.settings import Settings
@@ -250,7 +250,10 @@ def create_app(
     app.semantic = semantic
     stage = DedupeStage(table, pipeline.emit, ps, pipeline.router.backlog, semantic=semantic)
     colocated = Colocated(topics.dedupe, stage, serde)
-    sender = app.sender = KafkaSender(cast(Producer, clients.producer(settings.kafka, "router")))
+    # Made on its first record, or by ``sender.open()`` (the worker's entry point, to fail at start
+    # on a configuration librdkafka refuses): an app built only to inspect holds no connection.
+    lazy = LazyProducer(lambda: cast(Producer, clients.producer(settings.kafka, "router")))
+    sender = app.sender = KafkaSender(cast(Producer, lazy))
 
     model_topics = {t for m in catalog for t in topics.model_topics(m.name)}
 

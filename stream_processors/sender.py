@@ -27,7 +27,7 @@ from typing import Any
 from confluent_kafka import KafkaError
 
 from core.errors import BrokerError
-from core.kafka import Producer
+from core.kafka import LazyProducer, Producer
 from core.kafka.publisher import OutHeaders, produce
 
 __all__ = ["KafkaSender"]
@@ -49,6 +49,11 @@ class KafkaSender:
         self._pending: deque[int] = deque()
         self._delivered: set[int] = set()
         self._errors: list[str] = []
+
+    def open(self) -> None:
+        """Make a lazy producer now (a configuration error raises here, not on the first record)."""
+        if isinstance(self.producer, LazyProducer):
+            self.producer.open()
 
     def send(
         self, topic: str, key: bytes | None, value: bytes, headers: OutHeaders, partition: int | None = None

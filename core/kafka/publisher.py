@@ -86,10 +86,13 @@ class LazyProducer:
     def started(self) -> bool:
         return self._producer is not None
 
-    def produce(self, topic: str, **kw: Any) -> None:
+    def open(self) -> Producer:
         if self._producer is None:
             self._producer = self._factory()
-        self._producer.produce(topic, **kw)
+        return self._producer
+
+    def produce(self, topic: str, **kw: Any) -> None:
+        self.open().produce(topic, **kw)
 
     def poll(self, timeout: float = 0) -> int:
         return self._producer.poll(timeout) if self._producer is not None else 0
