@@ -3,9 +3,9 @@
 Requests are keyed by their dedupe key (their request id when they have none), so each lands on
 the partition of its dedupe-table entry and the router settles it without a repartition hop
 (``core.placement``). They are published with ``acks=all`` and idempotence on, through the
-runtime's tracked publisher (``core.kafka.TrackedPublisher``). Delivery is asynchronous, as with confluent-kafka;
-:meth:`SluiceClient.flush` waits for every acknowledgement and raises if any request was not
-acknowledged, so a caller never believes a lost request was queued.
+runtime's tracked publisher (``core.kafka.TrackedPublisher``). Delivery is asynchronous, as
+with confluent-kafka; :meth:`SluiceClient.flush` waits for every acknowledgement and raises if
+any request was not acknowledged, so a caller never believes a lost request was queued.
 """
 
 from __future__ import annotations

@@ -269,7 +269,8 @@ def create_app(
 
     @app.agent(source, name="route")  # type: ignore[untyped-decorator,misc]
     async def route(stream: faust.StreamT[bytes]) -> None:
-        """Decode, validate, classify and route; keyed requests go on to the dedupe agent."""
+        """Decode, validate, classify and route; a keyed request is deduplicated here when it
+        arrived on its table partition, else it goes on to the dedupe agent."""
         # Batches amortise the per-event async overhead; Faust acks a batch's events only after
         # the body has handled (and sent) all of them. A request settled in place writes the
         # table as its own event (acting_on), so its changelog entry goes to its own partition.
