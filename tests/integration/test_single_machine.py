@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from core import clients
 from core.catalog import Catalog, write_catalog
 from core.errors import SluiceError
 from core.settings import Settings
@@ -160,6 +161,16 @@ def _results_on_topic(settings: Settings, ids: list[str]) -> Counter[str]:
     return Counter(k for k in topic_keys(settings, [settings.topic_prefix + "results"]) if k in wanted)
 
 
+def _routed_again(settings: Settings, ids: list[str]) -> int:
+    """Second copies of these requests on the model topics: the router routes again what it handled
+    after its last offset commit (at least once), and the consumer may run such a copy again."""
+    topics = clients.admin(settings.kafka, "test").list_topics(timeout=10).topics
+    model_topics = [t for t in topics if t.startswith(settings.topic_prefix + "model.")]
+    wanted = set(ids)
+    copies = Counter(k for k in topic_keys(settings, model_topics) if k in wanted)
+    return sum(n - 1 for n in copies.values())
+
+
 def _submit(up: Up, n: int, tag: str, **kw: Any) -> list[str]:
     client = SluiceClient(up.settings())
     ids = [client.submit(f"{tag} {i}", cache=False, max_tokens=8, **kw) for i in range(n)]
@@ -216,7 +227,12 @@ def test_kill_9_of_every_process_then_a_restart_loses_nothing(tmp_path: Path, br
         )
         assert once == len(ids)
         assert set(on_topic) == set(ids)
-        assert duplicates <= 2 * 8  # the in-flight window of the one consumer (max_inflight 8)
+        # Every duplicate result is explained: the in-flight window of the one consumer
+        # (max_inflight 8), or a second copy the router routed (what it handled after its last
+        # offset commit; the faster the router, the more it has handled when everything dies).
+        routed_again = _routed_again(settings, ids)
+        print(f"routed again: {routed_again}")
+        assert duplicates <= 2 * 8 + routed_again
         assert len(ids) <= raw <= len(ids) + duplicates  # every result message became one row
     finally:
         up.close()
