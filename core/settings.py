@@ -203,8 +203,12 @@ class EngineSettings(_Section):
     gpu_memory_utilization: float = 0.85
     # Requests kept in the engine at once; None: the engine's own max_num_seqs.
     max_inflight: int | None = Field(default=None, gt=0)
-    # Fetched requests buffered per priority beyond those in the engine; None: 2 x max_inflight.
+    # How far ahead of the engine the consumer reads, per priority: the order (deadlines, fair
+    # share) is chosen among what it has fetched. None: 8192 (or 2 x max_inflight, if more). The
+    # first 2 x max_inflight stay decoded; the rest are kept as their bytes (plus about 0.5 KB
+    # each), at most buffer_mib_per_priority MiB of them.
     buffer_per_priority: int | None = Field(default=None, gt=0)
+    buffer_mib_per_priority: int = Field(default=64, gt=0)
     # SIGTERM (a spot machine's notice): in-flight requests get this long to finish, then the
     # rest are aborted uncommitted for the next owner of their partitions.
     drain_s: float = Field(default=30.0, ge=0)

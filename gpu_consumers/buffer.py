@@ -25,7 +25,6 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime
 
 from core.headers import Headers
@@ -39,27 +38,91 @@ AGED_CEILING = Priority.HIGH.rank + 1
 QUANTUM = 1024
 
 
-@dataclass
 class Buffered:
-    topic: str
-    partition: int
-    offset: int
-    value: bytes
-    request: InferenceRequest
-    arrived: float  # monotonic time it entered the buffer
-    timestamp_ms: int | None = None  # the record's timestamp (part of a dead letter's id)
-    # Its trace context, tenant and correlation id: copied onto everything written about it.
-    headers: Headers = field(default_factory=list)
-    # When it should start to make its deadline (or its patience), in epoch seconds; set on add.
-    due: float = 0.0
-    # Engine time of runs preempted for higher priority (billed with the run that finishes it),
-    # and how many there were: a request is preempted at most once.
-    spent_ms: float = 0.0
-    preempted: int = 0
+    """A fetched request waiting for (or in) the engine.
+
+    What the order needs (priority, tenant, times, token cost) is copied out of the request, so
+    that a deep buffer can drop the decoded request (:meth:`shed`) and keep only its bytes: a
+    decoded request costs about fifteen times its Avro encoding. It is decoded again when it
+    is taken for the engine or written about."""
+
+    __slots__ = (
+        "_decode",
+        "_request",
+        "arrived",
+        "cost",
+        "created_at",
+        "deadline",
+        "due",
+        "flagged",
+        "headers",
+        "max_tokens",
+        "offset",
+        "partition",
+        "preempted",
+        "rank",
+        "request_id",
+        "spent_ms",
+        "tenant",
+        "timestamp_ms",
+        "topic",
+        "value",
+    )
+
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        value: bytes,
+        request: InferenceRequest,
+        arrived: float,  # monotonic time it entered the buffer
+        timestamp_ms: int | None = None,  # the record's timestamp (part of a dead letter's id)
+        headers: Headers | None = None,
+        *,
+        spent_ms: float = 0.0,
+    ) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.value = value
+        self.arrived = arrived
+        self.timestamp_ms = timestamp_ms
+        # Its trace context, tenant and correlation id: copied onto everything written about it.
+        self.headers: Headers = headers if headers is not None else []
+        # When it should start to make its deadline (or its patience), in epoch seconds; set on add.
+        self.due = 0.0
+        # Engine time of runs preempted for higher priority (billed with the run that finishes
+        # it), and how many there were: a request is preempted at most once.
+        self.spent_ms = spent_ms
+        self.preempted = 0
+        self.request_id = request.request_id
+        self.tenant = request.tenant
+        self.rank = request.priority.rank
+        self.created_at = request.created_at
+        self.deadline = request.deadline
+        self.max_tokens = request.max_tokens
+        self.cost = request.enqueued_tokens()
+        # The router already said it is at risk (and acted on its policy).
+        self.flagged = "at_risk" in request.metadata
+        self._request: InferenceRequest | None = request
+        self._decode: Callable[[bytes], InferenceRequest] | None = None
 
     @property
-    def rank(self) -> int:
-        return self.request.priority.rank
+    def request(self) -> InferenceRequest:
+        if self._request is None:
+            assert self._decode is not None
+            self._request = self._decode(self.value)
+        return self._request
+
+    def shed(self, decode: Callable[[bytes], InferenceRequest]) -> None:
+        """Drop the decoded request; ``decode`` makes it again from the bytes when needed."""
+        self._decode = decode
+        self._request = None
+
+    @property
+    def decoded(self) -> bool:
+        return self._request is not None
 
 
 def token_cost(request: InferenceRequest) -> int:
@@ -76,6 +139,7 @@ class _Tier:
         self.deficit: dict[str, float] = {}
         # Whether ring[0] has had its quantum for the turn it is on.
         self.granted = False
+        self.bytes = 0  # encoded size of what waits here
 
     def __len__(self) -> int:
         return len(self.items)
@@ -83,6 +147,7 @@ class _Tier:
     def add(self, seq: int, item: Buffered, tenant: str, *, first: bool = False) -> None:
         self.items = {seq: item, **self.items} if first else self.items
         self.items[seq] = item
+        self.bytes += len(item.value)
         if tenant not in self.heaps:
             self.heaps[tenant] = []
             self.ring.append(tenant)
@@ -100,7 +165,9 @@ class _Tier:
             if self.ring and self.ring[0] == tenant:
                 self.granted = False
             self.ring.remove(tenant)
-        return self.items.pop(seq)
+        item = self.items.pop(seq)
+        self.bytes -= len(item.value)
+        return item
 
     def take(self, now: float, urgent_s: float, weight: Callable[[str], float]) -> Buffered:
         heads = {t: h[0] for t, h in self.heaps.items()}
@@ -120,7 +187,7 @@ class _Tier:
                 self.deficit[tenant] += QUANTUM * weights[tenant]
                 self.granted = True
             head = self.items[heads[tenant][1]]
-            cost = token_cost(head.request)
+            cost = head.cost
             if weights[tenant] > 0 and self.deficit[tenant] >= cost:
                 self.deficit[tenant] -= cost
                 if len(self.heaps[tenant]) == 1:
@@ -140,6 +207,7 @@ class _Tier:
         deficit, ring = self.deficit, list(self.ring)
         tenants = {seq: t for t, heap in self.heaps.items() for _, seq in heap}
         self.items, self.heaps, self.ring, self.deficit, self.granted = {}, {}, deque(), {}, False
+        self.bytes = 0
         for seq, item in kept:
             self.add(seq, item, tenants[seq])
         # Turn order and credit carry over for the tenants still waiting.
@@ -154,18 +222,23 @@ class PriorityBuffer:
         capacity_per_priority: int,
         aging_s: float,
         *,
-        service_s: Callable[[InferenceRequest], float] | None = None,
+        max_bytes_per_priority: int | None = None,
+        service_s: Callable[[Buffered], float] | None = None,
         weight: Callable[[str], float] | None = None,
         patience_s: float = 600.0,
         urgent_s: float = 0.0,
         deadlines: bool = True,
         fair: bool = True,
+        decode: Callable[[bytes], InferenceRequest] | None = None,
+        decoded_per_priority: int = 0,
     ) -> None:
         """``service_s``: a request's expected service time (none: 0); ``weight``: a tenant's
         fair-share weight (none: 1 each); ``urgent_s``: how close to its due time a request skips
         the tenants' round. ``deadlines`` / ``fair`` off: arrival order / one shared queue (the
-        order before either existed, kept for comparison)."""
+        order before either existed, kept for comparison). ``decode``: with it, a priority's requests
+        beyond its first ``decoded_per_priority`` are kept as bytes until taken."""
         self.capacity = capacity_per_priority
+        self.max_bytes = max_bytes_per_priority
         self.aging_s = aging_s
         self.service_s = service_s or (lambda r: 0.0)
         self.weight = weight or (lambda t: 1.0)
@@ -173,6 +246,8 @@ class PriorityBuffer:
         self.urgent_s = urgent_s
         self.deadlines = deadlines
         self.fair = fair
+        self.decode = decode
+        self.decoded_per_priority = decoded_per_priority
         self._tiers: dict[int, _Tier] = {p.rank: _Tier() for p in Priority}
         self._seq = itertools.count()
         self._requeued = itertools.count(1)  # negative sequence numbers: ahead of every arrival
@@ -180,35 +255,42 @@ class PriorityBuffer:
     def __len__(self) -> int:
         return sum(len(t) for t in self._tiers.values())
 
-    def due(self, request: InferenceRequest) -> float:
+    def due(self, item: Buffered) -> float:
         if not self.deadlines:
             return 0.0  # ties: arrival order
-        if request.deadline is not None:
-            return request.deadline.timestamp() - self.service_s(request)
-        return request.created_at.timestamp() + self.patience_s
+        if item.deadline is not None:
+            return item.deadline.timestamp() - self.service_s(item)
+        return item.created_at.timestamp() + self.patience_s
 
     def add(self, item: Buffered) -> None:
-        item.due = self.due(item.request)
-        self._tiers[item.rank].add(next(self._seq), item, item.request.tenant if self.fair else "")
+        item.due = self.due(item)
+        tier = self._tiers[item.rank]
+        if self.decode is not None and len(tier) >= self.decoded_per_priority:
+            item.shed(self.decode)
+        tier.add(next(self._seq), item, item.tenant if self.fair else "")
 
     def requeue(self, item: Buffered) -> None:
         """Put back a request taken from here (preempted in the engine) at the head of its
         priority: before everything that arrived after it, its tenant refunded its tokens."""
-        tenant = item.request.tenant if self.fair else ""
+        tenant = item.tenant if self.fair else ""
         tier = self._tiers[item.rank]
         if tenant in tier.deficit:
-            tier.deficit[tenant] += token_cost(item.request)
+            tier.deficit[tenant] += item.cost
         tier.add(-next(self._requeued), item, tenant, first=True)
 
     def depth(self, rank: int) -> int:
         return len(self._tiers[rank])
 
     def full(self, rank: int) -> bool:
-        return len(self._tiers[rank]) >= self.capacity
+        tier = self._tiers[rank]
+        return len(tier) >= self.capacity or (self.max_bytes is not None and tier.bytes >= self.max_bytes)
 
     def has_room(self, rank: int) -> bool:
         # Hysteresis: resume a paused priority once it drains below half its capacity.
-        return len(self._tiers[rank]) < self.capacity // 2 or self.capacity < 2
+        tier = self._tiers[rank]
+        if self.max_bytes is not None and tier.bytes >= self.max_bytes // 2 and len(tier):
+            return False
+        return len(tier) < self.capacity // 2 or self.capacity < 2
 
     def oldest_arrival(self) -> float | None:
         heads = [o.arrived for t in self._tiers.values() if (o := t.oldest()) is not None]
@@ -217,7 +299,7 @@ class PriorityBuffer:
     def effective_rank(self, item: Buffered, now: datetime) -> int:
         if self.aging_s <= 0:
             return item.rank
-        waited = (now - item.request.created_at).total_seconds()
+        waited = (now - item.created_at).total_seconds()
         # Aging lifts a request to at most the tier below high: normal cannot starve low, and a
         # high-priority request still outranks a backlog of any age (the room kept for it in the
         # engine depends on that).

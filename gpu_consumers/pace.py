@@ -11,10 +11,23 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from datetime import datetime
+from typing import Protocol
 
-from schemas import InferenceRequest
+__all__ = ["DecodePace", "Timed"]
 
-__all__ = ["DecodePace"]
+
+class Timed(Protocol):
+    """What the estimate reads of a request (an ``InferenceRequest`` or a buffered one)."""
+
+    @property
+    def request_id(self) -> str: ...
+
+    @property
+    def deadline(self) -> datetime | None: ...
+
+    @property
+    def max_tokens(self) -> int: ...
+
 
 # Weight of the newest step in the mean: about the last 50 steps count.
 _ALPHA = 0.04
@@ -38,13 +51,13 @@ class DecodePace:
         """Per sequence: how many tokens one request gains a second."""
         return 1.0 / self.step_s if self.step_s else None
 
-    def service_s(self, request: InferenceRequest, generated: int = 0) -> float:
+    def service_s(self, request: Timed, generated: int = 0) -> float:
         """Seconds until ``request`` finishes if it runs now (0 before any step was measured)."""
         if self.step_s is None:
             return 0.0
         return max(0, request.max_tokens - generated) * self.step_s
 
-    def at_risk(self, request: InferenceRequest, now: datetime, generated: int = 0) -> float | None:
+    def at_risk(self, request: Timed, now: datetime, generated: int = 0) -> float | None:
         """The slack (seconds between the expected finish and the deadline) if it is below the
         margin and this request was not reported before; else None."""
         if request.deadline is None or request.request_id in self._flagged:

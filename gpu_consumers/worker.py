@@ -2,8 +2,9 @@
 
 The loop, on one thread:
 
-1. take in what the client has fetched (bounded per-priority buffer; full priorities are paused
-   and rewound, see ``flow``);
+1. take in what the client has fetched (bounded per-priority buffer, read far enough ahead of the
+   engine that deadlines and fair share have a backlog to choose from; full priorities are
+   paused and rewound, see ``flow``);
 2. abort running requests that were cancelled or whose deadline passed (billed for the tokens
    they used);
 3. admit buffered requests into the engine while it has free slots, highest effective (aged)
@@ -18,7 +19,8 @@ what each request becomes.
 
 Guarantees: records are produced with ``acks=all`` and idempotence, and an offset moves only past
 requests whose records the broker acknowledged. A crash re-runs at most the requests that were
-in the engine or not yet acknowledged (the in-flight window); a graceful stop (SIGTERM) lets them
+in the engine or not yet acknowledged (the in-flight window), and those that finished ahead of
+an earlier request of their partition (deadlines and fair share reorder a backlog); a graceful stop (SIGTERM) lets them
 finish within ``drain_s``, aborts the rest uncommitted and leaves the group, so a clean stop
 produces no duplicates. Per-request failures become failed results plus dead letters (as vLLM's
 run_batch turns errors into records). When the engine dies as a whole, it is restarted and the
@@ -73,6 +75,10 @@ __all__ = ["GpuWorker"]
 
 logger = logging.getLogger(__name__)
 
+# Requests read ahead per priority by default: a backlog this deep is ordered by deadline and
+# shared fairly between tenants; what lies beyond waits in the log in arrival order.
+LOOKAHEAD = 8192
+
 
 class GpuWorker(Handler):
     def __init__(
@@ -106,17 +112,21 @@ class GpuWorker(Handler):
         self.priority_headroom = max(1, self.max_inflight // 8) if reserved is None else reserved
         if self.room == "reserve":
             self.priority_headroom = min(self.priority_headroom, self.max_inflight - 1)
-        capacity = es.buffer_per_priority or max(64, 2 * self.max_inflight)
+        decoded = max(64, 2 * self.max_inflight)
+        capacity = es.buffer_per_priority or max(LOOKAHEAD, decoded)
         self.pace = DecodePace(settings.consumer.at_risk_margin_s)
         weights = settings.tenants.weights
         self.buffer = PriorityBuffer(
             capacity_per_priority=capacity,
             aging_s=aging_s,
+            max_bytes_per_priority=es.buffer_mib_per_priority << 20,
             service_s=self.pace.service_s,
             weight=lambda tenant: weights.get(tenant, 1.0),
             urgent_s=settings.consumer.at_risk_margin_s,
             deadlines=settings.consumer.deadline_order,
             fair=settings.consumer.fair_share,
+            decode=lambda value: self.serde.decode(InferenceRequest, value),
+            decoded_per_priority=decoded,
         )
         self._risk_checked = 0.0
         self.flow = PartitionFlow(self.buffer, self.topics)
@@ -417,17 +427,19 @@ class GpuWorker(Handler):
             return
         self._risk_checked = now_s
         now = utcnow()
-        candidates = [(i.request, 0) for i in self.buffer.items() if i.request.deadline is not None]
+        # Read from the facts a buffered request keeps: only one at risk is decoded.
+        candidates = [(i, 0) for i in self.buffer.items() if i.deadline is not None]
         for rid in self.inflight.ids():
             running = self.inflight.get(rid)
-            if running is not None and running.item.request.deadline is not None:
-                candidates.append((running.item.request, running.steps))
-        for req, generated in candidates:
-            if "at_risk" in req.metadata:
+            if running is not None and running.item.deadline is not None:
+                candidates.append((running.item, running.steps))
+        for item, generated in candidates:
+            if item.flagged:
                 continue  # the router said it already (and acted on its policy)
-            slack = self.pace.at_risk(req, now, generated)
+            slack = self.pace.at_risk(item, now, generated)
             if slack is None:
                 continue
+            req = item.request
             assert req.deadline is not None
             AT_RISK.labels(self.entry.name, req.priority).inc()
             left = (req.deadline - now).total_seconds()

@@ -17,7 +17,7 @@ from core.kafka import ConsumeLoop
 from core.kafka.stub import StubBroker
 from core.settings import Settings
 from core.topics import Topics
-from gpu_consumers.buffer import Buffered
+from gpu_consumers.buffer import QUANTUM, Buffered, token_cost
 from gpu_consumers.cancellations import CancelWatch
 from gpu_consumers.engine import EngineOutput, EngineRequest
 from gpu_consumers.inflight import InFlight
@@ -102,12 +102,17 @@ class Rig:
 
 
 def _rig(
-    max_inflight: int = 4, *, cancels: bool = False, consumer: dict[str, Any] | None = None, **engine_kw: Any
+    max_inflight: int = 4,
+    *,
+    cancels: bool = False,
+    consumer: dict[str, Any] | None = None,
+    engine: dict[str, Any] | None = None,
+    **engine_kw: Any,
 ) -> Rig:
     settings = Settings(
         topic_prefix=PREFIX,
         publish_status=True,
-        engine={"kind": "instant"},
+        engine={"kind": "instant", **(engine or {})},
         retry={"backoff_ms": [100, 200]},
         consumer=consumer or {},
     )
@@ -115,15 +120,15 @@ def _rig(
     broker = StubBroker()
     for topic in [*_TYPES, TOPICS.cancellations]:
         broker.create_topic(topic)
-    engine = RecordingEngine("m", max_model_len=100_000, max_inflight=max_inflight, **engine_kw)
+    recording = RecordingEngine("m", max_model_len=100_000, max_inflight=max_inflight, **engine_kw)
     worker = GpuWorker(
-        settings, catalog, "m", engine, serde=SERDE, producer=broker.producer(), watch_cancellations=False
+        settings, catalog, "m", recording, serde=SERDE, producer=broker.producer(), watch_cancellations=False
     )
     if cancels:
         worker.cancels = CancelWatch(settings, SERDE, consumer=broker.consumer("cancel-watch"))
     loop = worker.loop(broker.consumer(GROUP))
     loop.run_once(wait=0)  # joins: every partition assigned
-    return Rig(broker, worker, engine, loop)
+    return Rig(broker, worker, recording, loop)
 
 
 def _request(rid: str, max_tokens: int, priority: Priority = Priority.LOW, **kw: Any) -> InferenceRequest:
@@ -265,10 +270,31 @@ def test_reserve_keeps_slots_free_for_high_priority() -> None:
     assert order.index("high") < order.index("low4")
 
 
-def test_a_full_priority_rewinds_and_nothing_past_the_buffer_is_committed() -> None:
-    rig = _rig(max_inflight=1)
-    capacity = rig.worker.buffer.capacity
-    _feed(rig, [_request(f"low{i}", 3) for i in range(capacity * 3)])
+def test_the_buffer_reads_ahead_by_default_and_keeps_the_deep_part_as_bytes() -> None:
+    rig = _rig(max_inflight=2)
+    # Far more than the engine and its decoded window (2 x max_inflight, at least 64).
+    assert rig.worker.buffer.capacity >= 8192
+    _feed(rig, [_request(f"low{i}", 3, tenant="a") for i in range(300)] + [_request("b0", 3, tenant="b")])
+    rig.cycles(3)
+    items = {i.request_id: i for i in rig.worker.buffer.items()}
+    assert "b0" in items  # behind all of tenant a's backlog, and already in reach of the order
+    # The first 64 to arrive stay decoded; the rest, b0 included, are kept as bytes.
+    assert all(i.decoded == (rid.startswith("low") and int(rid[3:]) < 64) for rid, i in items.items())
+    assert items["b0"].request.tenant == "b" and items["b0"].decoded  # decoded again when read
+    rig.settle(cycles=5_000)
+    order = _finished_order(rig)
+    # Fair share: b's turn comes after one quantum of a's tokens (not after a's whole backlog).
+    assert len(order) == 301
+    assert order.index("b0") <= QUANTUM // token_cost(_request("low0", 3)) + 2 < 300
+
+
+@pytest.mark.parametrize("limit", [{"buffer_per_priority": 16}, {"buffer_mib_per_priority": 1}])
+def test_a_full_priority_rewinds_and_nothing_past_the_buffer_is_committed(limit: dict[str, int]) -> None:
+    rig = _rig(max_inflight=1, engine=limit)
+    # By count, or by bytes (requests padded so that 1 MiB holds about 20 of them).
+    pad = {} if "buffer_per_priority" in limit else {"metadata": {"pad": "x" * 50_000}}
+    capacity = 16 if pad == {} else 21
+    _feed(rig, [_request(f"low{i}", 3, **pad) for i in range(capacity * 3)])
     rig.cycles(2)
     # The partition is paused and rewound at the first request that did not fit: nothing beyond
     # what is buffered or running was taken, so nothing beyond it can be committed.
