@@ -342,6 +342,19 @@ class ProcessorSettings(_Section):
     def _on_risk(cls, value: str) -> str:
         return _one_of("processor.on_risk", value, ("none", "escalate", "reroute"))
 
+    # What the router's agents publish through: "librdkafka" (a confluent-kafka producer settled
+    # before each offset commit; a third of the router's CPU per request less) or "faust" (Faust's
+    # own aiokafka producer, flushed before each commit). librdkafka sends one produce request per
+    # partition; where each request costs the broker an object-store write (tansu on S3-compatible
+    # storage) Faust's, one request for every partition of a batch, is faster. `sluice up` picks
+    # "faust" for durable tansu unless this is set.
+    producer: str = "librdkafka"
+
+    @field_validator("producer")
+    @classmethod
+    def _producer(cls, value: str) -> str:
+        return _one_of("processor.producer", value, ("librdkafka", "faust"))
+
     max_prompt_chars: int = 200_000
     # Dedupe: requests with the same idempotency key, or the same content (model hint, messages,
     # sampling parameters) while the first is in flight, run once; each still gets its result.

@@ -74,7 +74,8 @@ def main() -> None:
     die_with_parent()
     settings = Settings()
     app = create_app(settings)
-    app.sender.open()
+    if app.sender is not None:
+        app.sender.open()
     register_collector(lambda: _backlog_gauges(app))
     serve_metrics(settings.metrics)
     # Started programmatically rather than through Faust's click CLI (see pyproject.toml).

@@ -14,7 +14,11 @@ Values are taken as raw bytes and decoded by the pipeline, so an undecodable eve
 dead letter instead of a Faust decode error. ``at_least_once`` is the guarantee: the agents
 publish through a librdkafka producer (``sender``) that is settled, like Faust's own (table
 changelogs), before source offsets are committed, so every acknowledged request is forwarded
-before its offset moves; the downstream sinks are idempotent by request id.
+before its offset moves; the downstream sinks are idempotent by request id. With
+``processor.producer = "faust"`` they publish through Faust's producer instead, which Faust
+flushes before each commit: librdkafka sends one produce request per partition (librdkafka
+#1700) where Faust's packs every partition of a batch into one, and on a broker that turns each
+request into an object-store write (tansu on S3) that is what the latency follows.
 """
 
 from __future__ import annotations
@@ -253,7 +257,10 @@ def create_app(
     # Made on its first record, or by ``sender.open()`` (the worker's entry point, to fail at start
     # on a configuration librdkafka refuses): an app built only to inspect holds no connection.
     lazy = LazyProducer(lambda: cast(Producer, clients.producer(settings.kafka, "router")))
-    sender = app.sender = KafkaSender(cast(Producer, lazy))
+    sender: KafkaSender | None = None
+    if ps.producer == "librdkafka":
+        sender = app.sender = KafkaSender(cast(Producer, lazy))
+    faust_topics: dict[str, Any] = {}
 
     model_topics = {t for m in catalog for t in topics.model_topics(m.name)}
 
@@ -265,7 +272,14 @@ def create_app(
                     ROUTED.labels(record.route.model, record.priority).inc()
             elif not isinstance(record, bytes):
                 observe_records((record,), source="router")
-            sender.send(out.topic, out.key_bytes(), out.value(serde), out.headers, out.partition)
+            if sender is not None:
+                sender.send(out.topic, out.key_bytes(), out.value(serde), out.headers, out.partition)
+                continue
+            if out.topic not in faust_topics:
+                faust_topics[out.topic] = app.topic(out.topic, **raw)
+            await faust_topics[out.topic].send(
+                key=out.key_bytes(), value=out.value(serde), headers=list(out.headers), partition=out.partition
+            )
 
     @app.agent(source, name="route")  # type: ignore[untyped-decorator,misc]
     async def route(stream: faust.StreamT[bytes]) -> None:

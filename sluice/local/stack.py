@@ -184,6 +184,11 @@ class LocalStack(StartStop):
         self.run_gateway = run_gateway
         self.gateway_url: str | None = None
         self.durable = durable
+        # On durable tansu each produce request is an object-store write, and librdkafka sends
+        # one per partition (see processor.producer): Faust's producer sends one per batch.
+        tansu_on_s3 = self.embedded_broker and self.broker_kind == "tansu" and durable
+        if tansu_on_s3 and "producer" not in self.settings.processor.model_fields_set:
+            self.settings = self.settings.evolve(processor={"producer": "faust"})
         self.supervise = supervise
         self.max_restarts = max_restarts
         self.restart_window_s = restart_window_s

@@ -189,3 +189,35 @@ def test_a_local_stack_starts_a_broker_only_when_none_is_configured(tmp_path: Pa
     assert LocalStack(configured).embedded_broker is False
     # An explicit choice (sluice up --external-kafka, or not) still wins.
     assert LocalStack(configured, embedded_broker=True).embedded_broker is True
+
+
+def test_the_router_publishes_through_faust_on_durable_tansu_unless_told_otherwise(tmp_path: Path) -> None:
+    from sluice.local.stack import LocalStack
+
+    settings = Settings(data_dir=tmp_path)
+    assert settings.processor.producer == "librdkafka"
+    assert LocalStack(settings, durable=True, broker="tansu").settings.processor.producer == "faust"
+    assert LocalStack(settings, durable=False, broker="tansu").settings.processor.producer == "librdkafka"
+    # A broker the stack does not start is not known to be tansu.
+    external = settings.evolve(kafka={"bootstrap_servers": "kafka.internal:9092"})
+    assert LocalStack(external, durable=True, broker="tansu").settings.processor.producer == "librdkafka"
+    chosen = settings.evolve(processor={"producer": "librdkafka"})
+    assert LocalStack(chosen, durable=True, broker="tansu").settings.processor.producer == "librdkafka"
+
+
+def test_the_router_producer_setting_names_the_choices(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from core.catalog import Catalog
+    from stream_processors.app import create_app
+    from stream_processors.sender import KafkaSender
+    from tests.support import model_entry
+
+    with pytest.raises(ValidationError, match="librdkafka, faust"):
+        Settings(data_dir=tmp_path, processor={"producer": "aiokafka"})
+    faust_app = create_app(
+        Settings(data_dir=tmp_path, processor={"producer": "faust"}), Catalog(models=[model_entry("m")])
+    )
+    assert faust_app.sender is None
+    default_app = create_app(Settings(data_dir=tmp_path / "b"), Catalog(models=[model_entry("m")]))
+    assert isinstance(default_app.sender, KafkaSender)
