@@ -85,8 +85,8 @@ class Buffered:
         *,
         spent_ms: float = 0.0,
     ) -> None:
-        # A fetched message brings its own copy of the topic name (and the decoded request of
-        # the tenant's): shared, they cost nothing per buffered request.
+        # Each fetched message brings its own copy of the topic name, and each decoded request
+        # its own tenant string: interned, every buffered request shares one.
         self.topic = sys.intern(topic)
         self.partition = partition
         self.offset = offset

@@ -256,9 +256,9 @@ def create_app(
     colocated = Colocated(topics.dedupe, stage, serde)
     # Made on its first record, or by ``sender.open()`` (the worker's entry point, to fail at start
     # on a configuration librdkafka refuses): an app built only to inspect holds no connection.
-    lazy = LazyProducer(lambda: cast(Producer, clients.producer(settings.kafka, "router")))
     sender: KafkaSender | None = None
     if ps.producer == "librdkafka":
+        lazy = LazyProducer(lambda: cast(Producer, clients.producer(settings.kafka, "router")))
         sender = app.sender = KafkaSender(cast(Producer, lazy))
     faust_topics: dict[str, Any] = {}
 
