@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import sys
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
@@ -35,8 +34,6 @@ __all__ = ["Buffered", "PriorityBuffer", "token_cost"]
 
 # The highest rank aging reaches: one below high.
 AGED_CEILING = Priority.HIGH.rank + 1
-# Shared by every request without carried headers (they are only ever read).
-_NO_HEADERS: Headers = []
 # Deficit round robin quantum: tokens a weight-1 tenant may take per turn.
 QUANTUM = 1024
 
@@ -85,16 +82,14 @@ class Buffered:
         *,
         spent_ms: float = 0.0,
     ) -> None:
-        # Each fetched message brings its own copy of the topic name, and each decoded request
-        # its own tenant string: interned, every buffered request shares one.
-        self.topic = sys.intern(topic)
+        self.topic = topic
         self.partition = partition
         self.offset = offset
         self.value = value
         self.arrived = arrived
         self.timestamp_ms = timestamp_ms
         # Its trace context, tenant and correlation id: copied onto everything written about it.
-        self.headers: Headers = headers or _NO_HEADERS
+        self.headers: Headers = headers if headers is not None else []
         # When it should start to make its deadline (or its patience), in epoch seconds; set on add.
         self.due = 0.0
         # Engine time of runs preempted for higher priority (billed with the run that finishes
@@ -102,7 +97,7 @@ class Buffered:
         self.spent_ms = spent_ms
         self.preempted = 0
         self.request_id = request.request_id
-        self.tenant = sys.intern(request.tenant)
+        self.tenant = request.tenant
         self.rank = request.priority.rank
         self.created_at = request.created_at
         self.deadline = request.deadline

@@ -84,10 +84,6 @@ class AvroDeserializer(Deserializer, Generic[R]):  # type: ignore[misc]
         self._type = record_type
         self._reader = load_schema(record_type.schema_file)
         self._name = schema_fullname(self._reader)
-        # Per writer schema id: the reader schema to resolve it to, or None where the writer's
-        # schema is this reader's (records from Sluice's own producers): fastavro then skips
-        # schema resolution, a third of a request's decode time.
-        self._resolve: dict[int, Any] = {}
 
     def decode_dict(self, data: bytes) -> dict[str, Any]:
         schema_id = peek_schema_id(data)
@@ -97,12 +93,10 @@ class AvroDeserializer(Deserializer, Generic[R]):  # type: ignore[misc]
                 DeadLetterReason.SCHEMA_MISMATCH,
                 f"schema id {schema_id} is {schema_fullname(writer)}, expected {self._name}",
             )
-        if schema_id not in self._resolve:
-            self._resolve[schema_id] = None if writer == self._reader else self._reader
         buf = io.BytesIO(data)
         buf.seek(_HEADER.size)
         try:
-            record = schemaless_reader(buf, writer, self._resolve[schema_id])
+            record = schemaless_reader(buf, writer, self._reader)
         except Exception as exc:  # fastavro raises many types on corrupt input
             raise SerializationError(DeadLetterReason.MALFORMED_EVENT, f"undecodable Avro body: {exc!r}") from exc
         if buf.tell() != len(data):

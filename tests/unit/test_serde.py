@@ -69,17 +69,6 @@ def test_events_written_under_an_earlier_schema_id_read_with_the_new_fields_defa
     )
 
 
-def test_only_a_writer_schema_unlike_the_readers_is_resolved() -> None:
-    serde = Serde()
-    current = serde.encode(_request())
-    assert serde.decode(InferenceRequest, current) == _request()
-    assert serde.decode(InferenceRequest, bytes.fromhex(_V1_BODY)) == _request()
-    resolve = serde.deserializer(InferenceRequest)._resolve
-    # The current schema is read as written; the first release's is resolved to today's.
-    assert resolve[int.from_bytes(current[1:5], "big")] is None
-    assert resolve[1] is not None
-
-
 _V1_BODY = (
     "0000000001"
     "0a7265712d31"  # request_id "req-1" (zigzag length 5 -> 0x0a)
