@@ -87,7 +87,7 @@ def _answered(stack: LocalStack, ids: list[str], quiet_s: float = 0.5) -> Counte
     return Counter(k for k in topic_keys(stack.settings, [stack.topics.results], quiet_s=quiet_s) if k in wanted)
 
 
-def dead_letters(stack: LocalStack, quiet_s: float = 0.5) -> list[DeadLetter]:
+def _dead_letters(stack: LocalStack, quiet_s: float = 0.5) -> list[DeadLetter]:
     return topic_records(stack.settings, stack.topics.dead_letter, DeadLetter, SERDE, quiet_s=quiet_s)
 
 
@@ -179,11 +179,7 @@ def test_a_request_that_kills_its_consumer_is_dead_lettered_at_the_delivery_limi
         ids = [client.submit(f"an ordinary request {i}", cache=False, max_tokens=8) for i in range(30)]
         client.flush()
         dead = wait_until(
-            lambda: [
-                d
-                for d in topic_records(stack.settings, stack.topics.dead_letter, DeadLetter, SERDE, quiet_s=0.5)
-                if d.request_id == pill
-            ],
+            lambda: [d for d in _dead_letters(stack) if d.request_id == pill],
             timeout=240,
             what="the pill's dead letter",
         )
@@ -202,7 +198,7 @@ def test_a_request_that_kills_its_consumer_is_dead_lettered_at_the_delivery_limi
             if r.request_id in set(ids):
                 outcomes.setdefault(r.request_id, []).append((r.status.value, r.engine_run_id))
         succeeded = {rid for rid, outs in outcomes.items() if any(s == "succeeded" for s, _ in outs)}
-        bystanders = [r for r in dead_letters(stack) if r.request_id in set(ids) - succeeded]
+        bystanders = [r for r in _dead_letters(stack) if r.request_id in set(ids) - succeeded]
         repeats = {rid: outs for rid, outs in outcomes.items() if len(outs) > 1}
         print(
             f"delivery limit 3: {len(succeeded)} of 30 ordinary requests succeeded, {len(bystanders)} dead-lettered "
