@@ -1,9 +1,9 @@
 """``<data_dir>/stack.json``: how other processes find a running local stack.
 
 Everything the file lists answers when it is written, atomically (a reader sees a whole file or
-none). A stack writes it twice: first with the broker and the query endpoint (its children find
-the query endpoint there) and ``"ready": false``, then, once the gateway and every child's metrics
-endpoint are up, with everything and ``"ready": true``."""
+none). A stack writes it up to three times: first with the broker and the query endpoint (its
+children find the query endpoint there) and ``"ready": false``, again with the gateway once it
+answers, then, once every child's metrics endpoint is up, with everything and ``"ready": true``."""
 
 from __future__ import annotations
 

@@ -19,7 +19,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -40,15 +42,24 @@ logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 
+# Ports this process handed out lately. A port is only reserved until its socket closes, so two
+# calls in a row may get the same one back; a stack that gives it to two children (the gateway and
+# a metrics endpoint) sees one of them fail to bind, and the other answer on the first one's URL.
+_handed_out: deque[int] = deque(maxlen=4096)
+_handed_out_lock = threading.Lock()
+
 
 def free_port(host: str = "127.0.0.1", *, below: int = 65536) -> int:
-    """A free TCP port on ``host`` (below ``below``: SeaweedFS derives gRPC ports at +10000)."""
+    """A free TCP port on ``host`` (below ``below``: SeaweedFS derives gRPC ports at +10000), not
+    one this process handed out before."""
     for _ in range(200):
         with socket.socket() as s:
             s.bind((host, 0))
             port = int(s.getsockname()[1])
-        if port < below:
-            return port
+        with _handed_out_lock:
+            if port < below and port not in _handed_out:
+                _handed_out.append(port)
+                return port
     raise SluiceError(f"no free port below {below} on {host}")
 
 

@@ -183,6 +183,7 @@ class LocalStack(StartStop):
         self.routers = routers
         self.run_gateway = run_gateway
         self.gateway_url: str | None = None
+        self._gateway_answered = False
         self.durable = durable
         # On durable tansu each produce request is an object-store write, and librdkafka sends
         # one per partition (see processor.producer): Faust's producer sends one per batch.
@@ -324,6 +325,10 @@ class LocalStack(StartStop):
                     )
         if self.run_gateway:
             self._wait_gateway()
+            if self.run_sink:
+                # The CLI's batch commands find the gateway here as soon as it answers, not only
+                # once every child's metrics endpoint does.
+                self._write_stack_file(ready=False)
         if self.run_sink:
             # Again, complete, once the children's endpoints answer (the gateway's already does):
             # in the background, so a stack in a test starts no slower; `sluice up` waits for it.
@@ -371,6 +376,7 @@ class LocalStack(StartStop):
                 raise SluiceError(f"the gateway exited with {child.returncode}:\n{child.tail()}")
             try:
                 with urllib.request.urlopen(f"{self.gateway_url}/healthz", timeout=1):
+                    self._gateway_answered = True
                     return
             except OSError:
                 time.sleep(0.2)
@@ -401,9 +407,9 @@ class LocalStack(StartStop):
             "bootstrap_servers": self.settings.kafka.bootstrap_servers,
             "topic_prefix": self.settings.topic_prefix,
         }
+        if self.gateway_url and self._gateway_answered:
+            info["gateway_url"] = self.gateway_url
         if ready:
-            if self.gateway_url:
-                info["gateway_url"] = self.gateway_url
             info["metrics_urls"] = self.metrics_urls
         write_stack_file(self.settings.data_dir, info, ready=ready)
 

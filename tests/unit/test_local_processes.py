@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from core.errors import BrokerError, SluiceError
 from core.settings import Settings
 from core.stackfile import read_stack_file, write_stack_file
+from sluice.local import process
 from sluice.local.kafka import KafkaCluster, KafkaTls, ScramUser, kafka_libs, kafka_tool
 from sluice.local.process import ManagedProcess, free_port, leftover_pids, pid_alive
 from tests.support import wait_until
@@ -72,6 +74,29 @@ def test_a_process_that_exits_before_ready_says_so(tmp_path: Path) -> None:
 
 def test_free_ports_leave_room_for_derived_ports() -> None:
     assert all(free_port(below=55535) < 55535 for _ in range(50))
+
+
+def test_free_port_never_hands_out_a_port_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The kernel may give the same ephemeral port to two binds in a row once the first socket is
+    # closed; a stack that passed it to two children saw one of them fail to bind.
+    offered = iter([40001, 40001, 40002, 40001, 40003])
+
+    class _Socket:
+        def __enter__(self) -> _Socket:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def bind(self, addr: tuple[str, int]) -> None:
+            self.port = next(offered)
+
+        def getsockname(self) -> tuple[str, int]:
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(process.socket, "socket", _Socket)
+    monkeypatch.setattr(process, "_handed_out", deque(maxlen=16))
+    assert [free_port(), free_port(), free_port()] == [40001, 40002, 40003]
 
 
 def test_the_stack_file_is_complete_and_marked_ready(tmp_path: Path) -> None:
