@@ -487,6 +487,8 @@ def test_everything_stack_json_lists_answers_the_moment_it_appears(tmp_path: Pat
         assert checked and checked[-1]["ready"] is True and checked[-1]["gateway"] == 200
         assert all(v != 0 for c in checked for v in c.values() if not isinstance(v, bool))
         assert all(c["query"] == 200 for c in checked)
-        assert all("gateway" not in c for c in checked[:-1])  # listed only once it answers
+        # Listed as soon as it answers (the batch CLI finds it there before every child's metrics
+        # endpoint is up), and never before.
+        assert all(c["gateway"] == 200 for c in checked if "gateway" in c)
     finally:
         up.close()
