@@ -88,3 +88,48 @@ def test_records_reach_the_broker_with_their_keys_headers_and_partitions() -> No
     assert next(m for m in msgs if m.value() == b"one").headers() == [("h", b"1")]
     # Nothing produced since: settles at once.
     sender.settle(timeout=0)
+
+
+
+class _Event:
+    """What Faust reads of the current event when a table is written (weak-referenceable)."""
+
+    class message:
+        topic = "requests"
+        partition = 2
+
+
+def test_table_writes_go_to_their_changelog_partition_through_the_sender() -> None:
+    import faust
+
+    from stream_processors.changelog import SenderTable
+    from stream_processors.transport import acting_on
+
+    app = faust.App("sender-table-test", Table=SenderTable, store="memory://", web_enabled=False)
+    table = app.Table(
+        "t", partitions=4, schema=faust.Schema(key_type=str, key_serializer="json", value_serializer="json")
+    )
+    changelog = table.changelog_topic.get_topic_name()
+    broker = StubBroker()
+    broker.create_topic(changelog, partitions=4)
+    app.sender = KafkaSender(StubProducer(broker))
+    # Faust checks a source topic's partition count against the changelog's once, through a
+    # running consumer; there is none here.
+    table._verified_source_topics_for_partitions.add("requests")
+    event = _Event()
+
+    with acting_on(event):
+        table["k"] = {"state": "running"}
+        table["k"] = {"state": "done"}
+        del table["k"]
+    app.sender.settle(timeout=1)
+
+    # In order, on the event's partition, encoded as Faust's producer encodes them (a delete is a
+    # tombstone); the table itself holds what was written.
+    msgs = broker.messages(changelog)
+    assert [(m.partition(), m.key(), m.value()) for m in msgs] == [
+        (2, b'"k"', b'{"state":"running"}'),
+        (2, b'"k"', b'{"state":"done"}'),
+        (2, b'"k"', None),
+    ]
+    assert "k" not in table
