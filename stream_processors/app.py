@@ -12,10 +12,10 @@
 
 Values are taken as raw bytes and decoded by the pipeline, so an undecodable event becomes a
 dead letter instead of a Faust decode error. ``at_least_once`` is the guarantee: the agents
-and the tables' changelogs publish through a librdkafka producer (``sender``) that is settled
-before source offsets are committed, so every acknowledged request is forwarded before its offset
-moves; the downstream sinks are idempotent by request id. With ``processor.producer = "faust"``
-they publish through Faust's producer instead, which Faust
+publish through a librdkafka producer (``sender``) that is settled, like Faust's own (table
+changelogs), before source offsets are committed, so every acknowledged request is forwarded
+before its offset moves; the downstream sinks are idempotent by request id. With
+``processor.producer = "faust"`` they publish through Faust's producer instead, which Faust
 flushes before each commit: librdkafka sends one produce request per partition (librdkafka
 #1700) where Faust's packs every partition of a batch into one, and on a broker that turns each
 request into an object-store write (tansu on S3) that is what the latency follows.
@@ -42,7 +42,6 @@ from core.quota import QuotaLedger, follow_ledger, ledger_wanted, load_ledger
 from core.settings import Settings
 from core.topics import Topics
 from schemas import CacheKind, InferenceRequest, InferenceResult, ResultStatus, Serde
-from stream_processors.changelog import SenderTable
 from stream_processors.classifier import Classifier
 from stream_processors.colocate import Colocated
 from stream_processors.dedupe import DedupeStage
@@ -235,8 +234,6 @@ def create_app(
         topic_allow_declare=False,
         table_standby_replicas=0,
         store="memory://",
-        # Its changelog goes out through the agents' librdkafka sender when there is one.
-        Table=SenderTable,
         web_enabled=False,
         datadir=str(faust_dir),
     )

@@ -12,7 +12,7 @@ record produced so far is acknowledged. A record that cannot be delivered (librd
 retried it for ``delivery.timeout.ms``) makes ``settle`` raise; the worker then stops without
 committing, so what was not delivered is handled again after the restart.
 
-Table changelogs go out through it too (``stream_processors.changelog``).
+Table changelogs stay on Faust's producer (Faust flushes it before the commit too).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class KafkaSender:
             self.producer.open()
 
     def send(
-        self, topic: str, key: bytes | None, value: bytes | None, headers: OutHeaders, partition: int | None = None
+        self, topic: str, key: bytes | None, value: bytes, headers: OutHeaders, partition: int | None = None
     ) -> None:
         with self._lock:
             seq = self._next

@@ -84,22 +84,18 @@ class _Consumer(faust_aiokafka.Consumer):  # type: ignore[misc]
     async def _commit(self, offsets: Mapping[Any, int]) -> bool:
         # Faust has flushed its own producer by now; the agents' records went out through the
         # librdkafka sender, so they too must be on the broker before any offset moves.
-        await _settle(getattr(self.app, "sender", None))
+        sender = getattr(self.app, "sender", None)
+        if sender is not None:
+            try:
+                await asyncio.to_thread(sender.settle)
+            except BrokerError as exc:
+                # Stop at once, committing nothing: a restart handles again every event whose
+                # records were not delivered (at-least-once). Raising here would leave Faust
+                # running with a crashed commit task.
+                logger.critical("router stopping without committing offsets: %s", exc)
+                os._exit(70)
         result: bool = await super()._commit(offsets)
         return result
-
-
-async def _settle(sender: Any) -> None:
-    if sender is None:
-        return
-    try:
-        await asyncio.to_thread(sender.settle)
-    except BrokerError as exc:
-        # Stop at once, committing nothing: a restart handles again every event whose records
-        # were not delivered (at-least-once). Raising here would leave Faust running with a
-        # crashed commit task or rebalance.
-        logger.critical("router stopping without committing offsets: %s", exc)
-        os._exit(70)
 
 
 class _Transport(faust_aiokafka.Transport):  # type: ignore[misc]
@@ -118,11 +114,3 @@ class App(faust.App):  # type: ignore[misc]
 
     def _new_transport(self) -> Any:
         return _Transport(self.conf.broker_consumer, self, loop=self.loop)
-
-    async def _producer_flush(self, logger: Any) -> None:
-        # Faust flushes its producer when partitions are revoked, before any of them is recovered
-        # from its changelog, here or on another worker. The tables' changelogs go out through the
-        # sender: a write still queued in it would be missing from that recovery (an attached
-        # duplicate never answered), so it is settled here too.
-        await super()._producer_flush(logger)
-        await _settle(self.sender)

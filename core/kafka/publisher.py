@@ -104,7 +104,7 @@ class LazyProducer:
 def produce(
     producer: Producer,
     topic: str,
-    value: bytes | None,
+    value: bytes,
     key: bytes | None = None,
     headers: OutHeaders | None = None,
     partition: int | None = None,
